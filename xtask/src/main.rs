@@ -1,2 +1,68 @@
-//! placeholder
-fn main() {}
+//! oskit's task runner (`cargo xtask <command>`).
+//!
+//! - `run`: set up, build the example kernel, boot it under QEMU and print its report.
+//! - `test`: the whole suite CI runs, one line per stage, closing with `N passed, N failed`.
+//! - `setup`: install what the other commands need (QEMU, the bare-metal target).
+//! - `fuzz`, `bench`, `miri`: the slow campaigns kept out of CI.
+
+// A binary has no public API: `pub` marks what the other modules use.
+#![allow(unreachable_pub)]
+
+mod cmd;
+mod qemu;
+mod setup;
+mod suite;
+
+use std::process::ExitCode;
+
+const USAGE: &str = "\
+usage: cargo xtask <command> [options]
+
+commands:
+  run     [--tcg | --kvm] [--smp N] [--timeout SECS] [--scenario NAME]
+          build the example kernel, boot it under QEMU, print its report
+  test    the whole suite (what CI runs): host tests, loom, no_std builds,
+          fuzz corpora, bench smoke, QEMU boots
+  setup   install QEMU (Debian's qemu-system-x86) and the x86_64-unknown-none target
+  fuzz    [TARGET] [--seconds N]   run cargo-fuzz targets (all, briefly, by default)
+  bench   [CRATE]                  run the criterion benches (all crates by default)
+  miri    [CRATE]                  run the crates' tests under Miri (nightly)
+";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some((command, rest)) = args.split_first() else {
+        eprint!("{USAGE}");
+        return ExitCode::from(2);
+    };
+    let result = match command.as_str() {
+        "run" => qemu::RunOptions::parse(rest).and_then(|opts| qemu::run(&opts)),
+        "test" => no_args(rest).and_then(|()| suite::test()),
+        "setup" => no_args(rest).and_then(|()| setup::setup()),
+        "fuzz" => suite::fuzz(rest),
+        "bench" => suite::bench(rest),
+        "miri" => suite::miri(rest),
+        "help" | "--help" | "-h" => {
+            print!("{USAGE}");
+            Ok(())
+        }
+        other => Err(format!("unknown command `{other}`\n\n{USAGE}")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(why) => {
+            eprintln!("xtask: {why}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn no_args(rest: &[String]) -> Result<(), String> {
+    match rest.first() {
+        None => Ok(()),
+        Some(arg) => Err(format!("unexpected argument `{arg}`\n\n{USAGE}")),
+    }
+}
+
+/// Every crate of the family, by folder under `crates/`.
+const CRATES: [&str; 5] = ["ring-buffer", "pte-batch", "bts", "pv-apf", "xen-suspend"];

@@ -8,7 +8,6 @@ fn manual_clock_moves_only_when_told_and_saturates() {
     assert_eq!(clock.now(), 7);
     assert_eq!(clock.now(), 7);
     assert_eq!(clock.advance(3), 10);
-    assert_eq!((&clock).now(), 10);
     clock.advance(u64::MAX);
     assert_eq!(clock.now(), u64::MAX);
 }

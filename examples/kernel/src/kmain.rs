@@ -1,0 +1,274 @@
+//! Boot: the PVH entry, bring-up of the boot CPU, the checks, and the end of the run.
+
+use core::{
+    arch::{asm, global_asm},
+    panic::PanicInfo,
+    sync::atomic::{AtomicUsize, Ordering},
+};
+
+use crate::{
+    checks::{self, Check, Outcome},
+    ensure, fail, frames, gdt, idt, println,
+    pvh::{self, BootInfo},
+    qemu::{self, Exit},
+    serial,
+    spin::SpinLock,
+    trap::{self, Handled, TrapFrame},
+};
+
+global_asm!(include_str!("boot.S"), options(att_syntax));
+
+/// What the loader told us, set once by the boot CPU before any check runs.
+static BOOT: SpinLock<Option<BootInfo>> = SpinLock::new(None);
+
+fn boot_info() -> BootInfo {
+    BOOT.lock().expect("boot info is set before the checks run")
+}
+
+/// Entered from `boot.S` in long mode, on the boot stack, with the start-info address.
+#[unsafe(no_mangle)]
+extern "C" fn kernel_main(start_info: u32) -> ! {
+    serial::init();
+    println!("oskit example kernel: booting");
+    // SAFETY: the boot CPU, once, before anything else uses segments or traps.
+    unsafe { gdt::init(0) };
+    idt::init();
+    idt::load();
+    // SAFETY: `start_info` is what the PVH loader passed in %ebx; the kernel never overwrites low
+    // memory (the frame allocator keeps the first MiB).
+    let boot = match unsafe { pvh::parse(start_info) } {
+        Ok(boot) => boot,
+        Err(why) => {
+            println!("boot: {why}");
+            qemu::exit(Exit::Failure);
+        }
+    };
+    *BOOT.lock() = Some(boot);
+    frames::init(&boot);
+    println!(
+        "boot: command line {:?}, {} frames free",
+        boot.cmdline,
+        frames::free_count()
+    );
+
+    let scenario = boot.arg("scenario").unwrap_or("all");
+    let tally = match scenario {
+        "all" => checks::run(CHECKS),
+        // Deliberate failures: the runner's tests prove that each one turns the run red.
+        "fail-check" => checks::run(&[Check {
+            name: "deliberate-failure",
+            run: deliberate_failure,
+        }]),
+        "panic" => panic!("deliberate panic requested by scenario=panic"),
+        "exception" => {
+            // SAFETY: UD2 raises #UD, which no handler claims: the run must end red.
+            unsafe { asm!("ud2", options(nomem, nostack)) };
+            unreachable!("#UD returned");
+        }
+        name => match CHECKS.iter().find(|c| c.name == name) {
+            Some(check) => checks::run([check]),
+            None => {
+                println!("unknown scenario {name:?}; known: all, {}", CheckNames);
+                qemu::exit(Exit::Failure);
+            }
+        },
+    };
+    println!("summary: {} passed, {} failed", tally.passed, tally.failed);
+    if tally.failed == 0 && tally.passed > 0 {
+        println!("oskit-kernel: PASS");
+        qemu::exit(Exit::Success)
+    } else {
+        println!("oskit-kernel: FAIL");
+        qemu::exit(Exit::Failure)
+    }
+}
+
+struct CheckNames;
+
+impl core::fmt::Display for CheckNames {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        for (i, check) in CHECKS.iter().enumerate() {
+            write!(f, "{}{}", if i == 0 { "" } else { ", " }, check.name)?;
+        }
+        Ok(())
+    }
+}
+
+/// Every check of a full run, in order.
+const CHECKS: &[Check] = &[
+    Check {
+        name: "boot",
+        run: check_boot,
+    },
+    Check {
+        name: "traps",
+        run: check_traps,
+    },
+    Check {
+        name: "frames",
+        run: check_frames,
+    },
+    Check {
+        name: "probes",
+        run: check_probes,
+    },
+];
+
+fn deliberate_failure() -> Outcome {
+    fail!("this check fails on purpose (scenario=fail-check)")
+}
+
+/// The loader's memory map describes RAM that holds the kernel.
+fn check_boot() -> Outcome {
+    let boot = boot_info();
+    let kernel = check_boot as fn() -> Outcome as usize as u64;
+    let ram: u64 = boot
+        .memmap
+        .iter()
+        .filter(|e| e.kind == pvh::MEMMAP_RAM)
+        .map(|e| e.size)
+        .sum();
+    ensure!(ram >= 64 << 20, "only {ram} bytes of RAM in the memory map");
+    ensure!(
+        boot.memmap
+            .iter()
+            .any(|e| e.kind == pvh::MEMMAP_RAM && (e.addr..e.addr + e.size).contains(&kernel)),
+        "kernel text at {kernel:#x} is not in RAM according to the memory map"
+    );
+    println!(
+        "  {} memory map entries, {} MiB of RAM",
+        boot.memmap.len(),
+        ram >> 20
+    );
+    Ok(())
+}
+
+static BREAKPOINTS: AtomicUsize = AtomicUsize::new(0);
+
+fn on_breakpoint(_frame: &mut TrapFrame) -> Handled {
+    BREAKPOINTS.fetch_add(1, Ordering::SeqCst);
+    Handled::Yes
+}
+
+/// A trap goes through the IDT, reaches its handler with the right vector, and returns.
+fn check_traps() -> Outcome {
+    trap::set_handler(3, on_breakpoint);
+    let before = BREAKPOINTS.load(Ordering::SeqCst);
+    let marker: u64;
+    // SAFETY: INT3 traps to `on_breakpoint`, which returns; RBX must survive the round trip.
+    unsafe {
+        asm!("mov {m}, 0x0badcafe", "xchg rbx, {m}", "int3", "xchg rbx, {m}", m = out(reg) marker)
+    };
+    let after = BREAKPOINTS.load(Ordering::SeqCst);
+    ensure!(
+        after == before + 1,
+        "int3 reached the handler {} times, not once",
+        after - before
+    );
+    ensure!(
+        marker == 0x0bad_cafe,
+        "rbx came back from the trap as {marker:#x}"
+    );
+    Ok(())
+}
+
+/// Blocks of every order come out aligned, distinct and usable, and all go back.
+fn check_frames() -> Outcome {
+    let before = frames::free_count();
+    let mut blocks = [(0u64, 0u32); 4];
+    for (slot, order) in blocks.iter_mut().zip([0, 2, 4, frames::MAX_ORDER]) {
+        let Some(paddr) = frames::alloc(order) else {
+            fail!("no block of order {order}")
+        };
+        let bytes = frames::FRAME_SIZE << order;
+        ensure!(
+            paddr % bytes == 0,
+            "order-{order} block at {paddr:#x} is not aligned"
+        );
+        // SAFETY: the block is ours and identity-mapped (below 4 GiB).
+        let words =
+            unsafe { core::slice::from_raw_parts_mut(paddr as *mut u64, bytes as usize / 8) };
+        words
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, w)| *w = paddr ^ i as u64);
+        *slot = (paddr, order);
+    }
+    for (i, &(a, oa)) in blocks.iter().enumerate() {
+        for &(b, ob) in &blocks[i + 1..] {
+            let (a_end, b_end) = (
+                a + (frames::FRAME_SIZE << oa),
+                b + (frames::FRAME_SIZE << ob),
+            );
+            ensure!(a_end <= b || b_end <= a, "blocks {a:#x} and {b:#x} overlap");
+        }
+    }
+    for &(paddr, order) in &blocks {
+        // SAFETY: as above; nobody else wrote the block meanwhile.
+        let words = unsafe {
+            core::slice::from_raw_parts(
+                paddr as *const u64,
+                (frames::FRAME_SIZE << order) as usize / 8,
+            )
+        };
+        ensure!(
+            words
+                .iter()
+                .enumerate()
+                .all(|(i, &w)| w == paddr ^ i as u64),
+            "block {paddr:#x} lost its contents"
+        );
+        frames::free(paddr, order);
+    }
+    ensure!(
+        frames::free_count() == before,
+        "{} frames leaked",
+        before - frames::free_count()
+    );
+    ensure!(
+        frames::alloc(frames::MAX_ORDER + 1).is_none(),
+        "an order beyond MAX_ORDER was granted"
+    );
+    Ok(())
+}
+
+/// The crates' real x86 backends probe the machine from ring 0.
+fn check_probes() -> Outcome {
+    use oskit_bts::hal::BtsHardware;
+    use oskit_pv_apf::hal::{ApfHardware, KvmFeatures};
+
+    // SAFETY: the kernel runs in ring 0.
+    let bts = unsafe { oskit_bts::x86::Cpu::new() }.probe();
+    println!(
+        "  bts: {}",
+        if bts.usable() {
+            "available"
+        } else {
+            "unavailable"
+        }
+    );
+    match oskit_pv_apf::x86::Cpu.probe() {
+        Some(f) => println!(
+            "  kvm: yes, async-PF-int {}",
+            if f.has(KvmFeatures::ASYNC_PF_INT) {
+                "offered"
+            } else {
+                "not offered"
+            }
+        ),
+        None => println!("  kvm: not running on KVM"),
+    }
+    match oskit_xen_suspend::hal::find_xen_base(&oskit_xen_suspend::x86::Cpu) {
+        Some(base) => {
+            fail!("Xen signature found at CPUID {base:#x}, but QEMU does not emulate Xen")
+        }
+        None => println!("  xen: not running on Xen"),
+    }
+    Ok(())
+}
+
+#[panic_handler]
+fn panic(info: &PanicInfo<'_>) -> ! {
+    serial::print_emergency(format_args!("\nPANIC: {info}\n"));
+    qemu::exit(Exit::Failure)
+}

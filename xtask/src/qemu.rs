@@ -1,0 +1,365 @@
+//! Building the example kernel and booting it under QEMU: `cargo xtask run`.
+
+use std::{
+    io::{BufRead, BufReader},
+    path::PathBuf,
+    process::{Command, Stdio},
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use crate::{cmd, setup};
+
+/// QEMU's exit status when the kernel writes 0x10 to `isa-debug-exit`: `(0x10 << 1) | 1`.
+const EXIT_SUCCESS: i32 = 33;
+/// QEMU's exit status when the kernel writes 0x11.
+const EXIT_FAILURE: i32 = 35;
+
+/// The accelerator QEMU uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    /// Hardware virtualisation through `/dev/kvm`.
+    Kvm,
+    /// QEMU's software emulation.
+    Tcg,
+}
+
+impl Accel {
+    fn name(self) -> &'static str {
+        match self {
+            Accel::Kvm => "KVM",
+            Accel::Tcg => "TCG",
+        }
+    }
+}
+
+/// Options of `cargo xtask run`.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// `None`: KVM when it is usable, TCG otherwise.
+    pub accel: Option<Accel>,
+    /// vCPUs.
+    pub smp: u32,
+    /// The guest is killed, and the run failed, after this long.
+    pub timeout: Duration,
+    /// `scenario=` on the kernel command line (`None`: everything).
+    pub scenario: Option<String>,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        Self {
+            accel: None,
+            smp: 1,
+            timeout: Duration::from_secs(120),
+            scenario: None,
+        }
+    }
+}
+
+impl RunOptions {
+    /// Parses `[--tcg | --kvm] [--smp N] [--timeout SECS] [--scenario NAME]`.
+    pub fn parse(args: &[String]) -> Result<Self, String> {
+        let mut opts = Self::default();
+        let mut args = args.iter();
+        while let Some(arg) = args.next() {
+            let mut value =
+                |name: &str| args.next().cloned().ok_or(format!("{name} needs a value"));
+            match arg.as_str() {
+                "--tcg" => opts.accel = Some(Accel::Tcg),
+                "--kvm" => opts.accel = Some(Accel::Kvm),
+                "--smp" => {
+                    opts.smp = value("--smp")?.parse().map_err(|e| format!("--smp: {e}"))?;
+                    if !(1..=4).contains(&opts.smp) {
+                        return Err("--smp takes 1 to 4 (the kernel's MAX_CPUS)".into());
+                    }
+                }
+                "--timeout" => {
+                    let secs: u64 = value("--timeout")?
+                        .parse()
+                        .map_err(|e| format!("--timeout: {e}"))?;
+                    opts.timeout = Duration::from_secs(secs.max(1));
+                }
+                "--scenario" => opts.scenario = Some(value("--scenario")?),
+                other => return Err(format!("unknown option `{other}` for run")),
+            }
+        }
+        Ok(opts)
+    }
+}
+
+/// How a boot ended.
+#[derive(Debug)]
+pub struct Boot {
+    /// The accelerator it ran on.
+    pub accel: Accel,
+    /// Everything the kernel printed.
+    pub log: String,
+    /// Whether the kernel reported success through the exit device.
+    pub passed: bool,
+    /// Why it failed, in one line (`None` when it passed).
+    pub failure: Option<String>,
+    /// How long the guest ran.
+    pub elapsed: Duration,
+}
+
+/// `cargo xtask run`: set up, build, boot with the serial log streamed, report.
+pub fn run(opts: &RunOptions) -> Result<(), String> {
+    setup::setup()?;
+    let kernel = build_kernel()?;
+    let boot = boot(&kernel, opts, true)?;
+    println!();
+    match &boot.failure {
+        None => {
+            println!(
+                "kernel: PASS under {} in {:.1} s",
+                boot.accel.name(),
+                boot.elapsed.as_secs_f64()
+            );
+            Ok(())
+        }
+        Some(why) => Err(format!("kernel: FAIL under {}: {why}", boot.accel.name())),
+    }
+}
+
+/// Builds the kernel (release) and returns the ELF's path.
+pub fn build_kernel() -> Result<PathBuf, String> {
+    let mut build = cmd::cargo();
+    build.args([
+        "build",
+        "--release",
+        "--package",
+        "oskit-example-kernel",
+        "--target",
+        setup::TARGET,
+    ]);
+    cmd::run(&mut build)?;
+    Ok(cmd::root()
+        .join("target")
+        .join(setup::TARGET)
+        .join("release")
+        .join("oskit-example-kernel"))
+}
+
+/// Whether KVM can run the kernel here, and if not, why.
+pub fn kvm_usable() -> Result<(), String> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .map_err(|e| format!("/dev/kvm: {e}"))?;
+    // A hardware KVM module. Some sandboxes offer /dev/kvm through a software implementation
+    // (kvm_pvm) that takes many seconds per boot and cannot emulate a guest's INT3.
+    if ["kvm_intel", "kvm_amd"]
+        .iter()
+        .any(|m| std::path::Path::new("/sys/module").join(m).exists())
+    {
+        return Ok(());
+    }
+    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        return Err(
+            "/dev/kvm is kvm_pvm, a paravirtual KVM that cannot emulate this guest's traps".into(),
+        );
+    }
+    Err("/dev/kvm is not backed by kvm_intel or kvm_amd".into())
+}
+
+/// Boots `kernel` once; with `stream`, echoes the serial log as it arrives.
+pub fn boot(kernel: &PathBuf, opts: &RunOptions, stream: bool) -> Result<Boot, String> {
+    let accel = match opts.accel {
+        Some(accel) => accel,
+        None => match kvm_usable() {
+            Ok(()) => Accel::Kvm,
+            Err(why) => {
+                if stream {
+                    println!("run: TCG ({why})");
+                }
+                Accel::Tcg
+            }
+        },
+    };
+    let mut qemu = Command::new(setup::QEMU);
+    qemu.args(["-machine", "q35", "-m", "512M", "-smp"])
+        .arg(opts.smp.to_string())
+        .args([
+            "-display",
+            "none",
+            "-monitor",
+            "none",
+            "-serial",
+            "stdio",
+            "-no-reboot",
+        ])
+        .args([
+            "-device",
+            "isa-debug-exit,iobase=0xf4,iosize=0x04",
+            "-kernel",
+        ])
+        .arg(kernel);
+    match accel {
+        Accel::Kvm => qemu.args(["-accel", "kvm", "-cpu", "host"]),
+        Accel::Tcg => qemu.args(["-accel", "tcg", "-cpu", "max"]),
+    };
+    if let Some(scenario) = &opts.scenario {
+        qemu.args(["-append", &format!("scenario={scenario}")]);
+    }
+    if stream {
+        println!("run: {}", cmd::display(&qemu));
+    }
+    let start = Instant::now();
+    let mut child = qemu
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", setup::QEMU))?;
+    let (tx, rx) = mpsc::channel();
+    for pipe in [
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let tx = tx.clone();
+        thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    drop(tx);
+    let mut log = String::new();
+    let deadline = start + opts.timeout;
+    let mut timed_out = false;
+    loop {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(line) => {
+                if stream {
+                    println!("{line}");
+                }
+                log.push_str(&line);
+                log.push('\n');
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                timed_out = true;
+                let _ = child.kill();
+                break;
+            }
+        }
+    }
+    let status = child.wait().map_err(|e| format!("waiting for QEMU: {e}"))?;
+    let elapsed = start.elapsed();
+    let code = status.code();
+    let failure = if timed_out {
+        Some(format!(
+            "the guest hung: killed after {} s",
+            opts.timeout.as_secs()
+        ))
+    } else if code == Some(EXIT_SUCCESS) && log.contains("oskit-kernel: PASS") {
+        None
+    } else {
+        Some(explain(&log, code))
+    };
+    Ok(Boot {
+        accel,
+        passed: failure.is_none(),
+        failure,
+        log,
+        elapsed,
+    })
+}
+
+/// One line saying why a boot failed, from what the kernel printed last.
+fn explain(log: &str, code: Option<i32>) -> String {
+    let find = |marker: &str| log.lines().find(|l| l.contains(marker)).map(str::trim);
+    if let Some(line) = find("PANIC:") {
+        // The panic message follows on the next line.
+        let next = log
+            .lines()
+            .skip_while(|l| !l.contains("PANIC:"))
+            .nth(1)
+            .unwrap_or("");
+        return format!("{line} {}", next.trim());
+    }
+    if let Some(line) = find("EXCEPTION:") {
+        return line.to_string();
+    }
+    if let Some(line) = find("KVM internal error") {
+        return format!("{line} (QEMU could not run the guest on this KVM; try --tcg)");
+    }
+    let failed: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("... FAILED"))
+        .map(str::trim)
+        .collect();
+    if !failed.is_empty() {
+        return failed.join("; ");
+    }
+    match code {
+        Some(EXIT_FAILURE) => format!("the kernel reported failure: {}", cmd::tail(log, 1)),
+        Some(EXIT_SUCCESS) => "the kernel exited with success but printed no PASS line".into(),
+        Some(c) => format!(
+            "QEMU exited with status {c}: {}",
+            cmd::tail(log, 2).replace('\n', " | ")
+        ),
+        None => "QEMU was killed by a signal".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(s: &str) -> Vec<String> {
+        s.split_whitespace().map(str::to_string).collect()
+    }
+
+    #[test]
+    fn run_options_parse_and_reject() {
+        let o = RunOptions::parse(&args("--tcg --smp 2 --timeout 9 --scenario fork")).unwrap();
+        assert_eq!(
+            (o.accel, o.smp, o.timeout.as_secs()),
+            (Some(Accel::Tcg), 2, 9)
+        );
+        assert_eq!(o.scenario.as_deref(), Some("fork"));
+        assert_eq!(RunOptions::parse(&[]).unwrap().accel, None);
+        assert!(RunOptions::parse(&args("--smp 0")).is_err());
+        assert!(RunOptions::parse(&args("--smp")).is_err());
+        assert!(RunOptions::parse(&args("--bogus")).is_err());
+    }
+
+    #[test]
+    fn failures_are_explained_by_what_the_kernel_printed_last() {
+        let panic = "boot\nPANIC: panicked at src/x.rs:1:2:\nboom\n";
+        assert_eq!(
+            explain(panic, Some(EXIT_FAILURE)),
+            "PANIC: panicked at src/x.rs:1:2: boom"
+        );
+        let exc = "check a ... ok\nEXCEPTION: #PF page fault (vector 14) error=0x2\n";
+        assert_eq!(
+            explain(exc, Some(EXIT_FAILURE)),
+            "EXCEPTION: #PF page fault (vector 14) error=0x2"
+        );
+        let checks = "check a ... FAILED: x\ncheck b ... ok\ncheck c ... FAILED: y\nsummary\n";
+        assert_eq!(
+            explain(checks, Some(EXIT_FAILURE)),
+            "check a ... FAILED: x; check c ... FAILED: y"
+        );
+        assert!(
+            explain("qemu: could not load kernel\n", Some(1))
+                .starts_with("QEMU exited with status 1")
+        );
+        assert!(explain("", Some(EXIT_SUCCESS)).contains("no PASS line"));
+    }
+}

@@ -1,0 +1,409 @@
+//! `cargo xtask test` (the suite CI runs) and the slow campaigns: `fuzz`, `bench`, `miri`.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Instant,
+};
+
+use crate::{
+    CRATES, cmd,
+    qemu::{self, Accel, RunOptions},
+    setup,
+};
+
+/// How one stage ended.
+enum Outcome {
+    Passed,
+    Failed(String),
+    Skipped(String),
+}
+
+/// Stages run so far, and where their logs go.
+struct Suite {
+    passed: usize,
+    failed: usize,
+    skipped: usize,
+    logs: PathBuf,
+}
+
+impl Suite {
+    fn new() -> Self {
+        let logs = cmd::root().join("target").join("xtask-logs");
+        let _ = fs::remove_dir_all(&logs);
+        Self {
+            passed: 0,
+            failed: 0,
+            skipped: 0,
+            logs,
+        }
+    }
+
+    /// Runs one stage and prints its line: result, name, time, and on failure why.
+    fn stage(&mut self, name: &str, run: impl FnOnce(&Path) -> Outcome) {
+        let log = self.logs.join(format!(
+            "{}.log",
+            name.replace(|c: char| !c.is_ascii_alphanumeric(), "-")
+        ));
+        let start = Instant::now();
+        let outcome = run(&log);
+        let secs = start.elapsed().as_secs_f64();
+        match outcome {
+            Outcome::Passed => {
+                self.passed += 1;
+                println!("PASS  {name} ({secs:.1} s)");
+            }
+            Outcome::Skipped(why) => {
+                self.skipped += 1;
+                println!("SKIP  {name}: skipped: {why}");
+            }
+            Outcome::Failed(why) => {
+                self.failed += 1;
+                println!("FAIL  {name} ({secs:.1} s): {why}");
+                if let Ok(text) = fs::read_to_string(&log) {
+                    for line in cmd::tail(&text, 40).lines() {
+                        println!("    | {line}");
+                    }
+                    println!("    (whole log: {})", log.display());
+                }
+            }
+        }
+    }
+
+    /// A stage that is one command, passing when it exits 0.
+    fn command(&mut self, name: &str, mut command: Command) {
+        self.stage(name, |log| match cmd::run_logged(&mut command, log) {
+            Ok(true) => Outcome::Passed,
+            Ok(false) => Outcome::Failed(format!("`{}` failed", cmd::display(&command))),
+            Err(why) => Outcome::Failed(why),
+        });
+    }
+}
+
+fn package(krate: &str) -> String {
+    format!("oskit-{krate}")
+}
+
+fn cargo(args: &[&str]) -> Command {
+    let mut c = cmd::cargo();
+    c.args(args);
+    c
+}
+
+/// `cargo xtask test`.
+pub fn test() -> Result<(), String> {
+    setup::setup()?;
+    let root = cmd::root();
+    let mut suite = Suite::new();
+    let started = Instant::now();
+
+    for krate in CRATES {
+        suite.command(
+            &format!("host tests {}", package(krate)),
+            cargo(&["test", "-p", &package(krate), "--all-features"]),
+        );
+    }
+    suite.command("host tests xtask", cargo(&["test", "-p", "xtask"]));
+
+    for krate in CRATES {
+        let name = format!("loom {}", package(krate));
+        if !root
+            .join("crates")
+            .join(krate)
+            .join("tests/loom.rs")
+            .exists()
+        {
+            suite.stage(&name, |_| {
+                Outcome::Skipped("the crate has no tests/loom.rs".into())
+            });
+            continue;
+        }
+        let mut loom = cargo(&["test", "-p", &package(krate), "--release", "--test", "loom"]);
+        loom.env("RUSTFLAGS", "--cfg loom")
+            .env("LOOM_MAX_PREEMPTIONS", "2")
+            .env("CARGO_TARGET_DIR", root.join("target").join("loom"));
+        suite.command(&name, loom);
+    }
+
+    for krate in CRATES {
+        suite.stage(
+            &format!("no_std build {} (none; x86)", package(krate)),
+            |log| {
+                for features in [&["--no-default-features"][..], &["--features", "x86"]] {
+                    let mut build =
+                        cargo(&["build", "-p", &package(krate), "--target", setup::TARGET]);
+                    build.args(features);
+                    match cmd::run_logged(&mut build, log) {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            return Outcome::Failed(format!("`{}` failed", cmd::display(&build)));
+                        }
+                        Err(why) => return Outcome::Failed(why),
+                    }
+                }
+                Outcome::Passed
+            },
+        );
+    }
+    suite.command(
+        "clippy oskit-example-kernel (x86_64-unknown-none)",
+        cargo(&[
+            "clippy",
+            "-p",
+            "oskit-example-kernel",
+            "--target",
+            setup::TARGET,
+            "--",
+            "-D",
+            "warnings",
+        ]),
+    );
+
+    let mut corpora = cargo(&["test", "--no-default-features"]);
+    corpora.current_dir(root.join("fuzz"));
+    suite.command("fuzz corpora (stable replay)", corpora);
+
+    for krate in CRATES {
+        let name = format!("bench smoke {}", package(krate));
+        if !root.join("crates").join(krate).join("benches").exists() {
+            suite.stage(&name, |_| {
+                Outcome::Skipped("the crate has no benches/".into())
+            });
+            continue;
+        }
+        suite.command(&name, cargo(&["test", "-p", &package(krate), "--benches"]));
+    }
+
+    boot_stages(&mut suite);
+
+    println!(
+        "test: {} passed, {} failed, {} skipped ({:.0} s)",
+        suite.passed,
+        suite.failed,
+        suite.skipped,
+        started.elapsed().as_secs_f64()
+    );
+    if suite.failed == 0 {
+        Ok(())
+    } else {
+        Err(format!("{} stage(s) failed", suite.failed))
+    }
+}
+
+/// The QEMU boots: the full scenario on TCG (and KVM where it works), and the deliberate
+/// failures, each of which must turn the run red with its own message.
+fn boot_stages(suite: &mut Suite) {
+    let mut kernel = None;
+    suite.stage("build oskit-example-kernel", |log| {
+        let mut build = cargo(&[
+            "build",
+            "--release",
+            "-p",
+            "oskit-example-kernel",
+            "--target",
+            setup::TARGET,
+        ]);
+        match cmd::run_logged(&mut build, log) {
+            Ok(true) => {
+                kernel = Some(
+                    cmd::root()
+                        .join("target")
+                        .join(setup::TARGET)
+                        .join("release/oskit-example-kernel"),
+                );
+                Outcome::Passed
+            }
+            Ok(false) => Outcome::Failed("the kernel does not build".into()),
+            Err(why) => Outcome::Failed(why),
+        }
+    });
+    let Some(kernel) = kernel else { return };
+
+    let boot = |accel, scenario: Option<&str>, log: &Path| {
+        let opts = RunOptions {
+            accel: Some(accel),
+            scenario: scenario.map(str::to_string),
+            ..RunOptions::default()
+        };
+        let result = qemu::boot(&kernel, &opts, false);
+        if let Ok(b) = &result {
+            let _ = fs::write(log, &b.log);
+        }
+        result
+    };
+    suite.stage("boot scenario=all (TCG)", |log| {
+        match boot(Accel::Tcg, None, log) {
+            Ok(b) if b.passed => Outcome::Passed,
+            Ok(b) => Outcome::Failed(b.failure.unwrap_or_default()),
+            Err(why) => Outcome::Failed(why),
+        }
+    });
+    suite.stage("boot scenario=all (KVM)", |log| match qemu::kvm_usable() {
+        Err(why) => Outcome::Skipped(why),
+        Ok(()) => match boot(Accel::Kvm, None, log) {
+            Ok(b) if b.passed => Outcome::Passed,
+            Ok(b) => Outcome::Failed(b.failure.unwrap_or_default()),
+            Err(why) => Outcome::Failed(why),
+        },
+    });
+    let red = [
+        (
+            "fail-check",
+            "check deliberate-failure ... FAILED: this check fails on purpose",
+        ),
+        ("panic", "PANIC: panicked at"),
+        ("exception", "EXCEPTION: #UD invalid opcode (vector 6)"),
+    ];
+    for (scenario, expected) in red {
+        suite.stage(
+            &format!("boot scenario={scenario} turns the run red (TCG)"),
+            |log| match boot(Accel::Tcg, Some(scenario), log) {
+                Ok(b) if b.passed => Outcome::Failed("the run passed".into()),
+                Ok(b) => match b.failure {
+                    Some(why) if why.contains(expected) => Outcome::Passed,
+                    why => Outcome::Failed(format!("failed, but not with `{expected}`: {why:?}")),
+                },
+                Err(why) => Outcome::Failed(why),
+            },
+        );
+    }
+}
+
+/// Names of the cargo-fuzz targets (the `[[bin]]`s of `fuzz/Cargo.toml`).
+fn fuzz_targets() -> Result<Vec<String>, String> {
+    let manifest = fs::read_to_string(cmd::root().join("fuzz/Cargo.toml"))
+        .map_err(|e| format!("fuzz/Cargo.toml: {e}"))?;
+    Ok(manifest
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix("name = \"")?
+                .strip_suffix('"')
+                .map(str::to_string)
+        })
+        .filter(|n| n != "oskit-fuzz")
+        .collect())
+}
+
+fn ensure_nightly(component: Option<&str>) -> Result<(), String> {
+    let have = Command::new("rustup")
+        .args(["run", "nightly", "rustc", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have {
+        cmd::run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]))?;
+    }
+    if let Some(component) = component {
+        cmd::run(Command::new("rustup").args([
+            "component",
+            "add",
+            "--toolchain",
+            "nightly",
+            component,
+        ]))?;
+    }
+    Ok(())
+}
+
+/// `cargo xtask fuzz [TARGET] [--seconds N]`: each target (all by default) for N seconds (10).
+pub fn fuzz(args: &[String]) -> Result<(), String> {
+    let mut seconds = 10u64;
+    let mut only = None;
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--seconds" => {
+                seconds = args
+                    .next()
+                    .ok_or("--seconds needs a value")?
+                    .parse()
+                    .map_err(|e| format!("--seconds: {e}"))?
+            }
+            name if !name.starts_with('-') && only.is_none() => only = Some(name.to_string()),
+            other => return Err(format!("unknown option `{other}` for fuzz")),
+        }
+    }
+    ensure_nightly(None)?;
+    if !cmd::have("cargo-fuzz") {
+        cmd::run(cmd::cargo().args(["install", "cargo-fuzz", "--locked"]))?;
+    }
+    let targets = fuzz_targets()?;
+    let chosen: Vec<&String> = match &only {
+        Some(name) => {
+            let t = targets.iter().find(|t| *t == name).ok_or(format!(
+                "no fuzz target `{name}`; have: {}",
+                targets.join(", ")
+            ))?;
+            vec![t]
+        }
+        None => targets.iter().collect(),
+    };
+    let root = cmd::root();
+    for target in chosen {
+        // New inputs go to a scratch corpus; the committed one is only read.
+        let scratch = root.join("target/fuzz-corpus").join(target);
+        fs::create_dir_all(&scratch).map_err(|e| e.to_string())?;
+        println!("fuzz: {target} for {seconds} s");
+        let mut run = Command::new("cargo");
+        run.current_dir(root.join("fuzz"))
+            .args(["+nightly", "fuzz", "run", target])
+            .arg(&scratch)
+            .arg(root.join("fuzz/corpus").join(target))
+            .args(["--", &format!("-max_total_time={seconds}")]);
+        cmd::run(&mut run)?;
+    }
+    Ok(())
+}
+
+/// `cargo xtask bench [CRATE]`: the criterion benches of one crate or all.
+pub fn bench(args: &[String]) -> Result<(), String> {
+    for krate in chosen_crates(args)? {
+        if cmd::root()
+            .join("crates")
+            .join(krate)
+            .join("benches")
+            .exists()
+        {
+            cmd::run(&mut cargo(&["bench", "-p", &package(krate)]))?;
+        } else {
+            println!("bench: {} has no benches", package(krate));
+        }
+    }
+    Ok(())
+}
+
+/// `cargo xtask miri [CRATE]`: the crates' tests under Miri.
+pub fn miri(args: &[String]) -> Result<(), String> {
+    ensure_nightly(Some("miri"))?;
+    for krate in chosen_crates(args)? {
+        cmd::run(&mut cargo(&[
+            "+nightly",
+            "miri",
+            "test",
+            "-p",
+            &package(krate),
+        ]))?;
+    }
+    Ok(())
+}
+
+fn chosen_crates(args: &[String]) -> Result<Vec<&'static str>, String> {
+    match args {
+        [] => Ok(CRATES.to_vec()),
+        [name] => {
+            let name = name.strip_prefix("oskit-").unwrap_or(name);
+            CRATES
+                .iter()
+                .find(|c| **c == name)
+                .map(|c| vec![*c])
+                .ok_or(format!("no crate `{name}`; have: {}", CRATES.join(", ")))
+        }
+        _ => Err("expected at most one crate name".into()),
+    }
+}
