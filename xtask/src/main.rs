@@ -8,8 +8,10 @@
 // A binary has no public API: `pub` marks what the other modules use.
 #![allow(unreachable_pub)]
 
+mod budgets;
 mod cmd;
 mod qemu;
+mod report;
 mod setup;
 mod suite;
 
@@ -25,7 +27,9 @@ commands:
           fuzz corpora, bench smoke, QEMU boots
   setup   install QEMU (Debian's qemu-system-x86) and the x86_64-unknown-none target
   fuzz    [TARGET] [--seconds N]   run cargo-fuzz targets (all, briefly, by default)
-  bench   [CRATE]                  run the criterion benches (all crates by default)
+  bench   [CRATE] [--report]       run the criterion benches (all crates by default);
+                                   --report also writes BENCHMARKS.md
+  budgets                          check the hot paths' instruction budgets (callgrind)
   miri    [CRATE]                  run the crates' tests under Miri (nightly)
 ";
 
@@ -42,6 +46,7 @@ fn main() -> ExitCode {
         "fuzz" => suite::fuzz(rest),
         "bench" => suite::bench(rest),
         "miri" => suite::miri(rest),
+        "budgets" => no_args(rest).and_then(|()| suite::budgets()),
         "help" | "--help" | "-h" => {
             print!("{USAGE}");
             Ok(())

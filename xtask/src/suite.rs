@@ -8,7 +8,7 @@ use std::{
 };
 
 use crate::{
-    CRATES, cmd,
+    CRATES, budgets, cmd,
     qemu::{self, Accel, RunOptions},
     setup,
 };
@@ -175,6 +175,8 @@ pub fn test() -> Result<(), String> {
         suite.command(&name, cargo(&["test", "-p", &package(krate), "--benches"]));
     }
 
+    suite.stage("instruction budgets (callgrind)", budget_stage);
+
     boot_stages(&mut suite);
 
     println!(
@@ -270,6 +272,54 @@ fn boot_stages(suite: &mut Suite) {
     }
 }
 
+/// The instruction budgets as a stage: skipped without valgrind or without budgets.
+fn budget_stage(log: &Path) -> Outcome {
+    let list = match fs::read_to_string(budgets::path())
+        .map_err(|e| e.to_string())
+        .and_then(|t| budgets::parse(&t))
+    {
+        Ok(list) => list,
+        Err(why) => return Outcome::Failed(format!("xtask/budgets.txt: {why}")),
+    };
+    if list.is_empty() {
+        return Outcome::Skipped("xtask/budgets.txt lists no budget".into());
+    }
+    if !cmd::have("valgrind") {
+        return Outcome::Skipped("valgrind is not installed (apt-get install valgrind)".into());
+    }
+    let (ok, lines) = match budgets::check(&list) {
+        Ok(lines) => (true, lines),
+        Err(lines) => (false, lines),
+    };
+    let _ = fs::write(log, lines.join("\n") + "\n");
+    for line in &lines {
+        println!("      {line}");
+    }
+    if ok {
+        Outcome::Passed
+    } else {
+        Outcome::Failed("a hot path is over its instruction budget".into())
+    }
+}
+
+/// `cargo xtask budgets`: measure and check the instruction budgets.
+pub fn budgets() -> Result<(), String> {
+    if !cmd::have("valgrind") {
+        return Err("valgrind is not installed: apt-get install valgrind".into());
+    }
+    let list = budgets::parse(&fs::read_to_string(budgets::path()).map_err(|e| e.to_string())?)?;
+    match budgets::check(&list) {
+        Ok(lines) => {
+            lines.iter().for_each(|l| println!("{l}"));
+            Ok(())
+        }
+        Err(lines) => {
+            lines.iter().for_each(|l| println!("{l}"));
+            Err("a hot path is over its instruction budget".into())
+        }
+    }
+}
+
 /// Names of the cargo-fuzz targets (the `[[bin]]`s of `fuzz/Cargo.toml`).
 fn fuzz_targets() -> Result<Vec<String>, String> {
     let manifest = fs::read_to_string(cmd::root().join("fuzz/Cargo.toml"))
@@ -361,9 +411,18 @@ pub fn fuzz(args: &[String]) -> Result<(), String> {
     Ok(())
 }
 
-/// `cargo xtask bench [CRATE]`: the criterion benches of one crate or all.
+/// `cargo xtask bench [CRATE] [--report]`: the criterion benches of one crate or all; with
+/// `--report`, BENCHMARKS.md too.
 pub fn bench(args: &[String]) -> Result<(), String> {
-    for krate in chosen_crates(args)? {
+    let report = args.iter().any(|a| a == "--report");
+    let args: Vec<String> = args.iter().filter(|a| *a != "--report").cloned().collect();
+    let crates = chosen_crates(&args)?;
+    if report {
+        let path = crate::report::bench_report(&crates)?;
+        println!("bench: wrote {}", path.display());
+        return Ok(());
+    }
+    for krate in crates {
         if cmd::root()
             .join("crates")
             .join(krate)
