@@ -7,13 +7,16 @@ use core::{
 };
 
 use crate::{
+    apic,
     checks::{self, Check, Outcome},
-    ensure, fail, frames, gdt, idt, println,
+    ensure, fail, fault, framemeta, frames, gdt, idt, percpu, println,
     pvh::{self, BootInfo},
     qemu::{self, Exit},
-    serial,
+    sched, sched_checks, serial, smp,
     spin::SpinLock,
+    syscall,
     trap::{self, Handled, TrapFrame},
+    user_checks, usermode, vm,
 };
 
 global_asm!(include_str!("boot.S"), options(att_syntax));
@@ -44,14 +47,61 @@ extern "C" fn kernel_main(start_info: u32) -> ! {
         }
     };
     *BOOT.lock() = Some(boot);
+    // Before the frame allocator: the ACPI tables may sit in memory it would hand out.
+    let cpus = smp::find_cpus(boot.rsdp);
     frames::init(&boot);
+    framemeta::init();
+    vm::init();
     println!(
         "boot: command line {:?}, {} frames free",
         boot.cmdline,
         frames::free_count()
     );
-
+    // SAFETY: the boot CPU, once, before anything uses per-CPU data.
+    unsafe { percpu::init(0, apic::id()) };
+    // SAFETY: ring 0, after the GDT and per-CPU data.
+    unsafe { syscall::init_this_cpu() };
+    fault::init();
+    usermode::init();
+    apic::init_this_cpu(true);
+    percpu::cpu(0).online.store(true, Ordering::Release);
+    match cpus {
+        Ok(cpus) => {
+            let started = smp::start_aps(&cpus);
+            println!(
+                "smp: {} CPU(s) in the MADT{}, {} started",
+                cpus.count,
+                if cpus.ignored > 0 { " (more ignored)" } else { "" },
+                started
+            );
+            CPUS_FOUND.store(cpus.count, Ordering::Relaxed);
+        }
+        Err(why) => {
+            println!("smp: {why}; running on the boot CPU only");
+            CPUS_FOUND.store(1, Ordering::Relaxed);
+        }
+    }
+    println!(
+        "boot: {} CPU(s) online, timer {} Hz ({} APIC counts per tick)",
+        percpu::online_count(),
+        apic::HZ,
+        apic::timer_counts_per_tick()
+    );
     let scenario = boot.arg("scenario").unwrap_or("all");
+    if sched::spawn("checks", run_scenario, 0).is_none() {
+        println!("boot: cannot start the checks task");
+        qemu::exit(Exit::Failure);
+    }
+    let _ = scenario;
+    sched::run()
+}
+
+/// How many CPUs the firmware described (1 when it described none).
+pub static CPUS_FOUND: AtomicUsize = AtomicUsize::new(1);
+
+/// The first task: runs the scenario named on the command line and ends the run.
+fn run_scenario(_: u64) -> i64 {
+    let scenario = boot_info().arg("scenario").unwrap_or("all");
     let tally = match scenario {
         "all" => checks::run(CHECKS),
         // Deliberate failures: the runner's tests prove that each one turns the run red.
@@ -111,6 +161,38 @@ const CHECKS: &[Check] = &[
     Check {
         name: "probes",
         run: check_probes,
+    },
+    Check {
+        name: "timer",
+        run: sched_checks::timer,
+    },
+    Check {
+        name: "preemption",
+        run: sched_checks::preemption,
+    },
+    Check {
+        name: "block-unblock",
+        run: sched_checks::block_unblock,
+    },
+    Check {
+        name: "smp",
+        run: sched_checks::smp,
+    },
+    Check {
+        name: "user-syscalls",
+        run: user_checks::syscalls,
+    },
+    Check {
+        name: "user-isolation",
+        run: user_checks::isolation,
+    },
+    Check {
+        name: "demand-paging",
+        run: user_checks::demand_paging,
+    },
+    Check {
+        name: "fork-cow",
+        run: user_checks::fork_cow,
     },
 ];
 

@@ -13,6 +13,30 @@
 #[cfg(target_os = "none")]
 mod checks;
 #[cfg(target_os = "none")]
+mod vm;
+#[cfg(target_os = "none")]
+mod usermode;
+#[cfg(target_os = "none")]
+mod user_checks;
+#[cfg(target_os = "none")]
+mod ulib;
+#[cfg(target_os = "none")]
+mod syscall;
+#[cfg(target_os = "none")]
+mod smp;
+#[cfg(target_os = "none")]
+mod sched_checks;
+#[cfg(target_os = "none")]
+mod sched;
+#[cfg(target_os = "none")]
+mod percpu;
+#[cfg(target_os = "none")]
+mod framemeta;
+#[cfg(target_os = "none")]
+mod fault;
+#[cfg(target_os = "none")]
+mod apic;
+#[cfg(target_os = "none")]
 mod frames;
 #[cfg(target_os = "none")]
 mod gdt;

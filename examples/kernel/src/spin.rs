@@ -1,13 +1,17 @@
-//! A spinlock for kernel data shared between CPUs.
+//! A spinlock for kernel data shared between CPUs, tasks and interrupt handlers.
 
 use core::{
+    arch::asm,
     cell::UnsafeCell,
     ops::{Deref, DerefMut},
     sync::atomic::{AtomicBool, Ordering},
 };
 
-/// Mutual exclusion by spinning. Not interrupt-safe: data also touched by an interrupt handler
-/// must be locked with interrupts off.
+/// Mutual exclusion by spinning, with interrupts off on this CPU while the lock is held.
+///
+/// Interrupts off makes the lock safe against the two ways a holder could be stopped on its
+/// own CPU: an interrupt handler that wants the same lock, and preemption by the timer (which
+/// would let another task on this CPU spin forever on a lock whose holder cannot run).
 pub struct SpinLock<T> {
     locked: AtomicBool,
     value: UnsafeCell<T>,
@@ -16,6 +20,22 @@ pub struct SpinLock<T> {
 // SAFETY: the lock hands out at most one guard at a time, so `T` is only ever reached from one
 // CPU at a time; `T: Send` lets it move between CPUs.
 unsafe impl<T: Send> Sync for SpinLock<T> {}
+
+/// Saves RFLAGS and disables interrupts; returns whether they were on.
+pub fn irq_save() -> bool {
+    let flags: u64;
+    // SAFETY: reads RFLAGS and clears IF; touches no memory but the stack slot of pushf.
+    unsafe { asm!("pushfq", "pop {}", "cli", out(reg) flags, options(nomem)) };
+    flags & (1 << 9) != 0
+}
+
+/// Re-enables interrupts if `enabled` (what [`irq_save`] returned).
+pub fn irq_restore(enabled: bool) {
+    if enabled {
+        // SAFETY: turning interrupts back on, as they were before `irq_save`.
+        unsafe { asm!("sti", options(nomem, nostack)) };
+    }
+}
 
 impl<T> SpinLock<T> {
     /// An unlocked lock around `value`.
@@ -26,11 +46,16 @@ impl<T> SpinLock<T> {
         }
     }
 
-    /// Spins until the lock is ours.
+    /// Disables interrupts and spins until the lock is ours.
     pub fn lock(&self) -> SpinGuard<'_, T> {
+        let irq = irq_save();
         loop {
-            if let Some(guard) = self.try_lock() {
-                return guard;
+            if self
+                .locked
+                .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok()
+            {
+                return SpinGuard { lock: self, irq };
             }
             while self.locked.load(Ordering::Relaxed) {
                 core::hint::spin_loop();
@@ -40,16 +65,24 @@ impl<T> SpinLock<T> {
 
     /// The lock if it is free right now.
     pub fn try_lock(&self) -> Option<SpinGuard<'_, T>> {
-        self.locked
+        let irq = irq_save();
+        match self
+            .locked
             .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
-            .ok()
-            .map(|_| SpinGuard { lock: self })
+        {
+            Ok(_) => Some(SpinGuard { lock: self, irq }),
+            Err(_) => {
+                irq_restore(irq);
+                None
+            }
+        }
     }
 }
 
-/// Access to a [`SpinLock`]'s value; unlocks when dropped.
+/// Access to a [`SpinLock`]'s value; unlocks (and restores interrupts) when dropped.
 pub struct SpinGuard<'a, T> {
     lock: &'a SpinLock<T>,
+    irq: bool,
 }
 
 impl<T> Deref for SpinGuard<'_, T> {
@@ -71,5 +104,6 @@ impl<T> DerefMut for SpinGuard<'_, T> {
 impl<T> Drop for SpinGuard<'_, T> {
     fn drop(&mut self) {
         self.lock.locked.store(false, Ordering::Release);
+        irq_restore(self.irq);
     }
 }

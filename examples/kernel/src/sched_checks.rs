@@ -1,0 +1,202 @@
+//! Checks of the timer, the scheduler and SMP bring-up.
+
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use crate::{
+    apic,
+    checks::Outcome,
+    ensure, fail,
+    gdt::MAX_CPUS,
+    kmain::CPUS_FOUND,
+    percpu, println,
+    sched::{self, TaskId},
+};
+
+/// Deadline of a check's waiting loop, in microseconds of TSC time (generous for TCG).
+const WAIT_US: u64 = 5_000_000;
+
+/// Yields until `done()` or the deadline; returns whether `done()` became true.
+fn wait_for(mut done: impl FnMut() -> bool) -> bool {
+    let deadline = apic::now_us() + WAIT_US;
+    while !done() {
+        if apic::now_us() > deadline {
+            return false;
+        }
+        sched::yield_now();
+    }
+    true
+}
+
+fn ticks() -> [u64; MAX_CPUS] {
+    core::array::from_fn(|cpu| percpu::cpu(cpu).ticks.load(Ordering::Relaxed))
+}
+
+/// Timer interrupts arrive on every online CPU.
+pub fn timer() -> Outcome {
+    let online = percpu::online_count();
+    let before = ticks();
+    let arrived = wait_for(|| {
+        let now = ticks();
+        (0..online).all(|cpu| now[cpu] >= before[cpu] + 5)
+    });
+    let now = ticks();
+    for cpu in 0..online {
+        println!("  cpu {cpu}: {} ticks", now[cpu]);
+    }
+    ensure!(
+        arrived,
+        "not every CPU took 5 timer ticks: before {:?}, after {:?}",
+        &before[..online],
+        &now[..online]
+    );
+    Ok(())
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+static PROGRESS: [AtomicU64; MAX_CPUS + 1] = [const { AtomicU64::new(0) }; MAX_CPUS + 1];
+
+fn spinner(i: u64) -> i64 {
+    while !STOP.load(Ordering::Relaxed) {
+        PROGRESS[i as usize].fetch_add(1, Ordering::Relaxed);
+    }
+    100 + i as i64
+}
+
+/// More CPU-bound tasks than CPUs, none of which ever yields, all make progress and are each
+/// preempted by the timer; each one's exit code comes back through join.
+pub fn preemption() -> Outcome {
+    let n = percpu::online_count() + 1;
+    STOP.store(false, Ordering::Relaxed);
+    PROGRESS.iter().for_each(|p| p.store(0, Ordering::Relaxed));
+    let mut tasks = [None::<TaskId>; MAX_CPUS + 1];
+    for (i, slot) in tasks.iter_mut().enumerate().take(n) {
+        *slot = sched::spawn("spinner", spinner, i as u64);
+        ensure!(slot.is_some(), "cannot spawn spinner {i}");
+    }
+    let preempted = |t: &Option<TaskId>| t.and_then(sched::preemptions).unwrap_or(0);
+    let ok = wait_for(|| {
+        tasks[..n].iter().all(|t| preempted(t) >= 2)
+            && PROGRESS[..n].iter().all(|p| p.load(Ordering::Relaxed) > 0)
+    });
+    let counts: [u64; MAX_CPUS + 1] = core::array::from_fn(|i| preempted(&tasks[i]));
+    STOP.store(true, Ordering::Relaxed);
+    for (i, task) in tasks[..n].iter().enumerate() {
+        let code = task.and_then(sched::join);
+        ensure!(
+            code == Some(100 + i as i64),
+            "spinner {i} joined with {code:?}, not {}",
+            100 + i
+        );
+    }
+    println!(
+        "  {n} spinners on {} CPU(s): preempted {:?} times",
+        n - 1,
+        &counts[..n]
+    );
+    ensure!(
+        ok,
+        "spinners were not all preempted and running: preemptions {:?}",
+        &counts[..n]
+    );
+    Ok(())
+}
+
+/// Pid of the task the tick hook should wake (0: none).
+static WAKE_TARGET: AtomicU64 = AtomicU64::new(0);
+/// Wakes by the tick hook that found the task blocked.
+static WOKE_BLOCKED: AtomicU64 = AtomicU64::new(0);
+static PHASE: AtomicU64 = AtomicU64::new(0);
+const ROUNDS: i64 = 5;
+
+fn wake_from_tick(_cpu: usize) {
+    let pid = WAKE_TARGET.load(Ordering::Acquire);
+    if pid == 0 {
+        return;
+    }
+    let task = TaskId::from_pid(pid);
+    if sched::is_blocked(task) && WAKE_TARGET.swap(0, Ordering::AcqRel) == pid {
+        WOKE_BLOCKED.fetch_add(1, Ordering::Relaxed);
+        sched::unblock(task);
+    }
+}
+
+fn blocker(_: u64) -> i64 {
+    // Phase 1: the check wakes us before we block; the block must not sleep.
+    PHASE.store(1, Ordering::Release);
+    while PHASE.load(Ordering::Acquire) != 2 {
+        core::hint::spin_loop();
+    }
+    sched::block_current();
+    PHASE.store(3, Ordering::Release);
+    // Phase 2: sleep, and be woken from the timer interrupt, ROUNDS times.
+    let me = sched::current().expect("blocker runs as a task").pid();
+    let mut rounds = 0;
+    while rounds < ROUNDS {
+        let woke = WOKE_BLOCKED.load(Ordering::Acquire);
+        WAKE_TARGET.store(me, Ordering::Release);
+        while WOKE_BLOCKED.load(Ordering::Acquire) == woke {
+            sched::block_current();
+        }
+        rounds += 1;
+    }
+    rounds
+}
+
+/// A task blocks and is woken from interrupt context (the timer tick), and a wake-up that
+/// arrives before the task blocks is not lost.
+pub fn block_unblock() -> Outcome {
+    PHASE.store(0, Ordering::Relaxed);
+    WOKE_BLOCKED.store(0, Ordering::Relaxed);
+    WAKE_TARGET.store(0, Ordering::Relaxed);
+    apic::set_tick_hook(Some(wake_from_tick));
+    let Some(task) = sched::spawn("blocker", blocker, 0) else {
+        fail!("cannot spawn the blocker")
+    };
+    ensure!(
+        wait_for(|| PHASE.load(Ordering::Acquire) == 1),
+        "the blocker never started"
+    );
+    ensure!(sched::unblock(task), "unblock says the live blocker is gone");
+    PHASE.store(2, Ordering::Release);
+    let early = wait_for(|| PHASE.load(Ordering::Acquire) == 3);
+    if !early {
+        sched::unblock(task); // let it go on, so it can be joined
+    }
+    let rounds = sched::join(task);
+    apic::set_tick_hook(None);
+    ensure!(
+        early,
+        "a wake-up sent before block_current was lost (the task slept)"
+    );
+    ensure!(
+        rounds == Some(ROUNDS),
+        "the blocker came back with {rounds:?}"
+    );
+    let woke = WOKE_BLOCKED.load(Ordering::Relaxed);
+    println!("  {woke} wakes of a blocked task from the timer interrupt");
+    ensure!(
+        woke >= ROUNDS as u64,
+        "only {woke} wakes found the task blocked"
+    );
+    Ok(())
+}
+
+/// Every CPU the firmware described is online and has run tasks.
+pub fn smp() -> Outcome {
+    let found = CPUS_FOUND.load(Ordering::Relaxed);
+    let online = percpu::online_count();
+    ensure!(
+        online == found,
+        "{online} CPU(s) online of {found} in the MADT"
+    );
+    for cpu in 0..online {
+        let c = percpu::cpu(cpu);
+        let switches = c.switches.load(Ordering::Relaxed);
+        println!(
+            "  cpu {cpu}: APIC id {}, {switches} task switches",
+            c.apic_id.load(Ordering::Relaxed)
+        );
+        ensure!(switches > 0, "cpu {cpu} never ran a task");
+    }
+    Ok(())
+}

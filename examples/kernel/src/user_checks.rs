@@ -1,0 +1,220 @@
+//! Checks of user mode: system calls from ring 3, isolation of kernel memory, demand paging,
+//! fork with copy-on-write, and that every frame comes back.
+//!
+//! The `u_*` functions run in ring 3 (see [`crate::ulib`] for what they may touch).
+
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use crate::{
+    checks::Outcome,
+    ensure, fail, frames, println,
+    sched::{self, EXIT_KILLED},
+    syscall, ulib,
+    usermode::{self, DATA_START},
+    vm,
+};
+
+const PAGE: u64 = 4096;
+
+fn u_hello(_: u64) -> i64 {
+    ulib::write("  hello from ring 3\n");
+    let pid = ulib::getpid();
+    ulib::yield_now();
+    ((pid as i64) << 4) | ulib::privilege_level() as i64
+}
+
+/// A ring-3 task makes system calls (write, getpid, yield, exit) and runs at privilege level 3.
+pub fn syscalls() -> Outcome {
+    let before = syscall::COUNT.load(Ordering::Relaxed);
+    let Ok(task) = usermode::spawn("hello", u_hello, 0) else {
+        fail!("cannot start the user task")
+    };
+    let code = sched::join(task);
+    let calls = syscall::COUNT.load(Ordering::Relaxed) - before;
+    ensure!(
+        code == Some(((task.pid() as i64) << 4) | 3),
+        "exit code {code:?}: want pid {:#x} and privilege level 3",
+        task.pid()
+    );
+    ensure!(calls >= 4, "only {calls} system calls were served");
+    println!("  pid {:#x}: {calls} system calls", task.pid());
+    Ok(())
+}
+
+/// Kernel data a user task tries to overwrite.
+static CANARY: AtomicU64 = AtomicU64::new(0x5afe);
+
+fn u_poke(addr: u64) -> i64 {
+    // SAFETY: deliberately writes where ring 3 must not: the write faults and kills the task.
+    unsafe { core::ptr::write_volatile(addr as *mut u64, 0xbad) };
+    0
+}
+
+fn u_peek(addr: u64) -> i64 {
+    // SAFETY: deliberately reads where ring 3 must not: the read faults and kills the task.
+    unsafe { core::ptr::read_volatile(addr as *const u64) as i64 }
+}
+
+/// Ring 3 cannot write kernel data, write kernel code, read kernel data, or touch an unmapped
+/// user address: each attempt kills only that task, and the kernel (and its data) carry on.
+pub fn isolation() -> Outcome {
+    let free = frames::free_count();
+    let attempts: [(&str, fn(u64) -> i64, u64); 4] = [
+        ("write kernel data", u_poke, &raw const CANARY as u64),
+        ("write kernel code", u_poke, u_poke as usize as u64),
+        ("read kernel data", u_peek, &raw const CANARY as u64),
+        ("write unmapped", u_poke, DATA_START + usermode::DATA_SIZE + PAGE),
+    ];
+    for (what, entry, addr) in attempts {
+        let Ok(task) = usermode::spawn("intruder", entry, addr) else {
+            fail!("cannot start the user task")
+        };
+        let code = sched::join(task);
+        ensure!(
+            code == Some(EXIT_KILLED),
+            "{what} at {addr:#x}: the task ended with {code:?}, not killed"
+        );
+    }
+    ensure!(
+        CANARY.load(Ordering::Relaxed) == 0x5afe,
+        "kernel data changed to {:#x}",
+        CANARY.load(Ordering::Relaxed)
+    );
+    ensure!(
+        frames::free_count() == free,
+        "killed tasks leaked {} frames",
+        free as i64 - frames::free_count() as i64
+    );
+    Ok(())
+}
+
+const TOUCHED: u64 = 16;
+
+fn u_touch(pages: u64) -> i64 {
+    let mut sum = 0i64;
+    for i in 0..pages {
+        let p = (DATA_START + i * PAGE) as *mut u64;
+        // SAFETY: inside this task's anonymous data region.
+        unsafe {
+            if p.read_volatile() != 0 {
+                return -1; // a fresh page must read as zero
+            }
+            p.write_volatile(i * 3 + 1);
+        }
+    }
+    for i in 0..pages {
+        // SAFETY: as above.
+        sum += unsafe { ((DATA_START + i * PAGE) as *const u64).read_volatile() } as i64;
+    }
+    sum
+}
+
+/// Untouched user pages are filled (with zeroes) on first touch, and every frame returns when
+/// the task exits.
+pub fn demand_paging() -> Outcome {
+    let free = frames::free_count();
+    let faults = vm::DEMAND_FAULTS.load(Ordering::Relaxed);
+    let Ok(task) = usermode::spawn("toucher", u_touch, TOUCHED) else {
+        fail!("cannot start the user task")
+    };
+    let code = sched::join(task);
+    let want: i64 = (0..TOUCHED as i64).map(|i| i * 3 + 1).sum();
+    ensure!(
+        code == Some(want),
+        "the task saw {code:?}, not {want} (-1: a fresh page was not zero)"
+    );
+    let faults = vm::DEMAND_FAULTS.load(Ordering::Relaxed) - faults;
+    ensure!(
+        faults > TOUCHED,
+        "{faults} demand faults for {TOUCHED} data pages and a stack"
+    );
+    ensure!(
+        frames::free_count() == free,
+        "{} frames not returned",
+        free as i64 - frames::free_count() as i64
+    );
+    println!("  {faults} demand faults, all frames returned");
+    Ok(())
+}
+
+const FORKED: u64 = 8;
+
+fn page_word(i: u64) -> *mut u64 {
+    (DATA_START + i * PAGE) as *mut u64
+}
+
+fn u_fork(_: u64) -> i64 {
+    for i in 0..FORKED {
+        // SAFETY: inside this task's anonymous data region.
+        unsafe { page_word(i).write_volatile(0x1000 + i) };
+    }
+    let pid = ulib::fork();
+    if pid < 0 {
+        return -100;
+    }
+    if pid == 0 {
+        for i in 0..FORKED {
+            // SAFETY: as above, in the child's copy.
+            if unsafe { page_word(i).read_volatile() } != 0x1000 + i {
+                ulib::exit(1);
+            }
+            // SAFETY: as above.
+            unsafe { page_word(i).write_volatile(0x2000 + i) };
+        }
+        ulib::yield_now();
+        for i in 0..FORKED {
+            // SAFETY: as above.
+            if unsafe { page_word(i).read_volatile() } != 0x2000 + i {
+                ulib::exit(2);
+            }
+        }
+        ulib::exit(0);
+    }
+    for i in 0..FORKED {
+        // SAFETY: as above, in the parent's copy.
+        unsafe { page_word(i).write_volatile(0x3000 + i) };
+    }
+    let child = ulib::wait(pid as u64);
+    if child != 0 {
+        return 10 + child;
+    }
+    for i in 0..FORKED {
+        // SAFETY: as above.
+        if unsafe { page_word(i).read_volatile() } != 0x3000 + i {
+            return 20;
+        }
+    }
+    42
+}
+
+/// A ring-3 task forks; parent and child then write the same pages: each sees its own data,
+/// the other's is untouched (copy-on-write), and all frames return after both exit.
+pub fn fork_cow() -> Outcome {
+    let free = frames::free_count();
+    let copies = vm::COW_COPIES.load(Ordering::Relaxed);
+    let reuses = vm::COW_REUSES.load(Ordering::Relaxed);
+    let ptes = vm::PTES_COPIED.load(Ordering::Relaxed);
+    let Ok(task) = usermode::spawn("forker", u_fork, 0) else {
+        fail!("cannot start the user task")
+    };
+    let code = sched::join(task);
+    let copies = vm::COW_COPIES.load(Ordering::Relaxed) - copies;
+    let reuses = vm::COW_REUSES.load(Ordering::Relaxed) - reuses;
+    let ptes = vm::PTES_COPIED.load(Ordering::Relaxed) - ptes;
+    ensure!(
+        code == Some(42),
+        "the parent ended with {code:?} (1/2: child saw wrong data, 20: parent's data changed, \
+         -100: fork failed)"
+    );
+    ensure!(
+        copies >= FORKED,
+        "only {copies} copy-on-write copies for {FORKED} shared pages"
+    );
+    ensure!(
+        frames::free_count() == free,
+        "{} frames not returned",
+        free as i64 - frames::free_count() as i64
+    );
+    println!("  {ptes} PTEs copied, {copies} COW copies, {reuses} COW reuses, all frames returned");
+    Ok(())
+}
