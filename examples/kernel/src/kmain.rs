@@ -71,7 +71,11 @@ extern "C" fn kernel_main(start_info: u32) -> ! {
             println!(
                 "smp: {} CPU(s) in the MADT{}, {} started",
                 cpus.count,
-                if cpus.ignored > 0 { " (more ignored)" } else { "" },
+                if cpus.ignored > 0 {
+                    " (more ignored)"
+                } else {
+                    ""
+                },
                 started
             );
             CPUS_FOUND.store(cpus.count, Ordering::Relaxed);
@@ -193,6 +197,10 @@ const CHECKS: &[Check] = &[
     Check {
         name: "fork-cow",
         run: user_checks::fork_cow,
+    },
+    Check {
+        name: "fault-hook",
+        run: user_checks::fault_hook,
     },
 ];
 

@@ -11,31 +11,13 @@
 #![allow(clippy::result_large_err)]
 
 #[cfg(target_os = "none")]
+mod apic;
+#[cfg(target_os = "none")]
 mod checks;
-#[cfg(target_os = "none")]
-mod vm;
-#[cfg(target_os = "none")]
-mod usermode;
-#[cfg(target_os = "none")]
-mod user_checks;
-#[cfg(target_os = "none")]
-mod ulib;
-#[cfg(target_os = "none")]
-mod syscall;
-#[cfg(target_os = "none")]
-mod smp;
-#[cfg(target_os = "none")]
-mod sched_checks;
-#[cfg(target_os = "none")]
-mod sched;
-#[cfg(target_os = "none")]
-mod percpu;
-#[cfg(target_os = "none")]
-mod framemeta;
 #[cfg(target_os = "none")]
 mod fault;
 #[cfg(target_os = "none")]
-mod apic;
+mod framemeta;
 #[cfg(target_os = "none")]
 mod frames;
 #[cfg(target_os = "none")]
@@ -45,15 +27,33 @@ mod idt;
 #[cfg(target_os = "none")]
 mod kmain;
 #[cfg(target_os = "none")]
+mod percpu;
+#[cfg(target_os = "none")]
 mod pvh;
 #[cfg(target_os = "none")]
 mod qemu;
 #[cfg(target_os = "none")]
+mod sched;
+#[cfg(target_os = "none")]
+mod sched_checks;
+#[cfg(target_os = "none")]
 mod serial;
+#[cfg(target_os = "none")]
+mod smp;
 #[cfg(target_os = "none")]
 mod spin;
 #[cfg(target_os = "none")]
+mod syscall;
+#[cfg(target_os = "none")]
 mod trap;
+#[cfg(target_os = "none")]
+mod ulib;
+#[cfg(target_os = "none")]
+mod user_checks;
+#[cfg(target_os = "none")]
+mod usermode;
+#[cfg(target_os = "none")]
+mod vm;
 
 #[cfg(not(target_os = "none"))]
 fn main() {

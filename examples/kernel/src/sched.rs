@@ -133,6 +133,8 @@ struct Task {
     wake_pending: bool,
     exit_code: i64,
     joiner: Option<usize>,
+    /// The task that forked this one (only it may wait for it from user space).
+    parent: Option<TaskId>,
     preemptions: u64,
 }
 
@@ -146,6 +148,7 @@ const FREE: Task = Task {
     wake_pending: false,
     exit_code: 0,
     joiner: None,
+    parent: None,
     preemptions: 0,
 };
 
@@ -251,7 +254,13 @@ extern "C" fn sched_kernel_task_entry(entry: usize, arg: u64) -> ! {
 }
 
 /// Installs a task whose kernel stack `kstack` already holds its initial context at `rsp`.
-fn install(name: &'static str, kstack: u64, rsp: u64, space: Option<vm::SpaceId>) -> Option<TaskId> {
+fn install(
+    name: &'static str,
+    kstack: u64,
+    rsp: u64,
+    space: Option<vm::SpaceId>,
+    parent: Option<TaskId>,
+) -> Option<TaskId> {
     let irq = lock();
     // SAFETY: the lock is held.
     let inner = unsafe { inner() };
@@ -265,6 +274,7 @@ fn install(name: &'static str, kstack: u64, rsp: u64, space: Option<vm::SpaceId>
             rsp,
             kstack,
             space,
+            parent,
             ..FREE
         };
         inner.push(slot);
@@ -295,7 +305,7 @@ pub fn spawn(name: &'static str, entry: fn(u64) -> i64, arg: u64) -> Option<Task
         entry as usize as u64,
         arg,
     );
-    let id = install(name, kstack, sp, None);
+    let id = install(name, kstack, sp, None, None);
     if id.is_none() {
         frames::free(kstack, KSTACK_ORDER);
     }
@@ -305,14 +315,20 @@ pub fn spawn(name: &'static str, entry: fn(u64) -> i64, arg: u64) -> Option<Task
 /// Starts a user task in address space `space`, entering ring 3 with the registers of
 /// `frame` (RIP, RSP, CS/SS of ring 3, arguments). The task owns `space` from now on: it is
 /// destroyed when the task exits. On `None` (no slot or stack) the caller still owns it.
-pub fn spawn_user(name: &'static str, frame: &TrapFrame, space: vm::SpaceId) -> Option<TaskId> {
+/// `parent` (the forking task) is the only user task allowed to wait for it.
+pub fn spawn_user(
+    name: &'static str,
+    frame: &TrapFrame,
+    space: vm::SpaceId,
+    parent: Option<TaskId>,
+) -> Option<TaskId> {
     let kstack = frames::alloc(KSTACK_ORDER)?;
     let top = kstack + KSTACK_SIZE;
     let frame_at = top - core::mem::size_of::<TrapFrame>() as u64;
     // SAFETY: the frame goes at the top of the new stack, which we own; TrapFrame is plain data.
     unsafe { core::ptr::copy_nonoverlapping(frame, frame_at as *mut TrapFrame, 1) };
     let sp = initial_context(frame_at, &raw const sched_user_task_start as u64, 0, 0);
-    let id = install(name, kstack, sp, Some(space));
+    let id = install(name, kstack, sp, Some(space), parent);
     if id.is_none() {
         frames::free(kstack, KSTACK_ORDER);
     }
@@ -331,7 +347,7 @@ pub fn run() -> ! {
             unlock();
             irq_restore(irq);
             // SAFETY: STI takes effect after HLT starts, so no wake-up interrupt is missed.
-            unsafe { core::arch::asm!("sti", "hlt", options(nomem, nostack)) };
+            unsafe { core::arch::asm!("sti", "hlt", options(nostack)) };
             continue;
         };
         let task = &mut queue.tasks[slot];
@@ -367,7 +383,9 @@ pub fn run() -> ! {
                 }
             }
             State::Blocked => {}
-            State::Free | State::Runnable => unreachable!("task {slot} switched out while {:?}", task.state),
+            State::Free | State::Runnable => {
+                unreachable!("task {slot} switched out while {:?}", task.state)
+            }
         }
         unlock();
         irq_restore(irq);
@@ -397,10 +415,25 @@ fn current_slot() -> Option<usize> {
 pub fn current() -> Option<TaskId> {
     let irq = lock();
     // SAFETY: the lock is held.
-    let id = current_slot().map(|slot| TaskId::new(slot, unsafe { inner() }.tasks[slot].generation));
+    let id =
+        current_slot().map(|slot| TaskId::new(slot, unsafe { inner() }.tasks[slot].generation));
     unlock();
     irq_restore(irq);
     id
+}
+
+/// The task that forked `task` (`None` for tasks the kernel started, or unknown tasks).
+pub fn parent_of(task: TaskId) -> Option<TaskId> {
+    let irq = lock();
+    // SAFETY: the lock is held.
+    let parent = unsafe { inner() }
+        .tasks
+        .get(task.slot())
+        .filter(|t| t.generation == task.generation() && t.state != State::Free)
+        .and_then(|t| t.parent);
+    unlock();
+    irq_restore(irq);
+    parent
 }
 
 /// Whether `task` is blocked right now (in [`block_current`] or [`join`]).

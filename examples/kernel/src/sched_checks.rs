@@ -40,8 +40,8 @@ pub fn timer() -> Outcome {
         (0..online).all(|cpu| now[cpu] >= before[cpu] + 5)
     });
     let now = ticks();
-    for cpu in 0..online {
-        println!("  cpu {cpu}: {} ticks", now[cpu]);
+    for (cpu, ticks) in now.iter().enumerate().take(online) {
+        println!("  cpu {cpu}: {ticks} ticks");
     }
     ensure!(
         arrived,
@@ -89,9 +89,10 @@ pub fn preemption() -> Outcome {
         );
     }
     println!(
-        "  {n} spinners on {} CPU(s): preempted {:?} times",
+        "  {n} spinners on {} CPU(s): preempted {:?} times ({} preemptions since boot)",
         n - 1,
-        &counts[..n]
+        &counts[..n],
+        sched::total_preemptions()
     );
     ensure!(
         ok,
@@ -156,7 +157,10 @@ pub fn block_unblock() -> Outcome {
         wait_for(|| PHASE.load(Ordering::Acquire) == 1),
         "the blocker never started"
     );
-    ensure!(sched::unblock(task), "unblock says the live blocker is gone");
+    ensure!(
+        sched::unblock(task),
+        "unblock says the live blocker is gone"
+    );
     PHASE.store(2, Ordering::Release);
     let early = wait_for(|| PHASE.load(Ordering::Acquire) == 3);
     if !early {

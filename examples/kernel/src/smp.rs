@@ -59,7 +59,11 @@ pub fn find_cpus(rsdp: u64) -> Result<Cpus, &'static str> {
         return Err("RSDP signature or checksum is wrong");
     }
     let revision = read::<u8>(rsdp + 15);
-    let xsdt = if revision >= 2 { read::<u64>(rsdp + 24) } else { 0 };
+    let xsdt = if revision >= 2 {
+        read::<u64>(rsdp + 24)
+    } else {
+        0
+    };
     let (root, entry_size) = if xsdt != 0 {
         (xsdt, 8)
     } else {
@@ -94,7 +98,10 @@ pub fn find_cpus(rsdp: u64) -> Result<Cpus, &'static str> {
     };
     let mut off = 44;
     while off + 2 <= madt_len {
-        let (kind, len) = (read::<u8>(madt + off), u64::from(read::<u8>(madt + off + 1)));
+        let (kind, len) = (
+            read::<u8>(madt + off),
+            u64::from(read::<u8>(madt + off + 1)),
+        );
         if len < 2 || off + len > madt_len {
             return Err("MADT entry overruns the table");
         }
@@ -125,7 +132,10 @@ pub fn start_aps(cpus: &Cpus) -> usize {
     let me = apic::id();
     let start = &raw const ap_trampoline_start as u64;
     let len = &raw const ap_trampoline_end as u64 - start;
-    assert!(len <= frames::FRAME_SIZE, "AP trampoline larger than a page");
+    assert!(
+        len <= frames::FRAME_SIZE,
+        "AP trampoline larger than a page"
+    );
     // SAFETY: the trampoline page below 1 MiB is never handed out by the frame allocator and
     // nothing else lives there; we copy the code before any AP can run it.
     unsafe { core::ptr::copy_nonoverlapping(start as *const u8, AP_BASE as *mut u8, len as usize) };
@@ -146,9 +156,15 @@ pub fn start_aps(cpus: &Cpus) -> usize {
         let params: [(*const u8, u64); 5] = [
             (&raw const ap_param_cr3, vm::kernel_root()),
             (&raw const ap_param_efer, efer),
-            (&raw const ap_param_stack, stack + (frames::FRAME_SIZE << AP_STACK_ORDER)),
+            (
+                &raw const ap_param_stack,
+                stack + (frames::FRAME_SIZE << AP_STACK_ORDER),
+            ),
             (&raw const ap_param_cpu, cpu as u64),
-            (&raw const ap_param_entry, ap_main as usize as u64),
+            (
+                &raw const ap_param_entry,
+                ap_main as *const () as usize as u64,
+            ),
         ];
         for (sym, value) in params {
             let at = AP_BASE + symbol_offset(sym);

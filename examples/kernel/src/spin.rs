@@ -24,16 +24,18 @@ unsafe impl<T: Send> Sync for SpinLock<T> {}
 /// Saves RFLAGS and disables interrupts; returns whether they were on.
 pub fn irq_save() -> bool {
     let flags: u64;
-    // SAFETY: reads RFLAGS and clears IF; touches no memory but the stack slot of pushf.
-    unsafe { asm!("pushfq", "pop {}", "cli", out(reg) flags, options(nomem)) };
+    // SAFETY: reads RFLAGS and clears IF. Not `nomem`: the asm must also be a compiler barrier,
+    // so no access to locked data moves before interrupts are off.
+    unsafe { asm!("pushfq", "pop {}", "cli", out(reg) flags) };
     flags & (1 << 9) != 0
 }
 
 /// Re-enables interrupts if `enabled` (what [`irq_save`] returned).
 pub fn irq_restore(enabled: bool) {
     if enabled {
-        // SAFETY: turning interrupts back on, as they were before `irq_save`.
-        unsafe { asm!("sti", options(nomem, nostack)) };
+        // SAFETY: turning interrupts back on, as they were before `irq_save`. Not `nomem`: no
+        // access to locked data (nor the unlocking store) may move after it.
+        unsafe { asm!("sti", options(nostack)) };
     }
 }
 
@@ -59,21 +61,6 @@ impl<T> SpinLock<T> {
             }
             while self.locked.load(Ordering::Relaxed) {
                 core::hint::spin_loop();
-            }
-        }
-    }
-
-    /// The lock if it is free right now.
-    pub fn try_lock(&self) -> Option<SpinGuard<'_, T>> {
-        let irq = irq_save();
-        match self
-            .locked
-            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
-        {
-            Ok(_) => Some(SpinGuard { lock: self, irq }),
-            Err(_) => {
-                irq_restore(irq);
-                None
             }
         }
     }

@@ -217,7 +217,7 @@ extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
             return;
         }
     }
-    if frame.from_user() {
+    if frame.is_from_user() {
         kill_user(frame);
     }
     fatal(frame);
@@ -225,7 +225,7 @@ extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
 
 impl TrapFrame {
     /// Whether the trap interrupted ring 3.
-    pub fn from_user(&self) -> bool {
+    pub fn is_from_user(&self) -> bool {
         self.cs & 3 == 3
     }
 }
@@ -250,8 +250,9 @@ fn kill_user(frame: &TrapFrame) -> ! {
     let vector = frame.vector as usize;
     let pid = crate::sched::current().map_or(0, |t| t.pid());
     crate::println!(
-        "user fault: task {pid:#x} ({}) killed by {} (vector {vector}) error={:#x} rip={:#x} cr2={:#x}",
+        "user fault: task {pid:#x} ({}) on cpu {} killed by {} (vector {vector}) error={:#x} rip={:#x} cr2={:#x}",
         crate::sched::current_name(),
+        crate::percpu::cpu_id(),
         name_of(vector),
         frame.error_code,
         frame.rip,

@@ -36,6 +36,11 @@ pub fn write(s: &str) -> i64 {
     syscall3(nr::WRITE, s.as_ptr() as u64, s.len() as u64, 0)
 }
 
+/// `write` with a raw pointer and length (for testing the kernel's checks).
+pub fn write_raw(addr: u64, len: u64) -> i64 {
+    syscall3(nr::WRITE, addr, len, 0)
+}
+
 /// Ends this task with `code`.
 pub fn exit(code: i64) -> ! {
     syscall3(nr::EXIT, code as u64, 0, 0);

@@ -3,13 +3,16 @@
 //!
 //! The `u_*` functions run in ring 3 (see [`crate::ulib`] for what they may touch).
 
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::{
+    apic,
     checks::Outcome,
-    ensure, fail, frames, println,
+    ensure, fail, fault, frames, println,
     sched::{self, EXIT_KILLED},
-    syscall, ulib,
+    syscall,
+    trap::{Handled, TrapFrame},
+    ulib,
     usermode::{self, DATA_START},
     vm,
 };
@@ -20,6 +23,16 @@ fn u_hello(_: u64) -> i64 {
     ulib::write("  hello from ring 3\n");
     let pid = ulib::getpid();
     ulib::yield_now();
+    // Reserved and unknown numbers answer -ENOSYS; a wait for a task that is not our child
+    // answers -ECHILD (10).
+    if ulib::syscall3(syscall::nr::MAP_TRACE_BUFFER, 0, 0, 0) != -syscall::ENOSYS
+        || ulib::syscall3(syscall::nr::GET_READER, 0, 0, 0) != -syscall::ENOSYS
+        || ulib::syscall3(1000, 0, 0, 0) != -syscall::ENOSYS
+        || ulib::wait(pid) != -10
+        || ulib::write_raw(0x10, 8) != -14
+    {
+        return -1;
+    }
     ((pid as i64) << 4) | ulib::privilege_level() as i64
 }
 
@@ -33,10 +46,10 @@ pub fn syscalls() -> Outcome {
     let calls = syscall::COUNT.load(Ordering::Relaxed) - before;
     ensure!(
         code == Some(((task.pid() as i64) << 4) | 3),
-        "exit code {code:?}: want pid {:#x} and privilege level 3",
+        "exit code {code:?}: want pid {:#x} and privilege level 3 (-1: a bad call was served)",
         task.pid()
     );
-    ensure!(calls >= 4, "only {calls} system calls were served");
+    ensure!(calls >= 9, "only {calls} system calls were served");
     println!("  pid {:#x}: {calls} system calls", task.pid());
     Ok(())
 }
@@ -59,11 +72,20 @@ fn u_peek(addr: u64) -> i64 {
 /// user address: each attempt kills only that task, and the kernel (and its data) carry on.
 pub fn isolation() -> Outcome {
     let free = frames::free_count();
-    let attempts: [(&str, fn(u64) -> i64, u64); 4] = [
+    type Attempt = (&'static str, fn(u64) -> i64, u64);
+    let attempts: [Attempt; 4] = [
         ("write kernel data", u_poke, &raw const CANARY as u64),
-        ("write kernel code", u_poke, u_poke as usize as u64),
+        (
+            "write kernel code",
+            u_poke,
+            u_poke as *const () as usize as u64,
+        ),
         ("read kernel data", u_peek, &raw const CANARY as u64),
-        ("write unmapped", u_poke, DATA_START + usermode::DATA_SIZE + PAGE),
+        (
+            "write unmapped",
+            u_poke,
+            DATA_START + usermode::DATA_SIZE + PAGE,
+        ),
     ];
     for (what, entry, addr) in attempts {
         let Ok(task) = usermode::spawn("intruder", entry, addr) else {
@@ -216,5 +238,95 @@ pub fn fork_cow() -> Outcome {
         free as i64 - frames::free_count() as i64
     );
     println!("  {ptes} PTEs copied, {copies} COW copies, {reuses} COW reuses, all frames returned");
+    Ok(())
+}
+
+/// The page the fault hook supplies: outside every region of a user task.
+const HOOKED_PAGE: u64 = DATA_START + usermode::DATA_SIZE + 64 * PAGE;
+/// The frame behind it, and the value it holds.
+static HOOKED_FRAME: AtomicU64 = AtomicU64::new(0);
+const HOOKED_VALUE: u64 = 0x600d_f00d;
+/// Pid of the task sleeping in the hook (0: none), and whether the page is "ready".
+static SLEEPER: AtomicU64 = AtomicU64::new(0);
+static READY: AtomicBool = AtomicBool::new(false);
+static SLEPT: AtomicU64 = AtomicU64::new(0);
+
+/// The shape of an async-page-fault handler: a fault on the page puts the task to sleep (in
+/// the exception, on its kernel stack) until the "host" makes the page ready from the timer
+/// interrupt; then the page is mapped (read-only, kernel-owned) and the access retried.
+fn hook(frame: &mut TrapFrame, cr2: u64) -> Handled {
+    if cr2 & !(PAGE - 1) != HOOKED_PAGE || !frame.is_from_user() {
+        return Handled::No;
+    }
+    let (Some(me), Some(space)) = (sched::current(), sched::current_space()) else {
+        return Handled::No;
+    };
+    if !READY.load(Ordering::Acquire) {
+        SLEEPER.store(me.pid(), Ordering::Release);
+        while !READY.load(Ordering::Acquire) {
+            sched::block_current();
+        }
+        SLEPT.fetch_add(1, Ordering::Relaxed);
+    }
+    // A second fault on the mapped page (a write) is not ours to fix: the region exists.
+    match vm::map_fixed(
+        space,
+        HOOKED_PAGE,
+        HOOKED_FRAME.load(Ordering::Relaxed),
+        PAGE,
+        false,
+    ) {
+        Ok(()) => Handled::Yes,
+        Err(_) => Handled::No,
+    }
+}
+
+fn page_ready(_cpu: usize) {
+    let pid = SLEEPER.load(Ordering::Acquire);
+    if pid != 0 && sched::is_blocked(sched::TaskId::from_pid(pid)) {
+        SLEEPER.store(0, Ordering::Relaxed);
+        READY.store(true, Ordering::Release);
+        sched::unblock(sched::TaskId::from_pid(pid));
+    }
+}
+
+/// The page-fault hook runs first: it can put the faulting user task to sleep and have it
+/// woken from an interrupt, then resolve the fault (a read-only kernel frame mapped into the
+/// task); a write to that read-only mapping still kills the task, and the frame survives.
+pub fn fault_hook() -> Outcome {
+    let Some(frame) = frames::alloc(0) else {
+        fail!("no frame")
+    };
+    // SAFETY: a frame we own, identity-mapped.
+    unsafe { (frame as *mut u64).write_volatile(HOOKED_VALUE) };
+    HOOKED_FRAME.store(frame, Ordering::Relaxed);
+    READY.store(false, Ordering::Relaxed);
+    SLEPT.store(0, Ordering::Relaxed);
+    let free = frames::free_count();
+    fault::set_hook(Some(hook));
+    apic::set_tick_hook(Some(page_ready));
+    let reader = usermode::spawn("apf-reader", u_peek, HOOKED_PAGE).map(sched::join);
+    let writer = usermode::spawn("apf-writer", u_poke, HOOKED_PAGE).map(sched::join);
+    fault::set_hook(None);
+    apic::set_tick_hook(None);
+    // SAFETY: the frame is still ours: the spaces that mapped it never freed it.
+    let intact = unsafe { (frame as *const u64).read_volatile() } == HOOKED_VALUE;
+    let leaked = free as i64 - frames::free_count() as i64;
+    frames::free(frame, 0);
+    ensure!(
+        reader == Ok(Some(HOOKED_VALUE as i64)),
+        "the reader ended with {reader:?}"
+    );
+    ensure!(
+        SLEPT.load(Ordering::Relaxed) == 1,
+        "the reader slept {} times in the fault",
+        SLEPT.load(Ordering::Relaxed)
+    );
+    ensure!(
+        writer == Ok(Some(EXIT_KILLED)),
+        "the writer to a read-only mapping ended with {writer:?}"
+    );
+    ensure!(intact, "the kernel frame was changed through the mapping");
+    ensure!(leaked == 0, "{leaked} frames leaked");
     Ok(())
 }

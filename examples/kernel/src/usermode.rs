@@ -34,7 +34,11 @@ pub enum SpawnError {
 }
 
 /// Starts `entry(arg)` in ring 3 in a new address space; its return value is its exit code.
-pub fn spawn(name: &'static str, entry: fn(u64) -> i64, arg: u64) -> Result<sched::TaskId, SpawnError> {
+pub fn spawn(
+    name: &'static str,
+    entry: fn(u64) -> i64,
+    arg: u64,
+) -> Result<sched::TaskId, SpawnError> {
     let space = vm::create().map_err(|_| SpawnError::NoMemory)?;
     let setup = vm::map_anonymous(space, STACK_TOP - STACK_SIZE, STACK_SIZE, true)
         .and_then(|()| vm::map_anonymous(space, DATA_START, DATA_SIZE, true));
@@ -45,14 +49,14 @@ pub fn spawn(name: &'static str, entry: fn(u64) -> i64, arg: u64) -> Result<sche
     let frame = TrapFrame {
         rdi: entry as usize as u64,
         rsi: arg,
-        rip: ulib::user_start as usize as u64,
+        rip: ulib::user_start as *const () as usize as u64,
         cs: u64::from(gdt::USER_CS),
-        rflags: 0x202, // IF
+        rflags: 0x202,      // IF
         rsp: STACK_TOP - 8, // as if `user_start` had been called
         ss: u64::from(gdt::USER_DS),
         ..TrapFrame::ZERO
     };
-    sched::spawn_user(name, &frame, space).ok_or_else(|| {
+    sched::spawn_user(name, &frame, space, None).ok_or_else(|| {
         vm::destroy(space);
         SpawnError::NoMemory
     })
@@ -98,7 +102,7 @@ fn sys_fork(frame: &mut TrapFrame) -> i64 {
     };
     let mut child_frame = TrapFrame { ..*frame };
     child_frame.rax = 0;
-    match sched::spawn_user(sched::current_name(), &child_frame, child) {
+    match sched::spawn_user(sched::current_name(), &child_frame, child, sched::current()) {
         Some(id) => id.pid() as i64,
         None => {
             vm::destroy(child);
@@ -108,7 +112,11 @@ fn sys_fork(frame: &mut TrapFrame) -> i64 {
 }
 
 fn sys_wait(frame: &mut TrapFrame) -> i64 {
-    sched::join(sched::TaskId::from_pid(frame.rdi)).unwrap_or(-ECHILD)
+    let child = sched::TaskId::from_pid(frame.rdi);
+    if sched::current().is_none() || sched::parent_of(child) != sched::current() {
+        return -ECHILD;
+    }
+    sched::join(child).unwrap_or(-ECHILD)
 }
 
 /// Installs the basic system calls.

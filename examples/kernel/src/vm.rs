@@ -234,13 +234,14 @@ pub fn create() -> Result<SpaceId, VmError> {
     let root = zeroed_frame().ok_or(VmError::NoMemory)?;
     // SAFETY: the kernel PML4's entry 0 never changes after `init`; the new PML4 is ours.
     unsafe { table(root)[0] = table(kernel_root())[0] };
-    spaces[slot] = Space {
-        root,
-        ..NO_SPACE
-    };
+    spaces[slot] = Space { root, ..NO_SPACE };
     Ok(SpaceId(slot))
 }
 
+#[expect(
+    dead_code,
+    reason = "for the composition steps (fork with oskit-pte-batch walks the real tables)"
+)]
 /// The physical address of `space`'s PML4 (for code that walks or edits its tables, which must
 /// hold no other mapping of them and flush what it changes).
 pub fn root(space: SpaceId) -> u64 {
@@ -248,7 +249,7 @@ pub fn root(space: SpaceId) -> u64 {
 }
 
 fn add_region(space: &mut Space, region: Region) -> Result<(), VmError> {
-    let aligned = region.start % FRAME_SIZE == 0 && region.end % FRAME_SIZE == 0;
+    let aligned = region.start.is_multiple_of(FRAME_SIZE) && region.end.is_multiple_of(FRAME_SIZE);
     if !aligned || region.start >= region.end || region.start < USER_START || region.end > USER_END
     {
         return Err(VmError::BadRange);
@@ -419,7 +420,9 @@ pub fn copy_pte_table(src: &mut [u64; 512], dst: &mut [u64; 512]) {
         if *s & PTE_FIXED == 0 {
             let frame = *s & PTE_ADDR;
             framemeta::get_folio(frame);
-            framemeta::get(frame).mapcount.fetch_add(1, Ordering::Relaxed);
+            framemeta::get(frame)
+                .mapcount
+                .fetch_add(1, Ordering::Relaxed);
             if *s & (PTE_W | PTE_COW) != 0 {
                 *s = (*s & !PTE_W) | PTE_COW;
             }
@@ -504,7 +507,9 @@ unsafe fn free_level(tbl: u64, level: u32) {
             unsafe { free_level(entry & PTE_ADDR, level - 1) };
         } else if entry & PTE_FIXED == 0 {
             let frame = entry & PTE_ADDR;
-            framemeta::get(frame).mapcount.fetch_sub(1, Ordering::Relaxed);
+            framemeta::get(frame)
+                .mapcount
+                .fetch_sub(1, Ordering::Relaxed);
             framemeta::put_folio(frame);
         }
     }
@@ -520,10 +525,10 @@ pub fn destroy(space: SpaceId) {
     assert!(read_cr3() & PTE_ADDR != root, "destroying the loaded space");
     // SAFETY: the SPACES lock is held; the space is ours to tear down.
     let pml4 = unsafe { table(root) };
-    for i in 1..256 {
-        if pml4[i] & PTE_P != 0 {
+    for &entry in &pml4[1..256] {
+        if entry & PTE_P != 0 {
             // SAFETY: as above.
-            unsafe { free_level(pml4[i] & PTE_ADDR, 3) };
+            unsafe { free_level(entry & PTE_ADDR, 3) };
         }
     }
     frames::free(root, 0);
