@@ -43,10 +43,16 @@ const TIMER_PERIODIC: u32 = 1 << 17;
 static TIMER_COUNT: AtomicU64 = AtomicU64::new(0);
 /// TSC cycles per microsecond, set by [`calibrate`].
 static TSC_PER_US: AtomicU64 = AtomicU64::new(0);
-/// A function every timer interrupt calls (after EOI, before preemption), or 0.
-static TICK_HOOK: AtomicUsize = AtomicUsize::new(0);
+/// Vector of the reschedule IPI, which only wakes an idle CPU out of `hlt`.
+pub const RESCHEDULE_VECTOR: u8 = 0x21;
+/// How many tick hooks can be installed at once.
+pub const MAX_TICK_HOOKS: usize = 4;
 
-/// What [`set_tick_hook`] installs: called in interrupt context (interrupts off) with the CPU id.
+/// Functions every timer interrupt calls (after EOI, before preemption); 0 = empty slot.
+static TICK_HOOKS: [AtomicUsize; MAX_TICK_HOOKS] = [const { AtomicUsize::new(0) }; MAX_TICK_HOOKS];
+
+/// What [`add_tick_hook`] installs: called on every tick of every CPU, in interrupt context
+/// (interrupts off), with the CPU's index.
 pub type TickHook = fn(cpu: usize);
 
 fn read(reg: u64) -> u32 {
@@ -69,9 +75,19 @@ pub fn eoi() {
     write(REG_EOI, 0);
 }
 
-/// Installs the timer-tick hook (one; a later call replaces it). `None` removes it.
-pub fn set_tick_hook(hook: Option<TickHook>) {
-    TICK_HOOK.store(hook.map_or(0, |h| h as usize), Ordering::Release);
+/// Installs a timer-tick hook; false when all [`MAX_TICK_HOOKS`] slots are taken.
+pub fn add_tick_hook(hook: TickHook) -> bool {
+    TICK_HOOKS.iter().any(|slot| {
+        slot.compare_exchange(0, hook as usize, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+    })
+}
+
+/// Removes a hook installed by [`add_tick_hook`] (a tick already running it may still finish).
+pub fn remove_tick_hook(hook: TickHook) {
+    for slot in &TICK_HOOKS {
+        let _ = slot.compare_exchange(hook as usize, 0, Ordering::AcqRel, Ordering::Relaxed);
+    }
 }
 
 fn rdtsc() -> u64 {
@@ -143,6 +159,7 @@ pub fn init_this_cpu(boot_cpu: bool) {
         mask_pic();
         trap::set_handler(TIMER_VECTOR, on_timer);
         trap::set_handler(SPURIOUS_VECTOR, on_spurious);
+        trap::set_handler(RESCHEDULE_VECTOR, on_reschedule);
     }
     write(REG_SVR, 0x100 | u32::from(SPURIOUS_VECTOR)); // software enable
     write(REG_TPR, 0);
@@ -168,11 +185,14 @@ fn on_timer(frame: &mut TrapFrame) -> Handled {
     eoi();
     let cpu = percpu::this_cpu();
     cpu.ticks.fetch_add(1, Ordering::Relaxed);
-    let hook = TICK_HOOK.load(Ordering::Acquire);
-    if hook != 0 {
-        // SAFETY: only `set_tick_hook` stores into TICK_HOOK, and it stores `TickHook` values.
-        let hook: TickHook = unsafe { core::mem::transmute::<usize, TickHook>(hook) };
-        hook(cpu.id.load(Ordering::Relaxed));
+    for slot in &TICK_HOOKS {
+        let hook = slot.load(Ordering::Acquire);
+        if hook != 0 {
+            // SAFETY: only `add_tick_hook` stores non-zero values into TICK_HOOKS, and it
+            // stores `TickHook` values.
+            let hook: TickHook = unsafe { core::mem::transmute::<usize, TickHook>(hook) };
+            hook(cpu.id.load(Ordering::Relaxed));
+        }
     }
     crate::sched::preempt(frame);
     Handled::Yes
@@ -180,6 +200,20 @@ fn on_timer(frame: &mut TrapFrame) -> Handled {
 
 fn on_spurious(_frame: &mut TrapFrame) -> Handled {
     Handled::Yes
+}
+
+fn on_reschedule(_frame: &mut TrapFrame) -> Handled {
+    eoi();
+    Handled::Yes
+}
+
+/// Sends the reschedule IPI to the CPU with APIC id `apic_id` (wakes it from `hlt`).
+pub fn send_reschedule(apic_id: u32) {
+    let irq = crate::spin::irq_save(); // ICR high + low must not interleave with a handler's
+    wait_icr_idle();
+    write(REG_ICR_HIGH, apic_id << 24);
+    write(REG_ICR_LOW, u32::from(RESCHEDULE_VECTOR)); // fixed delivery, physical destination
+    crate::spin::irq_restore(irq);
 }
 
 fn wait_icr_idle() {
@@ -191,6 +225,7 @@ fn wait_icr_idle() {
 /// Sends INIT, then two STARTUP IPIs with start page `page` (the trampoline's physical address
 /// / 4096), to the CPU with APIC id `apic_id`, with the delays the MP specification asks for.
 pub fn start_ap(apic_id: u32, page: u8) {
+    wait_icr_idle();
     write(REG_ICR_HIGH, apic_id << 24);
     write(REG_ICR_LOW, 0x4500); // INIT, level assert
     wait_icr_idle();

@@ -36,6 +36,8 @@ pub struct PerCpu {
     pub apic_id: AtomicU32,
     /// Set once the CPU has finished its bring-up and runs the scheduler.
     pub online: AtomicBool,
+    /// Set while the CPU's scheduler loop found nothing to run and halts.
+    pub idle: AtomicBool,
     /// Saved RSP of this CPU's scheduler loop while a task runs.
     pub sched_rsp: AtomicU64,
     /// Slot of the task running here, or [`NO_TASK`].
@@ -54,6 +56,7 @@ const fn empty() -> PerCpu {
         id: AtomicUsize::new(0),
         apic_id: AtomicU32::new(0),
         online: AtomicBool::new(false),
+        idle: AtomicBool::new(false),
         sched_rsp: AtomicU64::new(0),
         current: AtomicUsize::new(NO_TASK),
         ticks: AtomicU64::new(0),

@@ -281,8 +281,24 @@ fn install(
         TaskId::new(slot, generation)
     });
     unlock();
+    if id.is_some() {
+        kick_idle_cpu();
+    }
     irq_restore(irq);
     id
+}
+
+/// Wakes one halted CPU (other than this one) to pick up a task just queued.
+fn kick_idle_cpu() {
+    let me = percpu::this_cpu().id.load(Ordering::Relaxed);
+    let idle = (0..crate::gdt::MAX_CPUS)
+        .map(percpu::cpu)
+        .find(|c| c.id.load(Ordering::Relaxed) != me && c.idle.load(Ordering::SeqCst));
+    if let Some(cpu) = idle
+        && cpu.online.load(Ordering::Acquire)
+    {
+        crate::apic::send_reschedule(cpu.apic_id.load(Ordering::Relaxed));
+    }
 }
 
 /// Writes the six callee-saved registers and a return address below `top`; returns the RSP
@@ -344,10 +360,13 @@ pub fn run() -> ! {
         // SAFETY: the lock is held.
         let queue = unsafe { inner() };
         let Some(slot) = queue.pop() else {
+            // Set under the lock: whoever queues a task after this sees it and kicks us.
+            cpu.idle.store(true, Ordering::SeqCst);
             unlock();
             irq_restore(irq);
             // SAFETY: STI takes effect after HLT starts, so no wake-up interrupt is missed.
             unsafe { core::arch::asm!("sti", "hlt", options(nostack)) };
+            cpu.idle.store(false, Ordering::Relaxed);
             continue;
         };
         let task = &mut queue.tasks[slot];
@@ -516,10 +535,14 @@ pub fn unblock(task: TaskId) -> bool {
     let alive = slot < MAX_TASKS
         && inner.tasks[slot].generation == task.generation()
         && !matches!(inner.tasks[slot].state, State::Free | State::Exited);
+    let queued = alive && inner.tasks[slot].state == State::Blocked;
     if alive {
         inner.wake(slot);
     }
     unlock();
+    if queued {
+        kick_idle_cpu();
+    }
     irq_restore(irq);
     alive
 }

@@ -149,7 +149,10 @@ pub fn block_unblock() -> Outcome {
     PHASE.store(0, Ordering::Relaxed);
     WOKE_BLOCKED.store(0, Ordering::Relaxed);
     WAKE_TARGET.store(0, Ordering::Relaxed);
-    apic::set_tick_hook(Some(wake_from_tick));
+    ensure!(
+        apic::add_tick_hook(wake_from_tick),
+        "no free tick-hook slot"
+    );
     let Some(task) = sched::spawn("blocker", blocker, 0) else {
         fail!("cannot spawn the blocker")
     };
@@ -167,7 +170,7 @@ pub fn block_unblock() -> Outcome {
         sched::unblock(task); // let it go on, so it can be joined
     }
     let rounds = sched::join(task);
-    apic::set_tick_hook(None);
+    apic::remove_tick_hook(wake_from_tick);
     ensure!(
         early,
         "a wake-up sent before block_current was lost (the task slept)"

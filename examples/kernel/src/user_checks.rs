@@ -294,7 +294,9 @@ fn page_ready(_cpu: usize) {
 /// woken from an interrupt, then resolve the fault (a read-only kernel frame mapped into the
 /// task); a write to that read-only mapping still kills the task, and the frame survives.
 pub fn fault_hook() -> Outcome {
+    ensure!(apic::add_tick_hook(page_ready), "no free tick-hook slot");
     let Some(frame) = frames::alloc(0) else {
+        apic::remove_tick_hook(page_ready);
         fail!("no frame")
     };
     // SAFETY: a frame we own, identity-mapped.
@@ -304,11 +306,10 @@ pub fn fault_hook() -> Outcome {
     SLEPT.store(0, Ordering::Relaxed);
     let free = frames::free_count();
     fault::set_hook(Some(hook));
-    apic::set_tick_hook(Some(page_ready));
     let reader = usermode::spawn("apf-reader", u_peek, HOOKED_PAGE).map(sched::join);
     let writer = usermode::spawn("apf-writer", u_poke, HOOKED_PAGE).map(sched::join);
     fault::set_hook(None);
-    apic::set_tick_hook(None);
+    apic::remove_tick_hook(page_ready);
     // SAFETY: the frame is still ours: the spaces that mapped it never freed it.
     let intact = unsafe { (frame as *const u64).read_volatile() } == HOOKED_VALUE;
     let leaked = free as i64 - frames::free_count() as i64;
