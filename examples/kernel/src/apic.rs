@@ -209,10 +209,15 @@ fn on_reschedule(_frame: &mut TrapFrame) -> Handled {
 
 /// Sends the reschedule IPI to the CPU with APIC id `apic_id` (wakes it from `hlt`).
 pub fn send_reschedule(apic_id: u32) {
+    send_ipi(apic_id, RESCHEDULE_VECTOR);
+}
+
+/// Sends a fixed interrupt with `vector` to the CPU with APIC id `apic_id`.
+pub fn send_ipi(apic_id: u32, vector: u8) {
     let irq = crate::spin::irq_save(); // ICR high + low must not interleave with a handler's
     wait_icr_idle();
     write(REG_ICR_HIGH, apic_id << 24);
-    write(REG_ICR_LOW, u32::from(RESCHEDULE_VECTOR)); // fixed delivery, physical destination
+    write(REG_ICR_LOW, u32::from(vector)); // fixed delivery, physical destination, edge
     crate::spin::irq_restore(irq);
 }
 

@@ -62,6 +62,7 @@ extern "C" fn kernel_main(start_info: u32) -> ! {
     // SAFETY: ring 0, after the GDT and per-CPU data.
     unsafe { syscall::init_this_cpu() };
     fault::init();
+    smp::init();
     usermode::init();
     apic::init_this_cpu(true);
     percpu::cpu(0).online.store(true, Ordering::Release);

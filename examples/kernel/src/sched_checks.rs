@@ -10,6 +10,7 @@ use crate::{
     kmain::CPUS_FOUND,
     percpu, println,
     sched::{self, TaskId},
+    smp,
 };
 
 /// Deadline of a check's waiting loop, in microseconds of TSC time (generous for TCG).
@@ -188,8 +189,18 @@ pub fn block_unblock() -> Outcome {
     Ok(())
 }
 
-/// Every CPU the firmware described is online and has run tasks.
+static CALLS: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+
+fn count_call(cpu: usize) {
+    CALLS[cpu].fetch_add(1, Ordering::Relaxed);
+}
+
+/// Every CPU the firmware described is online and has run tasks, and `on_each_cpu` runs a
+/// function exactly once on each of them.
 pub fn smp() -> Outcome {
+    CALLS.iter().for_each(|c| c.store(0, Ordering::Relaxed));
+    smp::on_each_cpu(count_call);
+    let calls: [u64; MAX_CPUS] = core::array::from_fn(|c| CALLS[c].load(Ordering::Relaxed));
     let found = CPUS_FOUND.load(Ordering::Relaxed);
     let online = percpu::online_count();
     ensure!(
@@ -205,5 +216,12 @@ pub fn smp() -> Outcome {
         );
         ensure!(switches > 0, "cpu {cpu} never ran a task");
     }
+    ensure!(
+        calls
+            .iter()
+            .enumerate()
+            .all(|(c, &n)| n == u64::from(c < online)),
+        "on_each_cpu ran on the CPUs {calls:?} times, not once on each of {online}"
+    );
     Ok(())
 }

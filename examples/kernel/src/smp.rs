@@ -3,9 +3,19 @@
 //! allocator never hands out the first MiB), and finish their set-up in [`ap_main`]: GDT/TSS,
 //! IDT, per-CPU data, SYSCALL, local APIC timer; then they join the scheduler.
 
-use core::{arch::global_asm, sync::atomic::Ordering};
+use core::{
+    arch::global_asm,
+    sync::atomic::{AtomicBool, AtomicUsize, Ordering},
+};
 
-use crate::{apic, frames, gdt, idt, percpu, println, sched, syscall, vm};
+use crate::{
+    apic, frames, gdt, idt, percpu, println, sched, spin, syscall,
+    trap::{self, Handled, TrapFrame},
+    vm,
+};
+
+/// Vector of the function-call IPI of [`on_each_cpu`].
+pub const CALL_VECTOR: u8 = 0x22;
 
 /// Where the trampoline runs (STARTUP vector 0x08).
 const AP_BASE: u64 = 0x8000;
@@ -201,4 +211,58 @@ extern "C" fn ap_main(cpu: u64) -> ! {
     apic::init_this_cpu(false);
     percpu::cpu(cpu).online.store(true, Ordering::Release);
     sched::run()
+}
+
+/// Serialises [`on_each_cpu`] callers.
+static CALL_BUSY: AtomicBool = AtomicBool::new(false);
+/// The function of the call in progress.
+static CALL_FN: AtomicUsize = AtomicUsize::new(0);
+/// CPUs that have not run it yet.
+static CALL_PENDING: AtomicUsize = AtomicUsize::new(0);
+
+/// Installs the function-call IPI handler (boot CPU, before the APs start).
+pub fn init() {
+    trap::set_handler(CALL_VECTOR, on_call);
+}
+
+fn on_call(_frame: &mut TrapFrame) -> Handled {
+    apic::eoi();
+    // SAFETY: `on_each_cpu` stores a `fn(usize)` before sending the IPI and keeps it until
+    // every CPU has run it.
+    let f = unsafe { core::mem::transmute::<usize, fn(usize)>(CALL_FN.load(Ordering::Acquire)) };
+    f(percpu::cpu_id());
+    CALL_PENDING.fetch_sub(1, Ordering::Release);
+    Handled::Yes
+}
+
+/// Runs `f(cpu)` once on every online CPU (the others in their call-IPI handler, with
+/// interrupts off), and returns when all have. Call it from a task with interrupts on: a CPU
+/// that waits with interrupts off (for instance for another `on_each_cpu`) could not take the
+/// IPI. Per-CPU set-up such as enabling a paravirtual feature's MSR on every CPU uses it.
+pub fn on_each_cpu(f: fn(usize)) {
+    while CALL_BUSY
+        .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+        .is_err()
+    {
+        core::hint::spin_loop();
+    }
+    CALL_FN.store(f as usize, Ordering::Release);
+    let irq = spin::irq_save(); // stay on this CPU while choosing the others
+    let me = percpu::cpu_id();
+    let others = (0..gdt::MAX_CPUS)
+        .filter(|&c| c != me && percpu::cpu(c).online.load(Ordering::Acquire))
+        .count();
+    CALL_PENDING.store(others, Ordering::Release);
+    for cpu in (0..gdt::MAX_CPUS).filter(|&c| c != me) {
+        let c = percpu::cpu(cpu);
+        if c.online.load(Ordering::Acquire) {
+            apic::send_ipi(c.apic_id.load(Ordering::Relaxed), CALL_VECTOR);
+        }
+    }
+    f(me);
+    spin::irq_restore(irq);
+    while CALL_PENDING.load(Ordering::Acquire) != 0 {
+        core::hint::spin_loop();
+    }
+    CALL_BUSY.store(false, Ordering::Release);
 }

@@ -8,7 +8,7 @@ use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use crate::{
     apic,
     checks::Outcome,
-    ensure, fail, fault, frames, println,
+    ensure, fail, fault, framemeta, frames, println,
     sched::{self, EXIT_KILLED},
     syscall,
     trap::{Handled, TrapFrame},
@@ -160,14 +160,24 @@ pub fn demand_paging() -> Outcome {
 }
 
 const FORKED: u64 = 8;
+/// Where the fork check maps its large folios: orders 4, 2 and 0, back to back.
+const FOLIO_START: u64 = DATA_START + (2 << 20);
+const FOLIO_ORDERS: [u32; 3] = [4, 2, 0];
+const FOLIO_PAGES: u64 = 16 + 4 + 1;
+const SHARED_PAGES: u64 = FORKED + FOLIO_PAGES;
 
+/// The word at the start of shared page `i`: anonymous data pages, then the folios' pages.
 fn page_word(i: u64) -> *mut u64 {
-    (DATA_START + i * PAGE) as *mut u64
+    if i < FORKED {
+        (DATA_START + i * PAGE) as *mut u64
+    } else {
+        (FOLIO_START + (i - FORKED) * PAGE) as *mut u64
+    }
 }
 
 fn u_fork(_: u64) -> i64 {
-    for i in 0..FORKED {
-        // SAFETY: inside this task's anonymous data region.
+    for i in 0..SHARED_PAGES {
+        // SAFETY: inside this task's data region or its folio regions.
         unsafe { page_word(i).write_volatile(0x1000 + i) };
     }
     let pid = ulib::fork();
@@ -175,7 +185,7 @@ fn u_fork(_: u64) -> i64 {
         return -100;
     }
     if pid == 0 {
-        for i in 0..FORKED {
+        for i in 0..SHARED_PAGES {
             // SAFETY: as above, in the child's copy.
             if unsafe { page_word(i).read_volatile() } != 0x1000 + i {
                 ulib::exit(1);
@@ -184,7 +194,7 @@ fn u_fork(_: u64) -> i64 {
             unsafe { page_word(i).write_volatile(0x2000 + i) };
         }
         ulib::yield_now();
-        for i in 0..FORKED {
+        for i in 0..SHARED_PAGES {
             // SAFETY: as above.
             if unsafe { page_word(i).read_volatile() } != 0x2000 + i {
                 ulib::exit(2);
@@ -192,7 +202,7 @@ fn u_fork(_: u64) -> i64 {
         }
         ulib::exit(0);
     }
-    for i in 0..FORKED {
+    for i in 0..SHARED_PAGES {
         // SAFETY: as above, in the parent's copy.
         unsafe { page_word(i).write_volatile(0x3000 + i) };
     }
@@ -200,7 +210,7 @@ fn u_fork(_: u64) -> i64 {
     if child != 0 {
         return 10 + child;
     }
-    for i in 0..FORKED {
+    for i in 0..SHARED_PAGES {
         // SAFETY: as above.
         if unsafe { page_word(i).read_volatile() } != 0x3000 + i {
             return 20;
@@ -209,14 +219,29 @@ fn u_fork(_: u64) -> i64 {
     42
 }
 
-/// A ring-3 task forks; parent and child then write the same pages: each sees its own data,
-/// the other's is untouched (copy-on-write), and all frames return after both exit.
+/// Maps the fork check's folios into a new task's space.
+fn map_folios(space: vm::SpaceId) -> Result<(), vm::VmError> {
+    let mut at = FOLIO_START;
+    for order in FOLIO_ORDERS {
+        let head = framemeta::alloc_folio(order).ok_or(vm::VmError::NoMemory)?;
+        if let Err(e) = vm::map_folio(space, at, head, order, true) {
+            framemeta::put_folio(head);
+            return Err(e);
+        }
+        at += PAGE << order;
+    }
+    Ok(())
+}
+
+/// A ring-3 task with anonymous pages and large folios (orders 4, 2, 0) forks; parent and
+/// child then write every shared page: each sees its own data, the other's is untouched
+/// (copy-on-write), and every frame (folios included) returns after both exit.
 pub fn fork_cow() -> Outcome {
     let free = frames::free_count();
     let copies = vm::COW_COPIES.load(Ordering::Relaxed);
     let reuses = vm::COW_REUSES.load(Ordering::Relaxed);
     let ptes = vm::PTES_COPIED.load(Ordering::Relaxed);
-    let Ok(task) = usermode::spawn("forker", u_fork, 0) else {
+    let Ok(task) = usermode::spawn_with("forker", u_fork, 0, map_folios) else {
         fail!("cannot start the user task")
     };
     let code = sched::join(task);
@@ -225,12 +250,16 @@ pub fn fork_cow() -> Outcome {
     let ptes = vm::PTES_COPIED.load(Ordering::Relaxed) - ptes;
     ensure!(
         code == Some(42),
-        "the parent ended with {code:?} (1/2: child saw wrong data, 20: parent's data changed, \
-         -100: fork failed)"
+        "the parent ended with {code:?} (11/12: child saw wrong data, 20: parent's data \
+         changed, -100: fork failed)"
     );
     ensure!(
-        copies >= FORKED,
-        "only {copies} copy-on-write copies for {FORKED} shared pages"
+        ptes >= SHARED_PAGES,
+        "fork copied {ptes} PTEs for {SHARED_PAGES} shared pages"
+    );
+    ensure!(
+        copies >= SHARED_PAGES,
+        "only {copies} copy-on-write copies for {SHARED_PAGES} shared pages"
     );
     ensure!(
         frames::free_count() == free,

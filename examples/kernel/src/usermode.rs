@@ -39,9 +39,20 @@ pub fn spawn(
     entry: fn(u64) -> i64,
     arg: u64,
 ) -> Result<sched::TaskId, SpawnError> {
+    spawn_with(name, entry, arg, |_| Ok(()))
+}
+
+/// [`spawn`], with `setup` adding mappings to the new address space before the task starts.
+pub fn spawn_with(
+    name: &'static str,
+    entry: fn(u64) -> i64,
+    arg: u64,
+    setup: impl FnOnce(vm::SpaceId) -> Result<(), vm::VmError>,
+) -> Result<sched::TaskId, SpawnError> {
     let space = vm::create().map_err(|_| SpawnError::NoMemory)?;
     let setup = vm::map_anonymous(space, STACK_TOP - STACK_SIZE, STACK_SIZE, true)
-        .and_then(|()| vm::map_anonymous(space, DATA_START, DATA_SIZE, true));
+        .and_then(|()| vm::map_anonymous(space, DATA_START, DATA_SIZE, true))
+        .and_then(|()| setup(space));
     if setup.is_err() {
         vm::destroy(space);
         return Err(SpawnError::NoMemory);

@@ -319,6 +319,47 @@ pub fn map_fixed(
     Ok(())
 }
 
+/// Maps the folio of 2^`order` frames at `head` (from [`framemeta::alloc_folio`]) at `start`
+/// as a private region of the space, every page present now. The caller's folio reference
+/// goes to the space, which takes one reference per mapped page (the convention throughout:
+/// a folio's reference count is the number of PTEs mapping any of its pages, plus kernel
+/// holds); the pages are then copied on write after a fork and freed with the last mapping.
+pub fn map_folio(
+    space: SpaceId,
+    start: u64,
+    head: u64,
+    order: u32,
+    writable: bool,
+) -> Result<(), VmError> {
+    let pages = 1u64 << order;
+    let mut spaces = SPACES.lock();
+    let s = &mut spaces[space.0];
+    add_region(
+        s,
+        Region {
+            start,
+            end: start.saturating_add(pages * FRAME_SIZE),
+            writable,
+            kind: Kind::Anonymous,
+        },
+    )?;
+    for i in 0..pages {
+        // SAFETY: the SPACES lock is held and `s.root` is this space's PML4.
+        let Some(pte) = (unsafe { walk(s.root, start + i * FRAME_SIZE, true) }) else {
+            // Pages mapped so far hold references; the space's teardown drops them.
+            return Err(VmError::NoMemory);
+        };
+        let frame = head + i * FRAME_SIZE;
+        if i > 0 {
+            framemeta::get_folio(frame);
+        }
+        framemeta::get(frame).mapcount.store(1, Ordering::Relaxed);
+        *pte =
+            frame | PTE_P | PTE_U | NX.load(Ordering::Relaxed) | if writable { PTE_W } else { 0 };
+    }
+    Ok(())
+}
+
 /// The PTE for `vaddr` in the tables under `root`, creating missing tables if `create`.
 ///
 /// # Safety
@@ -494,6 +535,22 @@ pub fn fork(parent: SpaceId) -> Result<SpaceId, VmError> {
     }
 }
 
+/// Unmaps every page of one page table at teardown: each private page drops its map count and
+/// its folio reference (the folio is freed with its last one); fixed pages are left alone.
+/// This is the per-PTE loop a batched zap (`oskit-pte-batch`) replaces.
+pub fn zap_pte_table(t: &mut [u64; 512]) {
+    for entry in t.iter_mut().filter(|e| **e & PTE_P != 0) {
+        if *entry & PTE_FIXED == 0 {
+            let frame = *entry & PTE_ADDR;
+            framemeta::get(frame)
+                .mapcount
+                .fetch_sub(1, Ordering::Relaxed);
+            framemeta::put_folio(frame);
+        }
+        *entry = 0;
+    }
+}
+
 /// Frees the tables under `tbl` (at `level`) and drops the space's pages.
 ///
 /// # Safety
@@ -501,16 +558,12 @@ pub fn fork(parent: SpaceId) -> Result<SpaceId, VmError> {
 unsafe fn free_level(tbl: u64, level: u32) {
     // SAFETY: by the contract.
     let t = unsafe { table(tbl) };
-    for &entry in t.iter().filter(|e| *e & PTE_P != 0) {
-        if level > 1 {
+    if level == 1 {
+        zap_pte_table(t);
+    } else {
+        for &entry in t.iter().filter(|e| *e & PTE_P != 0) {
             // SAFETY: one level down, same space.
             unsafe { free_level(entry & PTE_ADDR, level - 1) };
-        } else if entry & PTE_FIXED == 0 {
-            let frame = entry & PTE_ADDR;
-            framemeta::get(frame)
-                .mapcount
-                .fetch_sub(1, Ordering::Relaxed);
-            framemeta::put_folio(frame);
         }
     }
     frames::free(tbl & PTE_ADDR, 0);
