@@ -136,6 +136,8 @@ struct Task {
     /// The task that forked this one (only it may wait for it from user space).
     parent: Option<TaskId>,
     preemptions: u64,
+    /// Tick (of [`ticks`]) at which a sleeping task is woken; 0 when not sleeping.
+    wake_at: u64,
 }
 
 const FREE: Task = Task {
@@ -150,6 +152,7 @@ const FREE: Task = Task {
     joiner: None,
     parent: None,
     preemptions: 0,
+    wake_at: 0,
 };
 
 struct Inner {
@@ -489,8 +492,54 @@ pub fn yield_now() {
     irq_restore(irq);
 }
 
-/// Called by the timer interrupt: the running task (if any) goes to the back of the queue.
+/// The kernel's clock: timer ticks of the boot CPU since boot ([`crate::apic::HZ`] a second).
+pub fn ticks() -> u64 {
+    percpu::cpu(0).ticks.load(Ordering::Relaxed)
+}
+
+/// Blocks the running task for at least `n` ticks (it may also return early for an
+/// [`unblock`]: the caller re-checks what it waits for). Task context only.
+pub fn sleep_ticks(n: u64) {
+    let deadline = ticks() + n.max(1);
+    while ticks() < deadline {
+        let irq = lock();
+        if let Some(slot) = current_slot() {
+            // SAFETY: the lock is held.
+            unsafe { inner() }.tasks[slot].wake_at = deadline;
+        }
+        unlock();
+        irq_restore(irq);
+        block_current();
+    }
+}
+
+/// Called by the boot CPU's timer interrupt: wakes the sleepers whose time has come.
+fn wake_sleepers(now: u64) {
+    let irq = lock();
+    // SAFETY: the lock is held.
+    let inner = unsafe { inner() };
+    let mut woke = false;
+    for slot in 0..MAX_TASKS {
+        let t = &mut inner.tasks[slot];
+        if t.wake_at != 0 && t.wake_at <= now {
+            t.wake_at = 0;
+            woke |= t.state == State::Blocked;
+            inner.wake(slot);
+        }
+    }
+    unlock();
+    if woke {
+        kick_idle_cpu();
+    }
+    irq_restore(irq);
+}
+
+/// Called by the timer interrupt: wakes due sleepers (boot CPU), then the running task (if
+/// any) goes to the back of the queue.
 pub fn preempt(_frame: &mut TrapFrame) {
+    if percpu::this_cpu().id.load(Ordering::Relaxed) == 0 {
+        wake_sleepers(ticks());
+    }
     let irq = lock();
     if let Some(slot) = current_slot() {
         // SAFETY: the lock is held.

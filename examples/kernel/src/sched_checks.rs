@@ -16,14 +16,15 @@ use crate::{
 /// Deadline of a check's waiting loop, in microseconds of TSC time (generous for TCG).
 const WAIT_US: u64 = 5_000_000;
 
-/// Yields until `done()` or the deadline; returns whether `done()` became true.
-fn wait_for(mut done: impl FnMut() -> bool) -> bool {
+/// Sleeps a tick at a time until `done()` or the deadline; returns whether `done()` became
+/// true.
+pub fn wait_for(mut done: impl FnMut() -> bool) -> bool {
     let deadline = apic::now_us() + WAIT_US;
     while !done() {
         if apic::now_us() > deadline {
             return false;
         }
-        sched::yield_now();
+        sched::sleep_ticks(1);
     }
     true
 }
@@ -50,6 +51,12 @@ pub fn timer() -> Outcome {
         &before[..online],
         &now[..online]
     );
+    // A sleep of 10 ticks lasts at least 10 ticks, and the task really sleeps (this CPU's
+    // switches show the loop ran something else or halted meanwhile).
+    let start = sched::ticks();
+    sched::sleep_ticks(10);
+    let slept = sched::ticks() - start;
+    ensure!(slept >= 10, "sleep_ticks(10) returned after {slept} ticks");
     Ok(())
 }
 

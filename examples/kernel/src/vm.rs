@@ -324,6 +324,8 @@ pub fn map_fixed(
 /// goes to the space, which takes one reference per mapped page (the convention throughout:
 /// a folio's reference count is the number of PTEs mapping any of its pages, plus kernel
 /// holds); the pages are then copied on write after a fork and freed with the last mapping.
+/// On error the caller still owns its reference (pages already mapped keep their own, which
+/// the space's teardown drops).
 pub fn map_folio(
     space: SpaceId,
     start: u64,
@@ -346,7 +348,10 @@ pub fn map_folio(
     for i in 0..pages {
         // SAFETY: the SPACES lock is held and `s.root` is this space's PML4.
         let Some(pte) = (unsafe { walk(s.root, start + i * FRAME_SIZE, true) }) else {
-            // Pages mapped so far hold references; the space's teardown drops them.
+            if i > 0 {
+                // Page 0 took the caller's reference: give the caller one back.
+                framemeta::get_folio(head);
+            }
             return Err(VmError::NoMemory);
         };
         let frame = head + i * FRAME_SIZE;
