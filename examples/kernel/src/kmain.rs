@@ -16,7 +16,7 @@ use crate::{
     spin::SpinLock,
     syscall,
     trap::{self, Handled, TrapFrame},
-    user_checks, usermode, vm,
+    user_checks, usermode, vm, workqueue,
 };
 
 global_asm!(include_str!("boot.S"), options(att_syntax));
@@ -92,12 +92,11 @@ extern "C" fn kernel_main(start_info: u32) -> ! {
         apic::HZ,
         apic::timer_counts_per_tick()
     );
-    let scenario = boot.arg("scenario").unwrap_or("all");
+    workqueue::init();
     if sched::spawn("checks", run_scenario, 0).is_none() {
         println!("boot: cannot start the checks task");
         qemu::exit(Exit::Failure);
     }
-    let _ = scenario;
     sched::run()
 }
 
@@ -182,6 +181,10 @@ const CHECKS: &[Check] = &[
     Check {
         name: "smp",
         run: sched_checks::smp,
+    },
+    Check {
+        name: "workqueue",
+        run: sched_checks::workqueue,
     },
     Check {
         name: "user-syscalls",

@@ -54,6 +54,8 @@ mod user_checks;
 mod usermode;
 #[cfg(target_os = "none")]
 mod vm;
+#[cfg(target_os = "none")]
+mod workqueue;
 
 #[cfg(not(target_os = "none"))]
 fn main() {

@@ -10,7 +10,7 @@ use crate::{
     kmain::CPUS_FOUND,
     percpu, println,
     sched::{self, TaskId},
-    smp,
+    smp, workqueue,
 };
 
 /// Deadline of a check's waiting loop, in microseconds of TSC time (generous for TCG).
@@ -197,17 +197,40 @@ pub fn block_unblock() -> Outcome {
 }
 
 static CALLS: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+/// CPUs whose GS-based per-CPU data disagreed with their local APIC.
+static MISMATCHES: AtomicU64 = AtomicU64::new(0);
 
 fn count_call(cpu: usize) {
     CALLS[cpu].fetch_add(1, Ordering::Relaxed);
+    let me = percpu::this_cpu();
+    if me.apic_id.load(Ordering::Relaxed) != apic::id() || me.id.load(Ordering::Relaxed) != cpu {
+        MISMATCHES.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
-/// Every CPU the firmware described is online and has run tasks, and `on_each_cpu` runs a
-/// function exactly once on each of them.
+/// Ticks of the other CPUs while the machine was stopped.
+static STOPPED_TICKS: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+
+fn while_stopped() {
+    let before = ticks();
+    apic::delay_us(50_000); // five ticks' worth
+    let after = ticks();
+    for cpu in 0..MAX_CPUS {
+        STOPPED_TICKS[cpu].store(after[cpu] - before[cpu], Ordering::Relaxed);
+    }
+}
+
+/// Every CPU the firmware described is online and has run tasks; on each of them the per-CPU
+/// data at `gs:0` is that CPU's; `on_each_cpu` runs a function exactly once on each, and
+/// `stop_machine` holds every CPU with interrupts off (no CPU takes a tick meanwhile).
 pub fn smp() -> Outcome {
     CALLS.iter().for_each(|c| c.store(0, Ordering::Relaxed));
+    MISMATCHES.store(0, Ordering::Relaxed);
     smp::on_each_cpu(count_call);
     let calls: [u64; MAX_CPUS] = core::array::from_fn(|c| CALLS[c].load(Ordering::Relaxed));
+    smp::stop_machine(while_stopped);
+    let stopped: [u64; MAX_CPUS] =
+        core::array::from_fn(|c| STOPPED_TICKS[c].load(Ordering::Relaxed));
     let found = CPUS_FOUND.load(Ordering::Relaxed);
     let online = percpu::online_count();
     ensure!(
@@ -229,6 +252,60 @@ pub fn smp() -> Outcome {
             .enumerate()
             .all(|(c, &n)| n == u64::from(c < online)),
         "on_each_cpu ran on the CPUs {calls:?} times, not once on each of {online}"
+    );
+    ensure!(
+        MISMATCHES.load(Ordering::Relaxed) == 0,
+        "gs:0 per-CPU data did not match the local APIC on {} CPU(s)",
+        MISMATCHES.load(Ordering::Relaxed)
+    );
+    ensure!(
+        stopped.iter().all(|&t| t == 0),
+        "CPUs took {stopped:?} ticks during stop_machine"
+    );
+    Ok(())
+}
+
+static WORK_RAN: AtomicU64 = AtomicU64::new(0);
+static WORK_IN_WORKER: AtomicU64 = AtomicU64::new(0);
+static WORK_FROM_IRQ_QUEUED: AtomicBool = AtomicBool::new(false);
+
+fn work(bit: u64) {
+    WORK_RAN.fetch_or(bit, Ordering::Relaxed);
+    if sched::current_name() == "kworker" {
+        WORK_IN_WORKER.fetch_or(bit, Ordering::Relaxed);
+    }
+}
+
+fn queue_from_tick(_cpu: usize) {
+    if !WORK_FROM_IRQ_QUEUED.swap(true, Ordering::AcqRel) {
+        workqueue::queue(work, 1 << 1);
+    }
+}
+
+/// Work queued from a task, from an interrupts-off path and from an interrupt handler runs
+/// later in the worker task, and `flush` waits for it.
+pub fn workqueue() -> Outcome {
+    WORK_RAN.store(0, Ordering::Relaxed);
+    WORK_IN_WORKER.store(0, Ordering::Relaxed);
+    WORK_FROM_IRQ_QUEUED.store(false, Ordering::Relaxed);
+    ensure!(workqueue::queue(work, 1 << 0), "the queue is full");
+    let irq = crate::spin::irq_save();
+    let queued = workqueue::queue(work, 1 << 2);
+    crate::spin::irq_restore(irq);
+    ensure!(queued, "the queue is full");
+    ensure!(
+        apic::add_tick_hook(queue_from_tick),
+        "no free tick-hook slot"
+    );
+    let ticked = wait_for(|| WORK_FROM_IRQ_QUEUED.load(Ordering::Acquire));
+    apic::remove_tick_hook(queue_from_tick);
+    ensure!(ticked, "the tick hook never ran");
+    workqueue::flush();
+    let ran = WORK_RAN.load(Ordering::Relaxed);
+    ensure!(ran == 0b111, "work items ran: {ran:#b}, want 0b111");
+    ensure!(
+        WORK_IN_WORKER.load(Ordering::Relaxed) == 0b111,
+        "work ran outside the worker task"
     );
     Ok(())
 }

@@ -240,6 +240,17 @@ fn on_call(_frame: &mut TrapFrame) -> Handled {
 /// that waits with interrupts off (for instance for another `on_each_cpu`) could not take the
 /// IPI. Per-CPU set-up such as enabling a paravirtual feature's MSR on every CPU uses it.
 pub fn on_each_cpu(f: fn(usize)) {
+    let others = call_others(f);
+    f(percpu::cpu_id());
+    while CALL_PENDING.load(Ordering::Acquire) != 0 {
+        core::hint::spin_loop();
+    }
+    let _ = others;
+    CALL_BUSY.store(false, Ordering::Release);
+}
+
+/// Takes the call slot, sends `f` to every other online CPU; returns how many.
+fn call_others(f: fn(usize)) -> usize {
     while CALL_BUSY
         .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
         .is_err()
@@ -249,7 +260,7 @@ pub fn on_each_cpu(f: fn(usize)) {
     CALL_FN.store(f as usize, Ordering::Release);
     let irq = spin::irq_save(); // stay on this CPU while choosing the others
     let me = percpu::cpu_id();
-    let others = (0..gdt::MAX_CPUS)
+    let others: usize = (0..gdt::MAX_CPUS)
         .filter(|&c| c != me && percpu::cpu(c).online.load(Ordering::Acquire))
         .count();
     CALL_PENDING.store(others, Ordering::Release);
@@ -259,7 +270,34 @@ pub fn on_each_cpu(f: fn(usize)) {
             apic::send_ipi(c.apic_id.load(Ordering::Relaxed), CALL_VECTOR);
         }
     }
-    f(me);
+    spin::irq_restore(irq);
+    others
+}
+
+/// CPUs parked by [`stop_machine`], and the flag that releases them.
+static PARKED: AtomicUsize = AtomicUsize::new(0);
+static RELEASE: AtomicBool = AtomicBool::new(false);
+
+fn park(_cpu: usize) {
+    PARKED.fetch_add(1, Ordering::AcqRel);
+    while !RELEASE.load(Ordering::Acquire) {
+        core::hint::spin_loop();
+    }
+    PARKED.fetch_sub(1, Ordering::AcqRel);
+}
+
+/// Runs `f` on this CPU with interrupts off while every other online CPU spins with interrupts
+/// off (Linux's stop_machine, e.g. for a suspend). Task context with interrupts on, as
+/// [`on_each_cpu`].
+pub fn stop_machine(f: fn()) {
+    RELEASE.store(false, Ordering::Release);
+    let others = call_others(park);
+    let irq = spin::irq_save();
+    while PARKED.load(Ordering::Acquire) != others {
+        core::hint::spin_loop();
+    }
+    f();
+    RELEASE.store(true, Ordering::Release);
     spin::irq_restore(irq);
     while CALL_PENDING.load(Ordering::Acquire) != 0 {
         core::hint::spin_loop();
