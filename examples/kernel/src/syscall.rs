@@ -125,6 +125,7 @@ unsafe extern "C" {
 #[unsafe(no_mangle)]
 extern "C" fn syscall_dispatch(frame: &mut TrapFrame) {
     COUNT.fetch_add(1, Ordering::Relaxed);
+    let number = frame.rax;
     let raw = TABLE
         .get(frame.rax as usize)
         .map_or(0, |h| h.load(Ordering::Acquire));
@@ -136,6 +137,13 @@ extern "C" fn syscall_dispatch(frame: &mut TrapFrame) {
         handler(frame)
     };
     frame.rax = result as u64;
+    // SYSRET to a non-canonical RIP would fault in ring 0 on the user's stack: a handler that
+    // redirects the task must keep RIP in the user half.
+    assert!(
+        frame.rip < crate::vm::USER_END,
+        "system call {number} returns to non-canonical {:#x}",
+        frame.rip
+    );
 }
 
 const IA32_STAR: u32 = 0xc000_0081;

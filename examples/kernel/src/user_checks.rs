@@ -63,17 +63,24 @@ fn u_poke(addr: u64) -> i64 {
     0
 }
 
+fn u_privileged(_: u64) -> i64 {
+    // SAFETY: deliberately privileged: CLI in ring 3 raises #GP, which kills the task.
+    unsafe { core::arch::asm!("cli", options(nomem, nostack)) };
+    0
+}
+
 fn u_peek(addr: u64) -> i64 {
     // SAFETY: deliberately reads where ring 3 must not: the read faults and kills the task.
     unsafe { core::ptr::read_volatile(addr as *const u64) as i64 }
 }
 
-/// Ring 3 cannot write kernel data, write kernel code, read kernel data, or touch an unmapped
-/// user address: each attempt kills only that task, and the kernel (and its data) carry on.
+/// Ring 3 cannot write kernel data, write kernel code, read kernel data, touch an unmapped user
+/// address, or run a privileged instruction: each attempt kills only that task, and the kernel
+/// (and its data) carry on.
 pub fn isolation() -> Outcome {
     let free = frames::free_count();
     type Attempt = (&'static str, fn(u64) -> i64, u64);
-    let attempts: [Attempt; 4] = [
+    let attempts: [Attempt; 5] = [
         ("write kernel data", u_poke, &raw const CANARY as u64),
         (
             "write kernel code",
@@ -86,6 +93,7 @@ pub fn isolation() -> Outcome {
             u_poke,
             DATA_START + usermode::DATA_SIZE + PAGE,
         ),
+        ("run CLI", u_privileged, 0),
     ];
     for (what, entry, addr) in attempts {
         let Ok(task) = usermode::spawn("intruder", entry, addr) else {
