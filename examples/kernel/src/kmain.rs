@@ -191,6 +191,14 @@ const CHECKS: &[Check] = &[
         run: user_checks::syscalls,
     },
     Check {
+        name: "user-preemption",
+        run: user_checks::user_preemption,
+    },
+    Check {
+        name: "task-exhaustion",
+        run: user_checks::exhaustion,
+    },
+    Check {
         name: "user-isolation",
         run: user_checks::isolation,
     },

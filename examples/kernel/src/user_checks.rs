@@ -368,3 +368,119 @@ pub fn fault_hook() -> Outcome {
     ensure!(leaked == 0, "{leaked} frames leaked");
     Ok(())
 }
+
+/// Where the preemption check maps its shared page (a kernel frame, writable by the task).
+const SHARED_PAGE: u64 = DATA_START + usermode::DATA_SIZE + 128 * PAGE;
+
+fn u_spin(_: u64) -> i64 {
+    let stop = SHARED_PAGE as *const u64;
+    let count = (SHARED_PAGE + 8) as *mut u64;
+    // SAFETY: the shared page is mapped writable in this task's space.
+    unsafe {
+        while stop.read_volatile() == 0 {
+            count.write_volatile(count.read_volatile() + 1);
+        }
+        count.read_volatile() as i64
+    }
+}
+
+/// A CPU-bound ring-3 task that never makes a system call is preempted by the timer like a
+/// kernel task (on one CPU the check itself could not run otherwise), and the kernel sees its
+/// progress through a shared page.
+pub fn user_preemption() -> Outcome {
+    let Some(frame) = frames::alloc(0) else {
+        fail!("no frame")
+    };
+    // SAFETY: a frame we own, identity-mapped.
+    unsafe { core::ptr::write_bytes(frame as *mut u8, 0, PAGE as usize) };
+    let stop = frame as *mut u64;
+    let count = (frame + 8) as *const u64;
+    let free = frames::free_count();
+    let spawned = usermode::spawn_with("user-spinner", u_spin, 0, |space| {
+        vm::map_fixed(space, SHARED_PAGE, frame, PAGE, true)
+    });
+    let Ok(task) = spawned else {
+        frames::free(frame, 0);
+        fail!("cannot start the user task")
+    };
+    let progressed = crate::sched_checks::wait_for(|| {
+        // SAFETY: the frame stays ours while the task runs; the task writes only the count
+        // word and reads only the stop word.
+        let seen = unsafe { count.read_volatile() };
+        seen > 1000 && sched::preemptions(task).unwrap_or(0) >= 3
+    });
+    let preempted = sched::preemptions(task).unwrap_or(0);
+    // SAFETY: as above.
+    unsafe { stop.write_volatile(1) };
+    let code = sched::join(task);
+    // SAFETY: as above; the task is gone.
+    let seen = unsafe { count.read_volatile() } as i64;
+    let leaked = free as i64 - frames::free_count() as i64;
+    frames::free(frame, 0);
+    ensure!(
+        progressed,
+        "the ring-3 spinner counted {seen} and was preempted {preempted} times"
+    );
+    ensure!(
+        code == Some(seen),
+        "the spinner exited with {code:?}, the page says {seen}"
+    );
+    ensure!(leaked == 0, "{leaked} frames leaked");
+    println!("  ring-3 spinner: {seen} iterations, preempted {preempted}+ times");
+    Ok(())
+}
+
+fn parked(_: u64) -> i64 {
+    while !RELEASE_PARKED.load(Ordering::Acquire) {
+        sched::sleep_ticks(1);
+    }
+    7
+}
+
+static RELEASE_PARKED: AtomicBool = AtomicBool::new(false);
+
+/// With every task slot taken, starting a kernel or user task fails cleanly (nothing leaks),
+/// and the slots come back after join.
+pub fn exhaustion() -> Outcome {
+    RELEASE_PARKED.store(false, Ordering::Relaxed);
+    let free = frames::free_count();
+    let mut tasks = [None; sched::MAX_TASKS];
+    let mut started = 0;
+    for slot in tasks.iter_mut() {
+        *slot = sched::spawn("parked", parked, 0);
+        if slot.is_none() {
+            break;
+        }
+        started += 1;
+    }
+    let during = frames::free_count();
+    let user = usermode::spawn("one-too-many", u_hello, 0);
+    let kernel = sched::spawn("one-too-many", parked, 0);
+    let leaked_by_failure = during as i64 - frames::free_count() as i64;
+    RELEASE_PARKED.store(true, Ordering::Release);
+    let mut codes_ok = true;
+    for task in tasks.iter().flatten() {
+        codes_ok &= sched::join(*task) == Some(7);
+    }
+    ensure!(
+        started > 0 && started < sched::MAX_TASKS,
+        "started {started} tasks with {} slots (some are in use)",
+        sched::MAX_TASKS
+    );
+    ensure!(
+        user.is_err() && kernel.is_none(),
+        "a task started with every slot taken"
+    );
+    ensure!(
+        leaked_by_failure == 0,
+        "failed starts leaked {leaked_by_failure} frames"
+    );
+    ensure!(codes_ok, "a parked task joined with the wrong code");
+    ensure!(
+        frames::free_count() == free,
+        "{} frames not returned",
+        free as i64 - frames::free_count() as i64
+    );
+    println!("  {started} tasks filled the free slots; the next start failed cleanly");
+    Ok(())
+}
