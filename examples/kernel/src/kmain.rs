@@ -52,6 +52,7 @@ extern "C" fn kernel_main(start_info: u32) -> ! {
     frames::init(&boot);
     framemeta::init();
     vm::init();
+    sched::init();
     println!(
         "boot: command line {:?}, {} frames free",
         boot.cmdline,
@@ -100,6 +101,15 @@ extern "C" fn kernel_main(start_info: u32) -> ! {
     sched::run()
 }
 
+/// Recurses with a 1 KiB frame until the task's stack runs into its guard page.
+fn recurse(depth: u64) -> u64 {
+    let frame = core::hint::black_box([depth; 128]);
+    if depth == u64::MAX {
+        return frame[0];
+    }
+    recurse(core::hint::black_box(depth + 1)) + frame[depth as usize % 128]
+}
+
 /// How many CPUs the firmware described (1 when it described none).
 pub static CPUS_FOUND: AtomicUsize = AtomicUsize::new(1);
 
@@ -108,12 +118,17 @@ fn run_scenario(_: u64) -> i64 {
     let scenario = boot_info().arg("scenario").unwrap_or("all");
     let tally = match scenario {
         "all" => checks::run(CHECKS),
-        // Deliberate failures: the runner's tests prove that each one turns the run red.
+        // Deliberate failures: the runner's tests prove that each one turns the run red
+        // (stack-overflow: a kernel task overflowing its stack is caught by the guard page).
         "fail-check" => checks::run(&[Check {
             name: "deliberate-failure",
             run: deliberate_failure,
         }]),
         "panic" => panic!("deliberate panic requested by scenario=panic"),
+        "stack-overflow" => {
+            let depth = recurse(0);
+            unreachable!("recursed {depth} levels without overflowing");
+        }
         "exception" => {
             // SAFETY: UD2 raises #UD, which no handler claims: the run must end red.
             unsafe { asm!("ud2", options(nomem, nostack)) };

@@ -13,7 +13,9 @@
 //! wake-up pending, and its next [`block_current`] returns at once. So a wake that races ahead
 //! of its wait is never lost; callers re-check their condition in a loop.
 //!
-//! Tasks have a 16 KiB kernel stack from the frame allocator. User tasks also own an address
+//! Every task slot has its own kernel stack, mapped once at boot in the kernel half at a
+//! fixed address ([`stack_top`]) with unmapped guard pages below it, so an overflow faults
+//! (and is reported as one) instead of overwriting memory. User tasks also own an address
 //! space ([`crate::vm`]), which the loop loads into CR3 for them; the loop itself always runs
 //! on the kernel page tables, so a CPU never keeps a user address space loaded while it is not
 //! running that space's task (no TLB shootdowns are needed: one task per address space).
@@ -34,9 +36,13 @@ use crate::{
 
 /// The most tasks alive at once (running, runnable, blocked, or exited and not yet joined).
 pub const MAX_TASKS: usize = 32;
-const KSTACK_ORDER: u32 = 2;
+const KSTACK_ORDER: u32 = 3;
 /// Size of every task's kernel stack.
 pub const KSTACK_SIZE: u64 = frames::FRAME_SIZE << KSTACK_ORDER;
+/// Where the task stacks live (kernel half: PML4 entry 0, shared by every address space).
+const KSTACKS_BASE: u64 = 256 << 30;
+/// Virtual distance between two slots' stacks: the stack at the top, unmapped guard below.
+const KSTACK_STRIDE: u64 = 4 * KSTACK_SIZE;
 /// Exit code of a user task killed for a fault (like a shell's 128 + SIGSEGV).
 pub const EXIT_KILLED: i64 = 139;
 
@@ -113,6 +119,8 @@ impl TaskId {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     Free,
+    /// Reserved by a spawn that is writing the initial stack.
+    New,
     Runnable,
     Running,
     Blocked,
@@ -126,8 +134,6 @@ struct Task {
     name: &'static str,
     /// Saved RSP while not running.
     rsp: u64,
-    /// Base of the kernel stack (0: freed).
-    kstack: u64,
     /// Address space of a user task.
     space: Option<vm::SpaceId>,
     wake_pending: bool,
@@ -145,7 +151,6 @@ const FREE: Task = Task {
     generation: 1,
     name: "",
     rsp: 0,
-    kstack: 0,
     space: None,
     wake_pending: false,
     exit_code: 0,
@@ -188,7 +193,7 @@ impl Inner {
                 self.push(slot);
             }
             State::Runnable | State::Running => task.wake_pending = true,
-            State::Free | State::Exited => {}
+            State::Free | State::New | State::Exited => {}
         }
     }
 }
@@ -256,39 +261,68 @@ extern "C" fn sched_kernel_task_entry(entry: usize, arg: u64) -> ! {
     exit_current(entry(arg))
 }
 
-/// Installs a task whose kernel stack `kstack` already holds its initial context at `rsp`.
-fn install(
-    name: &'static str,
-    kstack: u64,
-    rsp: u64,
-    space: Option<vm::SpaceId>,
-    parent: Option<TaskId>,
-) -> Option<TaskId> {
+/// The top of slot `slot`'s kernel stack.
+pub fn stack_top(slot: usize) -> u64 {
+    KSTACKS_BASE + (slot as u64 + 1) * KSTACK_STRIDE
+}
+
+/// The task slot whose stack guard holds `vaddr`, if any (to name a kernel stack overflow).
+pub fn stack_guard_slot(vaddr: u64) -> Option<usize> {
+    let off = vaddr.checked_sub(KSTACKS_BASE)?;
+    let slot = (off / KSTACK_STRIDE) as usize;
+    (slot < MAX_TASKS && off % KSTACK_STRIDE < KSTACK_STRIDE - KSTACK_SIZE).then_some(slot)
+}
+
+/// Maps every task slot's kernel stack. Boot CPU, once, after [`vm::init`], before any spawn.
+pub fn init() {
+    for slot in 0..MAX_TASKS {
+        let frames = frames::alloc(KSTACK_ORDER).expect("no memory for the task stacks");
+        vm::map_kernel(stack_top(slot) - KSTACK_SIZE, frames, KSTACK_SIZE)
+            .expect("no memory for the task stacks' page tables");
+    }
+}
+
+/// Reserves a free task slot.
+fn reserve() -> Option<usize> {
     let irq = lock();
     // SAFETY: the lock is held.
     let inner = unsafe { inner() };
-    let found = inner.tasks.iter().position(|t| t.state == State::Free);
-    let id = found.map(|slot| {
-        let generation = inner.tasks[slot].generation;
-        inner.tasks[slot] = Task {
-            state: State::Runnable,
-            generation,
-            name,
-            rsp,
-            kstack,
-            space,
-            parent,
-            ..FREE
-        };
-        inner.push(slot);
-        TaskId::new(slot, generation)
-    });
-    unlock();
-    if id.is_some() {
-        kick_idle_cpu();
+    let slot = inner.tasks.iter().position(|t| t.state == State::Free);
+    if let Some(slot) = slot {
+        inner.tasks[slot].state = State::New;
     }
+    unlock();
     irq_restore(irq);
-    id
+    slot
+}
+
+/// Makes reserved slot `slot`, whose stack holds its initial context at `rsp`, runnable.
+fn start(
+    slot: usize,
+    name: &'static str,
+    rsp: u64,
+    space: Option<vm::SpaceId>,
+    parent: Option<TaskId>,
+) -> TaskId {
+    let irq = lock();
+    // SAFETY: the lock is held.
+    let inner = unsafe { inner() };
+    let generation = inner.tasks[slot].generation;
+    debug_assert_eq!(inner.tasks[slot].state, State::New);
+    inner.tasks[slot] = Task {
+        state: State::Runnable,
+        generation,
+        name,
+        rsp,
+        space,
+        parent,
+        ..FREE
+    };
+    inner.push(slot);
+    unlock();
+    kick_idle_cpu();
+    irq_restore(irq);
+    TaskId::new(slot, generation)
 }
 
 /// Wakes one halted CPU (other than this one) to pick up a task just queued.
@@ -309,31 +343,27 @@ fn kick_idle_cpu() {
 fn initial_context(top: u64, ret: u64, r12: u64, r13: u64) -> u64 {
     let sp = top - 7 * 8;
     let regs: [u64; 7] = [0, 0, r13, r12, 0, 0, ret]; // r15 r14 r13 r12 rbx rbp ret
-    // SAFETY: `[sp, top)` is inside a kernel stack the caller just allocated and owns.
+    // SAFETY: `[sp, top)` is inside the stack of a slot the caller reserved.
     unsafe { core::ptr::copy_nonoverlapping(regs.as_ptr(), sp as *mut u64, 7) };
     sp
 }
 
 /// Starts a kernel task running `entry(arg)`; its return value is the exit code [`join`]
-/// returns. `None` when no task slot or stack is free.
+/// returns. `None` when no task slot is free.
 pub fn spawn(name: &'static str, entry: fn(u64) -> i64, arg: u64) -> Option<TaskId> {
-    let kstack = frames::alloc(KSTACK_ORDER)?;
+    let slot = reserve()?;
     let sp = initial_context(
-        kstack + KSTACK_SIZE,
+        stack_top(slot),
         &raw const sched_kernel_task_start as u64,
         entry as usize as u64,
         arg,
     );
-    let id = install(name, kstack, sp, None, None);
-    if id.is_none() {
-        frames::free(kstack, KSTACK_ORDER);
-    }
-    id
+    Some(start(slot, name, sp, None, None))
 }
 
 /// Starts a user task in address space `space`, entering ring 3 with the registers of
 /// `frame` (RIP, RSP, CS/SS of ring 3, arguments). The task owns `space` from now on: it is
-/// destroyed when the task exits. On `None` (no slot or stack) the caller still owns it.
+/// destroyed when the task exits. On `None` (no free slot) the caller still owns it.
 /// `parent` (the forking task) is the only user task allowed to wait for it.
 pub fn spawn_user(
     name: &'static str,
@@ -341,17 +371,13 @@ pub fn spawn_user(
     space: vm::SpaceId,
     parent: Option<TaskId>,
 ) -> Option<TaskId> {
-    let kstack = frames::alloc(KSTACK_ORDER)?;
-    let top = kstack + KSTACK_SIZE;
-    let frame_at = top - core::mem::size_of::<TrapFrame>() as u64;
-    // SAFETY: the frame goes at the top of the new stack, which we own; TrapFrame is plain data.
+    let slot = reserve()?;
+    let frame_at = stack_top(slot) - core::mem::size_of::<TrapFrame>() as u64;
+    // SAFETY: the frame goes at the top of the reserved slot's stack, which nothing else uses;
+    // TrapFrame is plain data.
     unsafe { core::ptr::copy_nonoverlapping(frame, frame_at as *mut TrapFrame, 1) };
     let sp = initial_context(frame_at, &raw const sched_user_task_start as u64, 0, 0);
-    let id = install(name, kstack, sp, Some(space), parent);
-    if id.is_none() {
-        frames::free(kstack, KSTACK_ORDER);
-    }
-    id
+    Some(start(slot, name, sp, Some(space), parent))
 }
 
 /// This CPU's scheduler loop: runs tasks until the machine stops, halting when none is runnable.
@@ -374,7 +400,7 @@ pub fn run() -> ! {
         };
         let task = &mut queue.tasks[slot];
         task.state = State::Running;
-        let top = task.kstack + KSTACK_SIZE;
+        let top = stack_top(slot);
         cpu.kernel_stack.store(top, Ordering::Relaxed);
         // SAFETY: on this CPU, with the stack of the task about to run here.
         unsafe { gdt::set_kernel_stack(cpu_id, top) };
@@ -398,14 +424,12 @@ pub fn run() -> ! {
                 sched.push(slot);
             }
             State::Exited => {
-                frames::free(task.kstack, KSTACK_ORDER);
-                task.kstack = 0;
                 if let Some(joiner) = task.joiner.take() {
                     sched.wake(joiner);
                 }
             }
             State::Blocked => {}
-            State::Free | State::Runnable => {
+            State::Free | State::New | State::Runnable => {
                 unreachable!("task {slot} switched out while {:?}", task.state)
             }
         }
@@ -636,7 +660,6 @@ pub fn join(task: TaskId) -> Option<i64> {
             break None;
         }
         if t.state == State::Exited {
-            debug_assert_eq!(t.kstack, 0, "exited task still has its stack");
             let code = t.exit_code;
             t.state = State::Free;
             t.generation += 1;

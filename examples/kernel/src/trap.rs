@@ -266,6 +266,11 @@ fn fatal(frame: &TrapFrame) -> ! {
     let cr2 = cr2();
     let vector = frame.vector as usize;
     let name = name_of(vector);
+    if let Some(slot) = crate::sched::stack_guard_slot(cr2) {
+        crate::serial::print_emergency(format_args!(
+            "\nkernel stack overflow: task slot {slot} ran into its guard page at {cr2:#x}"
+        ));
+    }
     crate::serial::print_emergency(format_args!(
         "\nEXCEPTION: {name} (vector {vector}) error={:#x} rip={:#x} cr2={cr2:#x} cs={:#x} rsp={:#x} rflags={:#x}\n",
         frame.error_code, frame.rip, frame.cs, frame.rsp, frame.rflags

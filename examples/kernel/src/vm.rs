@@ -208,6 +208,26 @@ pub fn init() {
     write_cr3(root);
 }
 
+/// Serialises changes to the kernel half made after boot.
+static KERNEL_MAP: SpinLock<()> = SpinLock::new(());
+
+/// Maps `[paddr, paddr + len)` at `vaddr` in the kernel half, supervisor-only and writable.
+/// `vaddr` must lie in PML4 entry 0 outside the identity-mapped 4 GiB and be unmapped: the
+/// new tables hang off the PDPT every address space shares, so no CPU can hold a stale entry.
+pub fn map_kernel(vaddr: u64, paddr: u64, len: u64) -> Result<(), VmError> {
+    if vaddr < 4 << 30 || vaddr.saturating_add(len) > 512 << 30 {
+        return Err(VmError::BadRange);
+    }
+    let _guard = KERNEL_MAP.lock();
+    for off in (0..len).step_by(FRAME_SIZE as usize) {
+        // SAFETY: the kernel's tables, changed only here (under KERNEL_MAP) and in `init`.
+        let pte =
+            unsafe { walk_with(kernel_root(), vaddr + off, true, 0) }.ok_or(VmError::NoMemory)?;
+        *pte = (paddr + off) | PTE_P | PTE_W | NX.load(Ordering::Relaxed);
+    }
+    Ok(())
+}
+
 /// Loads `space`'s page tables on this CPU.
 pub fn activate(space: SpaceId) {
     let root = SPACES.lock()[space.0].root;
@@ -365,11 +385,20 @@ pub fn map_folio(
     Ok(())
 }
 
-/// The PTE for `vaddr` in the tables under `root`, creating missing tables if `create`.
+/// The PTE for `vaddr` in the tables under `root`, creating missing (user) tables if `create`.
 ///
 /// # Safety
 /// The caller holds the SPACES lock and `root` is a live space's PML4.
 unsafe fn walk(root: u64, vaddr: u64, create: bool) -> Option<&'static mut u64> {
+    // SAFETY: by the contract.
+    unsafe { walk_with(root, vaddr, create, PTE_U) }
+}
+
+/// [`walk`], creating tables with `PTE_P | PTE_W | extra`.
+///
+/// # Safety
+/// As [`walk`] (or: the kernel's tables, by their single writer).
+unsafe fn walk_with(root: u64, vaddr: u64, create: bool, extra: u64) -> Option<&'static mut u64> {
     let mut tbl = root;
     for shift in [39, 30, 21] {
         // SAFETY: by the contract, every table reached from `root` is this space's.
@@ -378,7 +407,7 @@ unsafe fn walk(root: u64, vaddr: u64, create: bool) -> Option<&'static mut u64> 
             if !create {
                 return None;
             }
-            *entry = zeroed_frame()? | PTE_P | PTE_W | PTE_U;
+            *entry = zeroed_frame()? | PTE_P | PTE_W | extra;
         }
         tbl = *entry & PTE_ADDR;
     }
