@@ -65,6 +65,12 @@ fn write(reg: u64, value: u32) {
     unsafe { core::ptr::write_volatile((APIC_BASE + reg) as *mut u32, value) }
 }
 
+/// Whether CPUID offers x2APIC mode (this kernel drives the APIC in xAPIC mode either way).
+pub fn x2apic_offered() -> bool {
+    let leaf = core::arch::x86_64::__cpuid(1);
+    leaf.ecx & (1 << 21) != 0
+}
+
 /// This CPU's local APIC id.
 pub fn id() -> u32 {
     read(REG_ID) >> 24

@@ -88,10 +88,15 @@ extern "C" fn kernel_main(start_info: u32) -> ! {
         }
     }
     println!(
-        "boot: {} CPU(s) online, timer {} Hz ({} APIC counts per tick)",
+        "boot: {} CPU(s) online, xAPIC timer {} Hz ({} counts per tick; x2APIC {})",
         percpu::online_count(),
         apic::HZ,
-        apic::timer_counts_per_tick()
+        apic::timer_counts_per_tick(),
+        if apic::x2apic_offered() {
+            "offered, unused"
+        } else {
+            "not offered"
+        }
     );
     workqueue::init();
     if sched::spawn("checks", run_scenario, 0).is_none() {
