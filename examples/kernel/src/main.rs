@@ -1,6 +1,9 @@
 //! The oskit example kernel: a small x86-64 kernel that QEMU boots with `-kernel` (PVH), and that
 //! composes the oskit crates. `cargo xtask run` builds and boots it; see the workspace README.
 //!
+//! `README.md` next to `Cargo.toml` describes the design (scheduler, user mode, address
+//! spaces, SMP), the checks, and the kernel APIs the composition steps build on.
+//!
 //! It is built for `x86_64-unknown-none`. On any other target the binary only says so, which
 //! keeps `cargo build --workspace` and `cargo test --workspace` working on the host.
 
