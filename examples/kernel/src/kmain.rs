@@ -69,7 +69,14 @@ extern "C" fn kernel_main(start_info: u32) -> ! {
     percpu::cpu(0).online.store(true, Ordering::Release);
     match cpus {
         Ok(cpus) => {
-            let started = smp::start_aps(&cpus);
+            let memmap = boot.memmap.as_ptr() as u64;
+            let cmdline = boot.cmdline.as_ptr() as u64;
+            let loader_data = [
+                u64::from(start_info)..u64::from(start_info) + 56,
+                memmap..memmap + core::mem::size_of_val(boot.memmap) as u64,
+                cmdline..cmdline + boot.cmdline.len() as u64 + 1,
+            ];
+            let started = smp::start_aps(&cpus, &loader_data);
             println!(
                 "smp: {} CPU(s) in the MADT{}, {} started",
                 cpus.count,

@@ -138,7 +138,17 @@ fn symbol_offset(sym: *const u8) -> u64 {
 }
 
 /// Starts every CPU of `cpus` but this one, one at a time; returns how many came online.
-pub fn start_aps(cpus: &Cpus) -> usize {
+/// `keep` lists physical ranges still in use (the loader's data): if the trampoline page would
+/// overwrite one, no AP is started.
+pub fn start_aps(cpus: &Cpus, keep: &[core::ops::Range<u64>]) -> usize {
+    let page = AP_BASE..AP_BASE + frames::FRAME_SIZE;
+    if let Some(r) = keep
+        .iter()
+        .find(|r| r.start < page.end && page.start < r.end)
+    {
+        println!("smp: loader data at {r:#x?} occupies the AP trampoline page; one CPU only");
+        return 0;
+    }
     let me = apic::id();
     let start = &raw const ap_trampoline_start as u64;
     let len = &raw const ap_trampoline_end as u64 - start;
