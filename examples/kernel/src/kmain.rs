@@ -238,6 +238,10 @@ const CHECKS: &[Check] = &[
         run: user_checks::fork_cow,
     },
     Check {
+        name: "fork-stress",
+        run: user_checks::fork_stress,
+    },
+    Check {
         name: "fault-hook",
         run: user_checks::fault_hook,
     },

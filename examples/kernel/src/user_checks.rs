@@ -278,6 +278,32 @@ pub fn fork_cow() -> Outcome {
     Ok(())
 }
 
+/// Forkers running at once in the stress check.
+const CONCURRENT_FORKERS: usize = 6;
+
+/// Several forkers (each with its folios, each forking a child) run at once, on every CPU:
+/// all see only their own data, and every frame returns.
+pub fn fork_stress() -> Outcome {
+    let free = frames::free_count();
+    let mut tasks = [None; CONCURRENT_FORKERS];
+    for task in tasks.iter_mut() {
+        *task = usermode::spawn_with("forker", u_fork, 0, map_folios).ok();
+        ensure!(task.is_some(), "cannot start a forker");
+    }
+    let codes: [Option<i64>; CONCURRENT_FORKERS] =
+        core::array::from_fn(|i| tasks[i].and_then(sched::join));
+    ensure!(
+        codes.iter().all(|&c| c == Some(42)),
+        "forkers ended with {codes:?}"
+    );
+    ensure!(
+        frames::free_count() == free,
+        "{} frames not returned",
+        free as i64 - frames::free_count() as i64
+    );
+    Ok(())
+}
+
 /// The page the fault hook supplies: outside every region of a user task.
 const HOOKED_PAGE: u64 = DATA_START + usermode::DATA_SIZE + 64 * PAGE;
 /// The frame behind it, and the value it holds.
