@@ -238,6 +238,10 @@ const CHECKS: &[Check] = &[
         run: user_checks::fork_cow,
     },
     Check {
+        name: "orphans",
+        run: user_checks::orphans,
+    },
+    Check {
         name: "fork-stress",
         run: user_checks::fork_stress,
     },

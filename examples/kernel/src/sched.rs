@@ -127,6 +127,14 @@ enum State {
     Exited,
 }
 
+impl Task {
+    /// Frees the slot of an exited task; its id (generation) is never reused.
+    fn reap(&mut self) {
+        self.state = State::Free;
+        self.generation += 1;
+    }
+}
+
 #[derive(Clone, Copy)]
 struct Task {
     state: State,
@@ -141,6 +149,8 @@ struct Task {
     joiner: Option<usize>,
     /// The task that forked this one (only it may wait for it from user space).
     parent: Option<TaskId>,
+    /// Its parent exited: nobody will join it, so its slot is freed as soon as it exits.
+    orphan: bool,
     preemptions: u64,
     /// Tick (of [`ticks`]) at which a sleeping task is woken; 0 when not sleeping.
     wake_at: u64,
@@ -156,6 +166,7 @@ const FREE: Task = Task {
     exit_code: 0,
     joiner: None,
     parent: None,
+    orphan: false,
     preemptions: 0,
     wake_at: 0,
 };
@@ -426,6 +437,8 @@ pub fn run() -> ! {
             State::Exited => {
                 if let Some(joiner) = task.joiner.take() {
                     sched.wake(joiner);
+                } else if task.orphan {
+                    task.reap();
                 }
             }
             State::Blocked => {}
@@ -635,7 +648,18 @@ pub fn exit_current(code: i64) -> ! {
     }
     let _ = lock();
     // SAFETY: the lock is held.
-    let task = &mut unsafe { inner() }.tasks[slot];
+    let inner = unsafe { inner() };
+    // Our children will never be waited for: free the exited ones, mark the others.
+    let me = TaskId::new(slot, inner.tasks[slot].generation);
+    for child in inner.tasks.iter_mut().filter(|t| t.parent == Some(me)) {
+        child.parent = None;
+        match child.state {
+            State::Exited => child.reap(),
+            State::Free => {}
+            _ => child.orphan = true,
+        }
+    }
+    let task = &mut inner.tasks[slot];
     task.state = State::Exited;
     task.exit_code = code;
     // SAFETY: the lock is held, a task runs here, `task` is dead from here on.
@@ -661,8 +685,7 @@ pub fn join(task: TaskId) -> Option<i64> {
         }
         if t.state == State::Exited {
             let code = t.exit_code;
-            t.state = State::Free;
-            t.generation += 1;
+            t.reap();
             break Some(code);
         }
         t.joiner = Some(me);
@@ -694,6 +717,20 @@ pub fn current_name() -> &'static str {
     unlock();
     irq_restore(irq);
     name
+}
+
+/// Task slots free right now.
+pub fn free_slots() -> usize {
+    let irq = lock();
+    // SAFETY: the lock is held.
+    let free = unsafe { inner() }
+        .tasks
+        .iter()
+        .filter(|t| t.state == State::Free)
+        .count();
+    unlock();
+    irq_restore(irq);
+    free
 }
 
 /// Preemptions since boot.

@@ -304,6 +304,45 @@ pub fn fork_stress() -> Outcome {
     Ok(())
 }
 
+fn u_orphaner(_: u64) -> i64 {
+    // SAFETY: inside this task's data region.
+    unsafe { page_word(0).write_volatile(1) };
+    match ulib::fork() {
+        0 => {
+            for _ in 0..20 {
+                ulib::yield_now();
+            }
+            // SAFETY: as above, in the child's copy.
+            unsafe { page_word(0).write_volatile(2) };
+            ulib::exit(0)
+        }
+        pid if pid > 0 => 5, // exit without waiting: the child is orphaned
+        _ => -1,
+    }
+}
+
+/// A parent that exits without waiting leaves an orphan, whose slot (and frames) come back
+/// when it exits, with nobody joining it.
+pub fn orphans() -> Outcome {
+    let free = frames::free_count();
+    let slots = sched::free_slots();
+    let Ok(task) = usermode::spawn("orphaner", u_orphaner, 0) else {
+        fail!("cannot start the user task")
+    };
+    let code = sched::join(task);
+    ensure!(code == Some(5), "the parent ended with {code:?}");
+    let reaped = crate::sched_checks::wait_for(|| {
+        sched::free_slots() == slots && frames::free_count() == free
+    });
+    ensure!(
+        reaped,
+        "after the orphan exited: {} of {slots} slots free, {} frames missing",
+        sched::free_slots(),
+        free as i64 - frames::free_count() as i64
+    );
+    Ok(())
+}
+
 /// The page the fault hook supplies: outside every region of a user task.
 const HOOKED_PAGE: u64 = DATA_START + usermode::DATA_SIZE + 64 * PAGE;
 /// The frame behind it, and the value it holds.
