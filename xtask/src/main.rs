@@ -22,7 +22,7 @@ usage: cargo xtask <command> [options]
 
 commands:
   run     [--tcg | --kvm] [--smp N] [--timeout SECS] [--scenario NAME]
-          build the example kernel, boot it under QEMU, print its report
+          build the example kernel, boot it under QEMU (2 vCPUs unless --smp), print its report
   test    the whole suite (what CI runs): host tests, loom, no_std builds,
           fuzz corpora, bench smoke, QEMU boots
   setup   install QEMU (Debian's qemu-system-x86) and the x86_64-unknown-none target

@@ -39,7 +39,7 @@ impl Accel {
 pub struct RunOptions {
     /// `None`: KVM when it is usable, TCG otherwise.
     pub accel: Option<Accel>,
-    /// vCPUs.
+    /// vCPUs (2 by default: the kernel brings up every CPU the firmware describes).
     pub smp: u32,
     /// The guest is killed, and the run failed, after this long.
     pub timeout: Duration,
@@ -51,7 +51,7 @@ impl Default for RunOptions {
     fn default() -> Self {
         Self {
             accel: None,
-            smp: 1,
+            smp: 2,
             timeout: Duration::from_secs(120),
             scenario: None,
         }
@@ -334,6 +334,8 @@ mod tests {
         );
         assert_eq!(o.scenario.as_deref(), Some("fork"));
         assert_eq!(RunOptions::parse(&[]).unwrap().accel, None);
+        assert_eq!(RunOptions::parse(&[]).unwrap().smp, 2);
+        assert_eq!(RunOptions::parse(&args("--smp 1")).unwrap().smp, 1);
         assert!(RunOptions::parse(&args("--smp 0")).is_err());
         assert!(RunOptions::parse(&args("--smp")).is_err());
         assert!(RunOptions::parse(&args("--bogus")).is_err());

@@ -193,8 +193,9 @@ pub fn test() -> Result<(), String> {
     }
 }
 
-/// The QEMU boots: the full scenario on TCG (and KVM where it works), and the deliberate
-/// failures, each of which must turn the run red with its own message.
+/// The QEMU boots: the full scenario on TCG with 1 vCPU and with the default count (and on KVM
+/// where it works), and the deliberate failures, each of which must turn the run red with its
+/// own message.
 fn boot_stages(suite: &mut Suite) {
     let mut kernel = None;
     suite.stage("build oskit-example-kernel", |log| {
@@ -222,9 +223,10 @@ fn boot_stages(suite: &mut Suite) {
     });
     let Some(kernel) = kernel else { return };
 
-    let boot = |accel, scenario: Option<&str>, log: &Path| {
+    let boot = |accel, smp: u32, scenario: Option<&str>, log: &Path| {
         let opts = RunOptions {
             accel: Some(accel),
+            smp,
             scenario: scenario.map(str::to_string),
             ..RunOptions::default()
         };
@@ -234,21 +236,29 @@ fn boot_stages(suite: &mut Suite) {
         }
         result
     };
-    suite.stage("boot scenario=all (TCG)", |log| {
-        match boot(Accel::Tcg, None, log) {
-            Ok(b) if b.passed => Outcome::Passed,
-            Ok(b) => Outcome::Failed(b.failure.unwrap_or_default()),
-            Err(why) => Outcome::Failed(why),
-        }
-    });
-    suite.stage("boot scenario=all (KVM)", |log| match qemu::kvm_usable() {
-        Err(why) => Outcome::Skipped(why),
-        Ok(()) => match boot(Accel::Kvm, None, log) {
-            Ok(b) if b.passed => Outcome::Passed,
-            Ok(b) => Outcome::Failed(b.failure.unwrap_or_default()),
-            Err(why) => Outcome::Failed(why),
+    let default_smp = RunOptions::default().smp;
+    // The full scenario on one vCPU and on several: SMP bring-up must not be what makes it pass.
+    for smp in [1, default_smp] {
+        suite.stage(
+            &format!("boot scenario=all smp={smp} (TCG)"),
+            |log| match boot(Accel::Tcg, smp, None, log) {
+                Ok(b) if b.passed => Outcome::Passed,
+                Ok(b) => Outcome::Failed(b.failure.unwrap_or_default()),
+                Err(why) => Outcome::Failed(why),
+            },
+        );
+    }
+    suite.stage(
+        &format!("boot scenario=all smp={default_smp} (KVM)"),
+        |log| match qemu::kvm_usable() {
+            Err(why) => Outcome::Skipped(why),
+            Ok(()) => match boot(Accel::Kvm, default_smp, None, log) {
+                Ok(b) if b.passed => Outcome::Passed,
+                Ok(b) => Outcome::Failed(b.failure.unwrap_or_default()),
+                Err(why) => Outcome::Failed(why),
+            },
         },
-    });
+    );
     let red = [
         (
             "fail-check",
@@ -260,7 +270,7 @@ fn boot_stages(suite: &mut Suite) {
     for (scenario, expected) in red {
         suite.stage(
             &format!("boot scenario={scenario} turns the run red (TCG)"),
-            |log| match boot(Accel::Tcg, Some(scenario), log) {
+            |log| match boot(Accel::Tcg, default_smp, Some(scenario), log) {
                 Ok(b) if b.passed => Outcome::Failed("the run passed".into()),
                 Ok(b) => match b.failure {
                     Some(why) if why.contains(expected) => Outcome::Passed,

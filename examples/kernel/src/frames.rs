@@ -105,6 +105,29 @@ pub fn free(paddr: u64, order: u32) {
     map.free += 1 << order;
 }
 
+/// Allocates `count` contiguous frames (any count, frame-aligned), for boot-time tables larger
+/// than a [`MAX_ORDER`] block. Returns the physical address of the first.
+pub fn alloc_contiguous(count: usize) -> Option<u64> {
+    let mut map = FRAMES.lock();
+    let mut start = 0;
+    while start + count <= map.end {
+        match (start..start + count).find(|&f| !map.is_free(f)) {
+            None => {
+                (start..start + count).for_each(|f| map.set(f, true));
+                map.free -= count;
+                return Some(start as u64 * FRAME_SIZE);
+            }
+            Some(used) => start = used + 1,
+        }
+    }
+    None
+}
+
+/// One past the highest frame number the allocator manages.
+pub fn end_frame() -> usize {
+    FRAMES.lock().end
+}
+
 /// How many frames are free.
 pub fn free_count() -> usize {
     FRAMES.lock().free

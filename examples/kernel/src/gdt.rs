@@ -10,16 +10,8 @@ pub const KERNEL_CS: u16 = 0x08;
 /// Kernel data selector.
 pub const KERNEL_DS: u16 = 0x10;
 /// User data selector, RPL 3 (SYSRET loads STAR\[63:48\] + 8).
-#[expect(
-    dead_code,
-    reason = "for user mode, which the composition issue brings"
-)]
 pub const USER_DS: u16 = 0x18 | 3;
 /// 64-bit user code selector, RPL 3 (SYSRET loads STAR\[63:48\] + 16).
-#[expect(
-    dead_code,
-    reason = "for user mode, which the composition issue brings"
-)]
 pub const USER_CS: u16 = 0x20 | 3;
 /// The TSS selector (a 16-byte system descriptor).
 pub const TSS_SEL: u16 = 0x28;
@@ -123,10 +115,6 @@ pub unsafe fn init(cpu: usize) {
 /// # Safety
 /// Called on `cpu` itself (or before it runs user code), with `top` the top of a stack that
 /// stays valid while that CPU can run user code.
-#[expect(
-    dead_code,
-    reason = "for user mode, which the composition issue brings"
-)]
 pub unsafe fn set_kernel_stack(cpu: usize, top: u64) {
     // SAFETY: by the contract this CPU owns `TSS[cpu]`; the write is unaligned-safe.
     unsafe { addr_of_mut!(TSS[cpu].rsp[0]).write_unaligned(top) };

@@ -7,13 +7,16 @@ use core::{
 };
 
 use crate::{
+    apic,
     checks::{self, Check, Outcome},
-    ensure, fail, frames, gdt, idt, println,
+    ensure, fail, fault, framemeta, frames, gdt, idt, percpu, println,
     pvh::{self, BootInfo},
     qemu::{self, Exit},
-    serial,
+    sched, sched_checks, serial, smp,
     spin::SpinLock,
+    syscall,
     trap::{self, Handled, TrapFrame},
+    user_checks, usermode, vm, workqueue,
 };
 
 global_asm!(include_str!("boot.S"), options(att_syntax));
@@ -44,22 +47,100 @@ extern "C" fn kernel_main(start_info: u32) -> ! {
         }
     };
     *BOOT.lock() = Some(boot);
+    // Before the frame allocator: the ACPI tables may sit in memory it would hand out.
+    let cpus = smp::find_cpus(boot.rsdp);
     frames::init(&boot);
+    framemeta::init();
+    vm::init();
+    sched::init();
     println!(
         "boot: command line {:?}, {} frames free",
         boot.cmdline,
         frames::free_count()
     );
+    // SAFETY: the boot CPU, once, before anything uses per-CPU data.
+    unsafe { percpu::init(0, apic::id()) };
+    // SAFETY: ring 0, after the GDT and per-CPU data.
+    unsafe { syscall::init_this_cpu() };
+    fault::init();
+    smp::init();
+    usermode::init();
+    apic::init_this_cpu(true);
+    percpu::cpu(0).online.store(true, Ordering::Release);
+    match cpus {
+        Ok(cpus) => {
+            let memmap = boot.memmap.as_ptr() as u64;
+            let cmdline = boot.cmdline.as_ptr() as u64;
+            let loader_data = [
+                u64::from(start_info)..u64::from(start_info) + 56,
+                memmap..memmap + core::mem::size_of_val(boot.memmap) as u64,
+                cmdline..cmdline + boot.cmdline.len() as u64 + 1,
+            ];
+            let started = smp::start_aps(&cpus, &loader_data);
+            println!(
+                "smp: {} CPU(s) in the MADT{}, {} started",
+                cpus.count,
+                if cpus.ignored > 0 {
+                    " (more ignored)"
+                } else {
+                    ""
+                },
+                started
+            );
+            CPUS_FOUND.store(cpus.count, Ordering::Relaxed);
+        }
+        Err(why) => {
+            println!("smp: {why}; running on the boot CPU only");
+            CPUS_FOUND.store(1, Ordering::Relaxed);
+        }
+    }
+    println!(
+        "boot: {} CPU(s) online, xAPIC timer {} Hz ({} counts per tick; x2APIC {})",
+        percpu::online_count(),
+        apic::HZ,
+        apic::timer_counts_per_tick(),
+        if apic::x2apic_offered() {
+            "offered, unused"
+        } else {
+            "not offered"
+        }
+    );
+    workqueue::init();
+    if sched::spawn("checks", run_scenario, 0).is_none() {
+        println!("boot: cannot start the checks task");
+        qemu::exit(Exit::Failure);
+    }
+    sched::run()
+}
 
-    let scenario = boot.arg("scenario").unwrap_or("all");
+/// Recurses with a 1 KiB frame until the task's stack runs into its guard page.
+fn recurse(depth: u64) -> u64 {
+    let frame = core::hint::black_box([depth; 128]);
+    if depth == u64::MAX {
+        return frame[0];
+    }
+    recurse(core::hint::black_box(depth + 1)) + frame[depth as usize % 128]
+}
+
+/// How many CPUs the firmware described (1 when it described none).
+pub static CPUS_FOUND: AtomicUsize = AtomicUsize::new(1);
+
+/// The first task: runs the scenario named on the command line and ends the run.
+fn run_scenario(_: u64) -> i64 {
+    let scenario = boot_info().arg("scenario").unwrap_or("all");
     let tally = match scenario {
         "all" => checks::run(CHECKS),
-        // Deliberate failures: the runner's tests prove that each one turns the run red.
+        // Deliberate failures: the runner's tests prove that each one turns the run red
+        // (stack-overflow: a kernel task overflowing its stack is caught by the guard page).
         "fail-check" => checks::run(&[Check {
             name: "deliberate-failure",
             run: deliberate_failure,
         }]),
         "panic" => panic!("deliberate panic requested by scenario=panic"),
+        "stack-overflow" => {
+            let depth = recurse(0);
+            unreachable!("recursed {depth} levels without overflowing");
+        }
         "exception" => {
             // SAFETY: UD2 raises #UD, which no handler claims: the run must end red.
             unsafe { asm!("ud2", options(nomem, nostack)) };
@@ -111,6 +192,62 @@ const CHECKS: &[Check] = &[
     Check {
         name: "probes",
         run: check_probes,
+    },
+    Check {
+        name: "timer",
+        run: sched_checks::timer,
+    },
+    Check {
+        name: "preemption",
+        run: sched_checks::preemption,
+    },
+    Check {
+        name: "block-unblock",
+        run: sched_checks::block_unblock,
+    },
+    Check {
+        name: "smp",
+        run: sched_checks::smp,
+    },
+    Check {
+        name: "workqueue",
+        run: sched_checks::workqueue,
+    },
+    Check {
+        name: "user-syscalls",
+        run: user_checks::syscalls,
+    },
+    Check {
+        name: "user-preemption",
+        run: user_checks::user_preemption,
+    },
+    Check {
+        name: "task-exhaustion",
+        run: user_checks::exhaustion,
+    },
+    Check {
+        name: "user-isolation",
+        run: user_checks::isolation,
+    },
+    Check {
+        name: "demand-paging",
+        run: user_checks::demand_paging,
+    },
+    Check {
+        name: "fork-cow",
+        run: user_checks::fork_cow,
+    },
+    Check {
+        name: "orphans",
+        run: user_checks::orphans,
+    },
+    Check {
+        name: "fork-stress",
+        run: user_checks::fork_stress,
+    },
+    Check {
+        name: "fault-hook",
+        run: user_checks::fault_hook,
     },
 ];
 

@@ -1,6 +1,9 @@
 //! The oskit example kernel: a small x86-64 kernel that QEMU boots with `-kernel` (PVH), and that
 //! composes the oskit crates. `cargo xtask run` builds and boots it; see the workspace README.
 //!
+//! `README.md` next to `Cargo.toml` describes the design (scheduler, user mode, address
+//! spaces, SMP), the checks, and the kernel APIs the composition steps build on.
+//!
 //! It is built for `x86_64-unknown-none`. On any other target the binary only says so, which
 //! keeps `cargo build --workspace` and `cargo test --workspace` working on the host.
 
@@ -11,7 +14,13 @@
 #![allow(clippy::result_large_err)]
 
 #[cfg(target_os = "none")]
+mod apic;
+#[cfg(target_os = "none")]
 mod checks;
+#[cfg(target_os = "none")]
+mod fault;
+#[cfg(target_os = "none")]
+mod framemeta;
 #[cfg(target_os = "none")]
 mod frames;
 #[cfg(target_os = "none")]
@@ -21,15 +30,35 @@ mod idt;
 #[cfg(target_os = "none")]
 mod kmain;
 #[cfg(target_os = "none")]
+mod percpu;
+#[cfg(target_os = "none")]
 mod pvh;
 #[cfg(target_os = "none")]
 mod qemu;
 #[cfg(target_os = "none")]
+mod sched;
+#[cfg(target_os = "none")]
+mod sched_checks;
+#[cfg(target_os = "none")]
 mod serial;
+#[cfg(target_os = "none")]
+mod smp;
 #[cfg(target_os = "none")]
 mod spin;
 #[cfg(target_os = "none")]
+mod syscall;
+#[cfg(target_os = "none")]
 mod trap;
+#[cfg(target_os = "none")]
+mod ulib;
+#[cfg(target_os = "none")]
+mod user_checks;
+#[cfg(target_os = "none")]
+mod usermode;
+#[cfg(target_os = "none")]
+mod vm;
+#[cfg(target_os = "none")]
+mod workqueue;
 
 #[cfg(not(target_os = "none"))]
 fn main() {

@@ -44,6 +44,8 @@ pub struct BootInfo {
     pub memmap: &'static [MemmapEntry],
     /// The command line (`-append`), empty when none.
     pub cmdline: &'static str,
+    /// Physical address of the ACPI RSDP (0 when the loader gave none).
+    pub rsdp: u64,
 }
 
 impl BootInfo {
@@ -90,5 +92,9 @@ pub unsafe fn parse(paddr: u32) -> Result<BootInfo, &'static str> {
         let bytes = unsafe { core::ffi::CStr::from_ptr(info.cmdline_paddr as usize as *const _) };
         bytes.to_str().map_err(|_| "command line is not UTF-8")?
     };
-    Ok(BootInfo { memmap, cmdline })
+    Ok(BootInfo {
+        memmap,
+        cmdline,
+        rsdp: info.rsdp_paddr,
+    })
 }

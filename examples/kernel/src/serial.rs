@@ -52,6 +52,12 @@ pub fn print(args: fmt::Arguments<'_>) {
     let _ = CONSOLE.lock().write_fmt(args);
 }
 
+/// Writes raw bytes (a user task's output) to the console.
+pub fn write_bytes(bytes: &[u8]) {
+    let mut uart = CONSOLE.lock();
+    bytes.iter().for_each(|&b| uart.write_byte(b));
+}
+
 /// Writes formatted text even if the console lock is held, for the dying paths (panic, fatal
 /// exception) that may have interrupted a printer on this very CPU.
 pub fn print_emergency(args: fmt::Arguments<'_>) {

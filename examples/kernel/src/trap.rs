@@ -3,6 +3,13 @@
 //! Every vector has a 16-byte stub at `trap_stubs + 16 * vector` that pushes a zero error code
 //! when the CPU does not, then the vector number, and jumps to the common path, which saves the
 //! general registers into a [`TrapFrame`] and calls [`trap_dispatch`].
+//!
+//! A trap from ring 3 (saved CS with RPL 3) runs `swapgs` on entry and again on the way out
+//! (`trap_return`), so the kernel always finds its per-CPU data at `gs:0` (see
+//! [`crate::percpu`]). `trap_return` is also how new user tasks first enter ring 3.
+//!
+//! An exception no handler claims is fatal when it came from ring 0 (the run fails with the
+//! vector, error code, RIP and CR2), and kills only the task when it came from ring 3.
 
 use core::{
     arch::global_asm,
@@ -30,6 +37,10 @@ trap_stubs:
     .endr
 
 trap_common:
+    testb $3, 24(%rsp)
+    jz 1f
+    swapgs
+1:
     pushq %rax
     pushq %rbx
     pushq %rcx
@@ -48,6 +59,8 @@ trap_common:
     movq %rsp, %rdi
     cld
     call trap_dispatch
+    .global trap_return
+trap_return:
     popq %r15
     popq %r14
     popq %r13
@@ -63,6 +76,11 @@ trap_common:
     popq %rcx
     popq %rbx
     popq %rax
+    testb $3, 24(%rsp)
+    jz 2f
+    cli
+    swapgs
+2:
     addq $16, %rsp
     iretq
 "#,
@@ -76,7 +94,7 @@ unsafe extern "C" {
 
 /// The interrupted context as the stubs save it; handlers may change it before it resumes.
 #[repr(C)]
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 #[allow(missing_docs)]
 pub struct TrapFrame {
     pub r15: u64,
@@ -105,16 +123,40 @@ pub struct TrapFrame {
     pub ss: u64,
 }
 
+impl TrapFrame {
+    /// All registers zero.
+    pub const ZERO: Self = Self {
+        r15: 0,
+        r14: 0,
+        r13: 0,
+        r12: 0,
+        r11: 0,
+        r10: 0,
+        r9: 0,
+        r8: 0,
+        rbp: 0,
+        rdi: 0,
+        rsi: 0,
+        rdx: 0,
+        rcx: 0,
+        rbx: 0,
+        rax: 0,
+        vector: 0,
+        error_code: 0,
+        rip: 0,
+        cs: 0,
+        rflags: 0,
+        rsp: 0,
+        ss: 0,
+    };
+}
+
 /// Whether a handler dealt with a trap.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Handled {
     /// Resume the interrupted context.
     Yes,
-    /// Not this handler's trap: an exception becomes fatal.
-    #[expect(
-        dead_code,
-        reason = "for handlers that decline, which the composition issue brings"
-    )]
+    /// Not this handler's trap: an exception becomes fatal (in ring 3: kills the task).
     No,
 }
 
@@ -175,19 +217,60 @@ extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
             return;
         }
     }
+    if frame.is_from_user() {
+        kill_user(frame);
+    }
     fatal(frame);
+}
+
+impl TrapFrame {
+    /// Whether the trap interrupted ring 3.
+    pub fn is_from_user(&self) -> bool {
+        self.cs & 3 == 3
+    }
+}
+
+/// CR2: the address of the last page fault.
+pub fn cr2() -> u64 {
+    let cr2: u64;
+    // SAFETY: reading CR2 has no side effects.
+    unsafe { core::arch::asm!("mov {}, cr2", out(reg) cr2, options(nomem, nostack)) };
+    cr2
+}
+
+fn name_of(vector: usize) -> &'static str {
+    EXCEPTION_NAMES
+        .get(vector)
+        .copied()
+        .unwrap_or("unexpected interrupt")
+}
+
+/// Reports an exception a user task took and nobody resolved, and ends that task only.
+fn kill_user(frame: &TrapFrame) -> ! {
+    let vector = frame.vector as usize;
+    let pid = crate::sched::current().map_or(0, |t| t.pid());
+    crate::println!(
+        "user fault: task {pid:#x} ({}) on cpu {} killed by {} (vector {vector}) error={:#x} rip={:#x} cr2={:#x}",
+        crate::sched::current_name(),
+        crate::percpu::cpu_id(),
+        name_of(vector),
+        frame.error_code,
+        frame.rip,
+        cr2()
+    );
+    crate::sched::exit_current(crate::sched::EXIT_KILLED)
 }
 
 /// Reports an unhandled trap and fails the run.
 fn fatal(frame: &TrapFrame) -> ! {
-    let cr2: u64;
-    // SAFETY: reading CR2 has no side effects.
-    unsafe { core::arch::asm!("mov {}, cr2", out(reg) cr2, options(nomem, nostack)) };
+    let cr2 = cr2();
     let vector = frame.vector as usize;
-    let name = EXCEPTION_NAMES
-        .get(vector)
-        .copied()
-        .unwrap_or("unexpected interrupt");
+    let name = name_of(vector);
+    if let Some(slot) = crate::sched::stack_guard_slot(cr2) {
+        crate::serial::print_emergency(format_args!(
+            "\nkernel stack overflow: task slot {slot} ran into its guard page at {cr2:#x}"
+        ));
+    }
     crate::serial::print_emergency(format_args!(
         "\nEXCEPTION: {name} (vector {vector}) error={:#x} rip={:#x} cr2={cr2:#x} cs={:#x} rsp={:#x} rflags={:#x}\n",
         frame.error_code, frame.rip, frame.cs, frame.rsp, frame.rflags
