@@ -266,6 +266,7 @@ fn boot_stages(suite: &mut Suite) {
         ),
         ("panic", "PANIC: panicked at"),
         ("exception", "EXCEPTION: #UD invalid opcode (vector 6)"),
+        ("stack-overflow", "EXCEPTION: #DF double fault (vector 8)"),
     ];
     for (scenario, expected) in red {
         suite.stage(
