@@ -195,18 +195,27 @@ impl PageTable for ContSpace<'_> {
         };
         let end = i.saturating_add(nr).min(self.entries.len());
         while i < end {
-            if self.folded(i) && !(i % CONT == 0 && end - i >= CONT) {
-                // Only part of a folded block changes: unfold it first.
-                self.unfold(i);
+            let n = if self.folded(i) {
+                if i % CONT == 0 && end - i >= CONT {
+                    // The whole block changes: keep it folded.
+                    CONT
+                } else {
+                    // Only part of a folded block changes: unfold it first.
+                    self.unfold(i);
+                    1
+                }
+            } else {
+                1
+            };
+            for k in i..i + n {
+                let e = self.entries[k];
+                if Arm64Pte::is_writable(e) {
+                    self.entries[k] = Arm64Pte::wrprotect(e);
+                    self.stats.writes += 1;
+                    self.stats.wrprotects += 1;
+                }
             }
-            let e = self.entries[i];
-            if Arm64Pte::is_writable(e) {
-                // A folded entry keeps its contiguous bit: the whole block is covered.
-                self.entries[i] = Arm64Pte::wrprotect(e);
-                self.stats.writes += 1;
-                self.stats.wrprotects += 1;
-            }
-            i += 1;
+            i += n;
         }
     }
 
