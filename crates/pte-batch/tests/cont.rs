@@ -1,4 +1,5 @@
 //! The arm64-style contiguous-bit backend: folding, unfolding, and what fork and zap cost on it.
+#![allow(clippy::needless_range_loop)]
 
 use oskit_pte_batch::hal::PAGE_SIZE;
 use oskit_pte_batch::sim::{ContSpace, SimFolios, SimPage};
@@ -165,7 +166,6 @@ fn zap_of_whole_blocks_needs_no_unfold() {
     let mut zap = Zap::new(&mut folios, vma);
     zap.zap_range(&mut t, a(8), a(64)).unwrap();
     assert_eq!(zap.rss().file, -56);
-    drop(zap);
     assert_eq!(t.stats().unfolds, 1, "only the partially zapped block 0");
     assert!(t.entries()[8..64].iter().all(|&e| e == 0));
     assert!(
@@ -216,7 +216,7 @@ fn contiguous_backend_batched_equals_reference() {
         let mut pfn = PFN;
         while pfn < PFN + 1024 {
             let mut order = [0u8, 2, 4, 4, 5, 6][rng.below(6) as usize];
-            while pfn % (1 << order) != 0 {
+            while !pfn.is_multiple_of(1 << order) {
                 order -= 1;
             }
             folios.add_folio(pfn, order, rng.below(2) == 0).unwrap();
@@ -240,7 +240,7 @@ fn contiguous_backend_batched_equals_reference() {
                 continue;
             }
             // Aligned runs go in with set_ptes (and may fold), the rest one by one.
-            if i % 16 == 0 && first % 16 == 0 && rng.below(2) == 0 {
+            if i.is_multiple_of(16) && first.is_multiple_of(16) && rng.below(2) == 0 {
                 parent.set_ptes(a(i), Arm64Pte::with_pfn(flags, first), len);
             } else {
                 for k in 0..len {
@@ -252,7 +252,6 @@ fn contiguous_backend_batched_equals_reference() {
             }
             i += len;
         }
-        drop(parent);
         let (mut pm2, mut pages2) = (pm.clone(), pages.clone());
         let (mut cm, mut cm2) = (vec![0u64; 512], vec![0u64; 512]);
         let vma = if seed % 3 == 0 {

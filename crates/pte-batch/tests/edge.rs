@@ -1,4 +1,5 @@
 //! One test per edge case of batch detection, copy and zap.
+#![allow(clippy::needless_range_loop)]
 
 mod common;
 

@@ -1,4 +1,5 @@
 //! Property tests: the batched copy and zap equal the per-PTE reference on random address
+#![allow(clippy::needless_range_loop)]
 //! spaces, and keep the accounting invariants.
 
 mod common;
