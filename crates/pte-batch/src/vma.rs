@@ -70,3 +70,11 @@ pub struct Rss {
     /// Swap entries.
     pub swap: i64,
 }
+
+impl core::ops::AddAssign for Rss {
+    fn add_assign(&mut self, other: Self) {
+        self.anon += other.anon;
+        self.file += other.file;
+        self.swap += other.swap;
+    }
+}

@@ -78,6 +78,16 @@ impl<T: FrameAlloc + ?Sized> FrameAlloc for &mut T {
     }
 }
 
+/// No frames: for an address space that only loses or changes entries (a fork's parent).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoFrames;
+
+impl FrameAlloc for NoFrames {
+    fn alloc_frame(&mut self) -> Option<u64> {
+        None
+    }
+}
+
 /// TLB invalidation for one address space.
 pub trait TlbFlush {
     /// Invalidates `[start, end)` of the address space whose PML4 is at `root`.
