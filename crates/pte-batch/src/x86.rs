@@ -1,34 +1,319 @@
-//! Real x86-64 backend: the 4-level/5-level page-table entry format and TLB invalidation.
+//! Real x86-64 backend: walks a live 4-level x86-64 page-table hierarchy through a
+//! physical-memory window, allocates the child's tables, updates entries atomically (the MMU
+//! sets accessed/dirty concurrently), and invalidates the TLB with `INVLPG` / a CR3 reload.
+//!
+//! A kernel forking a user address space builds one [`X86PageTables`] for the parent (its PML4)
+//! and one for the child (a fresh, zeroed PML4 whose kernel half it has already filled), then
+//! calls [`Fork::copy_range`](crate::Fork::copy_range) for each VMA.
 
-use crate::hal::PteFormat;
+use core::cell::Cell;
+use core::ptr::NonNull;
+use core::sync::atomic::{AtomicU64, Ordering};
 
-/// The x86-64 PTE format (Intel SDM Vol. 3A, 4.5).
+use crate::Error;
+use crate::format::{X86Flags, X86Pte};
+use crate::hal::{PAGE_SIZE, PTRS_PER_TABLE, PageTable, PteFormat};
+
+/// Physical address bits of an upper-level entry (a table's frame).
+const ADDR_MASK: u64 = X86Pte::PFN_MASK;
+/// PS: the entry maps a huge page rather than a table (PDPT and PD levels).
+const HUGE: u64 = 1 << 7;
+/// What an upper-level entry pointing to a new table carries: the leaf decides permissions.
+const TABLE_FLAGS: u64 = X86Flags::PRESENT.bits() | X86Flags::RW.bits() | X86Flags::USER.bits();
+
+/// Access to page-table frames by physical address.
+///
+/// # Safety
+/// For every 4 KiB-aligned `phys` for which [`table`](Self::table) returns `Some(p)`, `p` must be
+/// valid for atomic reads and writes of 512 `u64`s for as long as the window is used, and the
+/// same frame must always give the same pointer.
+pub unsafe trait PhysWindow {
+    /// A pointer to the frame at `phys`, or `None` if the window does not cover it.
+    fn table(&self, phys: u64) -> Option<NonNull<u64>>;
+}
+
+/// The kernel's direct map: physical memory `[0, limit)` mapped at `offset`.
 #[derive(Debug, Clone, Copy)]
-pub struct X86_64;
+pub struct DirectMap {
+    offset: u64,
+    limit: u64,
+}
 
-const PRESENT: u64 = 1;
-const PFN_MASK: u64 = 0x000f_ffff_ffff_f000;
-
-impl PteFormat for X86_64 {
-    fn is_present(pte: u64) -> bool {
-        pte & PRESENT != 0
-    }
-
-    fn pfn(pte: u64) -> u64 {
-        (pte & PFN_MASK) >> 12
-    }
-
-    fn advance_pfn(pte: u64, nr: u64) -> u64 {
-        let pfn = Self::pfn(pte).wrapping_add(nr) << 12;
-        (pte & !PFN_MASK) | (pfn & PFN_MASK)
+impl DirectMap {
+    /// A window seeing physical address `p < limit` at virtual address `offset + p`.
+    ///
+    /// # Safety
+    /// `[offset, offset + limit)` must be mapped read/write to physical `[0, limit)` for as long
+    /// as the window is used.
+    pub const unsafe fn new(offset: u64, limit: u64) -> Self {
+        Self { offset, limit }
     }
 }
 
-/// Invalidates the TLB entry of the page holding `vaddr` on this CPU.
+// SAFETY: `new`'s contract: every covered frame is mapped at `offset + phys`; frames at or past
+// `limit` (and misaligned addresses) are refused.
+unsafe impl PhysWindow for DirectMap {
+    fn table(&self, phys: u64) -> Option<NonNull<u64>> {
+        if !phys.is_multiple_of(PAGE_SIZE) || phys.checked_add(PAGE_SIZE)? > self.limit {
+            return None;
+        }
+        let va = self.offset.checked_add(phys)?;
+        if !va.is_multiple_of(PAGE_SIZE) {
+            return None;
+        }
+        NonNull::new(usize::try_from(va).ok()? as *mut u64)
+    }
+}
+
+/// Frames for new page tables.
+pub trait FrameAlloc {
+    /// A free 4 KiB frame's physical address (it is zeroed by the caller of this method), or
+    /// `None` when memory is exhausted.
+    fn alloc_frame(&mut self) -> Option<u64>;
+}
+
+impl<T: FrameAlloc + ?Sized> FrameAlloc for &mut T {
+    fn alloc_frame(&mut self) -> Option<u64> {
+        (**self).alloc_frame()
+    }
+}
+
+/// No frames: for an address space that only loses or changes entries (a fork's parent).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoFrames;
+
+impl FrameAlloc for NoFrames {
+    fn alloc_frame(&mut self) -> Option<u64> {
+        None
+    }
+}
+
+/// TLB invalidation for one address space.
+pub trait TlbFlush {
+    /// Invalidates `[start, end)` of the address space whose PML4 is at `root`.
+    fn flush_range(&mut self, root: u64, start: u64, end: u64);
+}
+
+/// Invalidates this CPU's TLB with `INVLPG` (up to [`X86Tlb::INVLPG_MAX`] pages) or a CR3 reload,
+/// when `root` is the active address space; an inactive one holds no entries (no PCID).
+#[derive(Debug, Clone, Copy)]
+pub struct X86Tlb(());
+
+impl X86Tlb {
+    /// Above this many pages a CR3 reload is cheaper than `INVLPG`s.
+    pub const INVLPG_MAX: u64 = 32;
+
+    /// The TLB of the CPU running the code.
+    ///
+    /// # Safety
+    /// Ring 0 only (`MOV CR3` and `INVLPG` are privileged), without PCIDs in use. Other CPUs
+    /// running the address space need a shootdown the kernel does itself.
+    pub const unsafe fn new() -> Self {
+        Self(())
+    }
+}
+
+impl TlbFlush for X86Tlb {
+    fn flush_range(&mut self, root: u64, start: u64, end: u64) {
+        // SAFETY: `X86Tlb::new`'s contract: ring 0. Reading CR3 has no side effect.
+        let cr3 = unsafe { ::x86::controlregs::cr3() };
+        if cr3 & ADDR_MASK != root & ADDR_MASK {
+            return;
+        }
+        let pages = end.saturating_sub(start) / PAGE_SIZE;
+        if pages > Self::INVLPG_MAX {
+            // SAFETY: ring 0 (contract of `new`); rewriting CR3 with its own value only drops
+            // non-global translations.
+            unsafe { ::x86::controlregs::cr3_write(cr3) };
+            return;
+        }
+        for i in 0..pages {
+            // SAFETY: ring 0 (contract of `new`); INVLPG only drops a cached translation.
+            unsafe { ::x86::tlb::flush((start + i * PAGE_SIZE) as usize) };
+        }
+    }
+}
+
+/// No TLB to flush: an address space that is not loaded on any CPU (a child being built).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoTlb;
+
+impl TlbFlush for NoTlb {
+    fn flush_range(&mut self, _root: u64, _start: u64, _end: u64) {}
+}
+
+/// A live x86-64 4-level address space, as a [`PageTable`] over its last-level tables.
 ///
-/// # Safety
-/// Ring 0 only (`INVLPG` is privileged); the caller must be running on the CPU whose TLB it means.
-pub unsafe fn flush_page(vaddr: usize) {
-    // SAFETY: forwarded from the caller: ring 0. INVLPG only drops a cached translation.
-    unsafe { ::x86::tlb::flush(vaddr) }
+/// Upper levels are walked through the window on each table change (the last table found is
+/// cached). Huge (PS) mappings at the PDPT/PD level are not last-level tables and read as
+/// absent; a physical address the window does not cover reads as absent too, so a corrupt
+/// table cannot lead the walker out of the window.
+pub struct X86PageTables<W: PhysWindow, A: FrameAlloc, T: TlbFlush> {
+    root: u64,
+    window: W,
+    alloc: A,
+    tlb: T,
+    /// (address >> 21, last-level table frame) of the last walk.
+    cache: Cell<Option<(u64, u64)>>,
+}
+
+impl<W: PhysWindow, A: FrameAlloc, T: TlbFlush> X86PageTables<W, A, T> {
+    /// The address space whose PML4 is the frame at `root` (its low 12 bits are ignored).
+    ///
+    /// # Safety
+    /// `root` and every table reachable from it that the window covers must be page-table
+    /// frames owned by this address space, not freed or changed by anyone else while this value
+    /// is used except for the MMU's accessed/dirty updates (hold the kernel's page-table lock).
+    /// Frames from `alloc` must be unused and covered by the window.
+    pub unsafe fn new(root: u64, window: W, alloc: A, tlb: T) -> Self {
+        Self {
+            root: root & ADDR_MASK,
+            window,
+            alloc,
+            tlb,
+            cache: Cell::new(None),
+        }
+    }
+
+    /// The PML4's physical address.
+    pub fn root(&self) -> u64 {
+        self.root
+    }
+
+    /// Gives back the window, allocator and TLB.
+    pub fn into_parts(self) -> (W, A, T) {
+        (self.window, self.alloc, self.tlb)
+    }
+
+    /// The slot for `index` in the table at `phys`.
+    fn slot(&self, phys: u64, index: usize) -> Option<&AtomicU64> {
+        let table = self.window.table(phys)?;
+        debug_assert!(index < PTRS_PER_TABLE);
+        // SAFETY: the window guarantees 512 valid u64s at `table` for its lifetime, which
+        // outlives `&self`; `index < 512` (all callers mask 9 bits); entries are only accessed
+        // atomically by this code and the MMU.
+        Some(unsafe { AtomicU64::from_ptr(table.as_ptr().add(index & (PTRS_PER_TABLE - 1))) })
+    }
+
+    fn index(addr: u64, level: u32) -> usize {
+        ((addr >> (12 + 9 * level)) & 0x1ff) as usize
+    }
+
+    /// The last-level table mapping `addr`, if every upper level is present.
+    fn walk(&self, addr: u64) -> Option<u64> {
+        let key = addr >> 21;
+        if let Some((k, t)) = self.cache.get()
+            && k == key
+        {
+            return Some(t);
+        }
+        let mut table = self.root;
+        for level in [3, 2, 1] {
+            let e = self
+                .slot(table, Self::index(addr, level))?
+                .load(Ordering::Acquire);
+            if e & X86Flags::PRESENT.bits() == 0 || (level < 3 && e & HUGE != 0) {
+                return None;
+            }
+            table = e & ADDR_MASK;
+        }
+        self.window.table(table)?;
+        self.cache.set(Some((key, table)));
+        Some(table)
+    }
+
+    fn leaf(&self, addr: u64) -> Option<&AtomicU64> {
+        let t = self.walk(addr)?;
+        self.slot(t, Self::index(addr, 0))
+    }
+
+    /// Walks to `addr`'s last-level table, allocating missing levels.
+    fn walk_alloc(&mut self, addr: u64) -> Result<u64, Error> {
+        if let Some(t) = self.walk(addr) {
+            return Ok(t);
+        }
+        let mut table = self.root;
+        for level in [3, 2, 1] {
+            let slot = self
+                .slot(table, Self::index(addr, level))
+                .ok_or(Error::NoMemory)?;
+            let e = slot.load(Ordering::Acquire);
+            if e & X86Flags::PRESENT.bits() != 0 {
+                if level < 3 && e & HUGE != 0 {
+                    // A huge mapping is in the way: not ours to split.
+                    return Err(Error::InvalidRange);
+                }
+                table = e & ADDR_MASK;
+                continue;
+            }
+            let frame = self.alloc.alloc_frame().ok_or(Error::NoMemory)? & ADDR_MASK;
+            for i in 0..PTRS_PER_TABLE {
+                self.slot(frame, i)
+                    .ok_or(Error::NoMemory)?
+                    .store(0, Ordering::Relaxed);
+            }
+            // Release: the zeroed table is visible before the entry pointing to it.
+            self.slot(table, Self::index(addr, level))
+                .ok_or(Error::NoMemory)?
+                .store(frame | TABLE_FLAGS, Ordering::Release);
+            table = frame;
+        }
+        self.cache.set(Some((addr >> 21, table)));
+        Ok(table)
+    }
+}
+
+impl<W: PhysWindow, A: FrameAlloc, T: TlbFlush> PageTable for X86PageTables<W, A, T> {
+    type Format = X86Pte;
+
+    fn get(&self, addr: u64) -> u64 {
+        self.leaf(addr).map_or(0, |s| s.load(Ordering::Relaxed))
+    }
+
+    fn set(&mut self, addr: u64, pte: u64) {
+        if let Some(s) = self.leaf(addr) {
+            s.store(pte, Ordering::Relaxed);
+        }
+    }
+
+    fn set_ptes(&mut self, addr: u64, pte: u64, nr: usize) {
+        let Some(t) = self.walk(addr) else { return };
+        let first = Self::index(addr, 0);
+        let last = first.saturating_add(nr).min(PTRS_PER_TABLE);
+        let mut pte = pte;
+        for i in first..last {
+            if let Some(s) = self.slot(t, i) {
+                s.store(pte, Ordering::Relaxed);
+            }
+            pte = X86Pte::advance_pfn(pte, 1);
+        }
+    }
+
+    fn wrprotect_ptes(&mut self, addr: u64, nr: usize) {
+        let Some(t) = self.walk(addr) else { return };
+        let first = Self::index(addr, 0);
+        let last = first.saturating_add(nr).min(PTRS_PER_TABLE);
+        for i in first..last {
+            if let Some(s) = self.slot(t, i) {
+                // Atomic: an accessed/dirty update by the MMU in between is kept.
+                s.fetch_and(!X86Flags::RW.bits(), Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn get_and_clear(&mut self, addr: u64) -> u64 {
+        self.leaf(addr).map_or(0, |s| s.swap(0, Ordering::Relaxed))
+    }
+
+    fn flush_tlb_range(&mut self, start: u64, end: u64) {
+        self.tlb.flush_range(self.root, start, end);
+    }
+
+    fn has_table(&self, addr: u64) -> bool {
+        self.walk(addr).is_some()
+    }
+
+    fn prepare(&mut self, addr: u64) -> Result<(), Error> {
+        self.walk_alloc(addr).map(|_| ())
+    }
 }

@@ -1,0 +1,218 @@
+//! Copy (fork) and zap (munmap) of 65,536 PTEs (256 MiB) mapping folios of 4 KiB, 16 KiB,
+//! 64 KiB and 2 MiB: batched vs the per-PTE reference, in the same group.
+//!
+//! Also prints, once, the page-table writes, write-protects and TLB operations per MiB for the
+//! x86 model and the arm64 contiguous-bit model.
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use criterion::{BatchSize, BenchmarkId, Criterion, criterion_group, criterion_main};
+use oskit_pte_batch::hal::PAGE_SIZE;
+use oskit_pte_batch::sim::{ContSpace, SimFolios, SimPage, SimSpace, TableStats};
+use oskit_pte_batch::{
+    Arm64Pte, Fork, PteFormat, Rss, VmFlags, Vma, X86Flags, X86Pte, Zap, reference,
+};
+
+const N: usize = 65_536;
+const BASE: u64 = 0x7f00_0000_0000;
+const PFN: u64 = 0x10_0000;
+const SIZES: [(&str, u8); 4] = [("4K", 0), ("16K", 2), ("64K", 4), ("2M", 9)];
+
+fn vma(page_prot: u64) -> Vma {
+    Vma::new(VmFlags::MAYWRITE | VmFlags::WRITE, page_prot)
+}
+
+/// A parent mapping all N pages writable, dirty and young, anon folios of `order`.
+fn world<F: PteFormat>(order: u8, flags: u64) -> (Vec<u64>, Vec<SimPage>) {
+    let mut pages = vec![SimPage::default(); N];
+    let mut f = SimFolios::new(PFN, &mut pages);
+    let mut parent = vec![0u64; N];
+    for k in (0..N as u64).step_by(1 << order) {
+        f.add_folio(PFN + k, order, true).unwrap();
+    }
+    for (k, e) in parent.iter_mut().enumerate() {
+        *e = F::with_pfn(flags, PFN + k as u64);
+        f.account_mapping(PFN + k as u64);
+    }
+    (parent, pages)
+}
+
+fn x86_flags() -> u64 {
+    (X86Flags::PRESENT
+        | X86Flags::RW
+        | X86Flags::USER
+        | X86Flags::ACCESSED
+        | X86Flags::DIRTY
+        | X86Flags::NX)
+        .bits()
+}
+
+fn end() -> u64 {
+    BASE + (N as u64) * PAGE_SIZE
+}
+
+fn copy_batched(parent: &mut [u64], pages: &mut [SimPage], child: &mut [u64]) -> Rss {
+    let mut f = SimFolios::from_pages(PFN, pages);
+    let mut p = SimSpace::<X86Pte>::new(BASE, parent);
+    let mut c = SimSpace::<X86Pte>::new(BASE, child);
+    let v = vma(X86Pte::USER_READONLY);
+    let mut fork = Fork::new(&mut f, v, v);
+    fork.copy_range(&mut c, &mut p, BASE, end()).unwrap();
+    fork.rss()
+}
+
+fn copy_reference(parent: &mut [u64], pages: &mut [SimPage], child: &mut [u64]) -> Rss {
+    let mut f = SimFolios::from_pages(PFN, pages);
+    let mut p = SimSpace::<X86Pte>::new(BASE, parent);
+    let mut c = SimSpace::<X86Pte>::new(BASE, child);
+    let v = vma(X86Pte::USER_READONLY);
+    let mut rss = Rss::default();
+    reference::copy_range(&mut c, &mut p, &mut f, v, v, BASE, end(), &mut rss).unwrap();
+    rss
+}
+
+fn zap_batched(parent: &mut [u64], pages: &mut [SimPage]) -> Rss {
+    let mut f = SimFolios::from_pages(PFN, pages);
+    let mut p = SimSpace::<X86Pte>::new(BASE, parent);
+    let mut zap = Zap::new(&mut f, vma(X86Pte::USER_READONLY));
+    zap.zap_range(&mut p, BASE, end()).unwrap();
+    zap.rss()
+}
+
+fn zap_reference(parent: &mut [u64], pages: &mut [SimPage]) -> Rss {
+    let mut f = SimFolios::from_pages(PFN, pages);
+    let mut p = SimSpace::<X86Pte>::new(BASE, parent);
+    let mut rss = Rss::default();
+    reference::zap_range(
+        &mut p,
+        &mut f,
+        vma(X86Pte::USER_READONLY),
+        BASE,
+        end(),
+        &mut rss,
+    )
+    .unwrap();
+    rss
+}
+
+fn bench_copy(c: &mut Criterion) {
+    let mut g = c.benchmark_group("copy_65536_ptes");
+    g.sample_size(10)
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(1));
+    for (name, order) in SIZES {
+        let (parent, pages) = world::<X86Pte>(order, x86_flags());
+        for (label, f) in [
+            (
+                "batched",
+                copy_batched as fn(&mut [u64], &mut [SimPage], &mut [u64]) -> Rss,
+            ),
+            ("per_pte", copy_reference),
+        ] {
+            g.bench_with_input(BenchmarkId::new(label, name), &order, |b, _| {
+                b.iter_batched(
+                    || (parent.clone(), pages.clone(), vec![0u64; N]),
+                    |(mut p, mut pg, mut ch)| black_box(f(&mut p, &mut pg, &mut ch)),
+                    BatchSize::LargeInput,
+                )
+            });
+        }
+    }
+    g.finish();
+}
+
+fn bench_zap(c: &mut Criterion) {
+    let mut g = c.benchmark_group("zap_65536_ptes");
+    g.sample_size(10)
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(1));
+    for (name, order) in SIZES {
+        let (parent, pages) = world::<X86Pte>(order, x86_flags());
+        for (label, f) in [
+            (
+                "batched",
+                zap_batched as fn(&mut [u64], &mut [SimPage]) -> Rss,
+            ),
+            ("per_pte", zap_reference),
+        ] {
+            g.bench_with_input(BenchmarkId::new(label, name), &order, |b, _| {
+                b.iter_batched(
+                    || (parent.clone(), pages.clone()),
+                    |(mut p, mut pg)| black_box(f(&mut p, &mut pg)),
+                    BatchSize::LargeInput,
+                )
+            });
+        }
+    }
+    g.finish();
+}
+
+/// Page-table and TLB operations per MiB of a fork of the arm64 contiguous-bit model, whose
+/// parent was populated with `set_ptes` (so large folios are folded).
+fn arm64_ops(order: u8, batched: bool) -> (TableStats, TableStats) {
+    let flags = Arm64Pte::USER_READONLY | Arm64Pte::DBM;
+    let (raw, mut pages) = world::<Arm64Pte>(order, flags & !Arm64Pte::RDONLY);
+    let mut parent = vec![0u64; N];
+    let mut child = vec![0u64; N];
+    let mut p = ContSpace::new(BASE, &mut parent);
+    let nr = 1usize << order;
+    for k in (0..N).step_by(nr) {
+        oskit_pte_batch::PageTable::set_ptes(&mut p, BASE + k as u64 * PAGE_SIZE, raw[k], nr);
+    }
+    p.reset_stats();
+    let mut c = ContSpace::new(BASE, &mut child);
+    let mut f = SimFolios::from_pages(PFN, &mut pages);
+    let v = vma(Arm64Pte::USER_READONLY);
+    if batched {
+        let mut fork = Fork::new(&mut f, v, v);
+        fork.copy_range(&mut c, &mut p, BASE, end()).unwrap();
+    } else {
+        let mut rss = Rss::default();
+        reference::copy_range(&mut c, &mut p, &mut f, v, v, BASE, end(), &mut rss).unwrap();
+    }
+    (p.stats(), c.stats())
+}
+
+fn x86_ops(order: u8, batched: bool) -> TableStats {
+    let (mut parent, mut pages) = world::<X86Pte>(order, x86_flags());
+    let mut child = vec![0u64; N];
+    let mut f = SimFolios::from_pages(PFN, &mut pages);
+    let mut p = SimSpace::<X86Pte>::new(BASE, &mut parent);
+    let mut c = SimSpace::<X86Pte>::new(BASE, &mut child);
+    let v = vma(X86Pte::USER_READONLY);
+    if batched {
+        let mut fork = Fork::new(&mut f, v, v);
+        fork.copy_range(&mut c, &mut p, BASE, end()).unwrap();
+    } else {
+        let mut rss = Rss::default();
+        reference::copy_range(&mut c, &mut p, &mut f, v, v, BASE, end(), &mut rss).unwrap();
+    }
+    p.stats()
+}
+
+fn report_ops(_c: &mut Criterion) {
+    let mib = (N as u64 * PAGE_SIZE) >> 20;
+    eprintln!("\nfork operations per MiB (256 MiB copied, COW, all writable):");
+    eprintln!(
+        "folio | impl    | x86 parent wrprotects | x86 TLB flushes | arm64 parent unfolds | arm64 parent TLBI | arm64 child folds"
+    );
+    for (name, order) in SIZES {
+        for batched in [true, false] {
+            let x = x86_ops(order, batched);
+            let (ap, ac) = arm64_ops(order, batched);
+            eprintln!(
+                "{name:>5} | {:7} | {:>21.1} | {:>15.3} | {:>20.2} | {:>17.2} | {:>17.2}",
+                if batched { "batched" } else { "per_pte" },
+                x.wrprotects as f64 / mib as f64,
+                x.tlb_flushes as f64 / mib as f64,
+                ap.unfolds as f64 / mib as f64,
+                ap.tlb_flushes as f64 / mib as f64,
+                ac.folds as f64 / mib as f64,
+            );
+        }
+    }
+}
+
+criterion_group!(benches, report_ops, bench_copy, bench_zap);
+criterion_main!(benches);
