@@ -225,19 +225,20 @@ fn a_failed_rebind_leaves_only_that_binding_dead() {
         ),
         "{r:?}"
     );
-    let ch = w.events.channels();
-    let dead: Vec<_> = w
-        .bindings
-        .iter()
-        .filter(|b| ch.info(b.irq).unwrap().port == 0)
-        .collect();
+    let dead: Vec<u32> = {
+        let ch = w.events.channels();
+        w.bindings
+            .iter()
+            .filter(|b| ch.info(b.irq).unwrap().port == 0)
+            .map(|b| b.irq)
+            .collect()
+    };
     assert_eq!(dead.len(), 1, "exactly the failed binding has no port");
-    drop(ch);
     let live: Vec<_> = w
         .bindings
         .iter()
         .copied()
-        .filter(|b| !dead.iter().any(|d| d.irq == b.irq))
+        .filter(|b| !dead.contains(&b.irq))
         .collect();
     assert_delivers(&w.host, &mut w.events, &live);
     // The next restore binds it again.
