@@ -11,7 +11,11 @@ pub mod xen_suspend;
 pub type Harness = fn(&[u8]);
 
 /// Every fuzz target by name (the name of its `[[bin]]` and of its `corpus/` folder).
-pub const TARGETS: &[(&str, Harness)] = &[("xen_suspend_cpuid", xen_suspend::cpuid)];
+pub const TARGETS: &[(&str, Harness)] = &[
+    ("xen_suspend_cpuid", xen_suspend::cpuid),
+    ("xen_suspend_request", xen_suspend::request),
+    ("xen_suspend_faults", xen_suspend::faults),
+];
 
 /// Cuts arbitrary bytes into little-endian `u32`s (a short tail is zero-padded).
 pub fn words(data: &[u8]) -> impl Iterator<Item = u32> + '_ {
