@@ -26,6 +26,8 @@ pub mod errno {
     pub const ENOSYS: i32 = 38;
     /// No such entry.
     pub const ENOENT: i32 = 2;
+    /// No such device.
+    pub const ENODEV: i32 = 19;
 }
 
 /// A step of [`crate::Machine::suspend`] that can fail.
@@ -98,6 +100,10 @@ pub enum Error {
     Hypervisor(i32),
     /// A xenstore access failed with this errno.
     Store(i32),
+    /// Not running on Xen (`ENODEV`).
+    NotXen,
+    /// A hypercall-page address that is not page-aligned (`EINVAL`).
+    Unaligned,
 }
 
 impl Error {
@@ -106,7 +112,8 @@ impl Error {
         match *self {
             Error::Busy => errno::EBUSY,
             Error::Suspend { errno, .. } => errno,
-            Error::BadPort(_) | Error::OutOfRange => errno::EINVAL,
+            Error::BadPort(_) | Error::OutOfRange | Error::Unaligned => errno::EINVAL,
+            Error::NotXen => errno::ENODEV,
             Error::NoIrq => errno::ENOSPC,
             Error::AlreadyBound => errno::EEXIST,
             Error::Hypervisor(e) | Error::Store(e) => e,
@@ -132,6 +139,8 @@ impl fmt::Display for Error {
             Error::OutOfRange => f.write_str("VIRQ, IPI or CPU out of range"),
             Error::Hypervisor(e) => write!(f, "event-channel hypercall failed (errno {e})"),
             Error::Store(e) => write!(f, "xenstore access failed (errno {e})"),
+            Error::NotXen => f.write_str("not running on Xen"),
+            Error::Unaligned => f.write_str("hypercall page not page-aligned"),
         }
     }
 }

@@ -407,3 +407,57 @@ impl<T: XenStore + ?Sized> XenStore for &mut T {
         (**self).write(txn, path, value)
     }
 }
+
+/// What Xen's CPUID leaves say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct XenCpuid {
+    /// Base leaf (`0x4000_0000` or `0x4000_0100`, ...).
+    pub base: u32,
+    /// Xen major version (leaf base+1, EAX[31:16]).
+    pub major: u16,
+    /// Xen minor version (leaf base+1, EAX[15:0]).
+    pub minor: u16,
+    /// Number of hypercall pages (leaf base+2, EAX).
+    pub hypercall_pages: u32,
+    /// MSR that installs the hypercall page (leaf base+2, EBX).
+    pub hypercall_msr: u32,
+}
+
+/// Detects Xen: its base leaf, version and hypercall-page MSR. [`crate::Error::NotXen`] when
+/// not running on Xen (bare metal, KVM, Hyper-V, ...).
+pub fn detect(cpu: &impl Cpuid) -> Result<XenCpuid, crate::Error> {
+    let base = find_xen_base(cpu).ok_or(crate::Error::NotXen)?;
+    let [version, ..] = cpu.cpuid(base + 1);
+    let [pages, msr, ..] = cpu.cpuid(base + 2);
+    Ok(XenCpuid {
+        base,
+        major: (version >> 16) as u16,
+        minor: version as u16,
+        hypercall_pages: pages,
+        hypercall_msr: msr,
+    })
+}
+
+/// The instruction that enters the hypervisor from an HVM guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HypercallInsn {
+    /// Intel VMX: `vmcall`.
+    Vmcall,
+    /// AMD SVM (and Hygon): `vmmcall`.
+    Vmmcall,
+}
+
+/// Picks `vmcall` or `vmmcall` from the CPU vendor (leaf 0); `None` for unknown vendors, which
+/// should use the hypercall page instead.
+pub fn hypercall_insn(cpu: &impl Cpuid) -> Option<HypercallInsn> {
+    let [_, ebx, ecx, edx] = cpu.cpuid(0);
+    let mut vendor = [0u8; 12];
+    vendor[0..4].copy_from_slice(&ebx.to_le_bytes());
+    vendor[4..8].copy_from_slice(&edx.to_le_bytes());
+    vendor[8..12].copy_from_slice(&ecx.to_le_bytes());
+    match &vendor {
+        b"GenuineIntel" => Some(HypercallInsn::Vmcall),
+        b"AuthenticAMD" | b"HygonGenuine" => Some(HypercallInsn::Vmmcall),
+        _ => None,
+    }
+}
