@@ -140,6 +140,10 @@ impl<'a> EventChannels<'a> {
     }
 
     /// Binds VIRQ `virq` of `cpu`: a new IRQ, its port from the hypervisor, unmasked.
+    ///
+    /// A port the hypervisor returns that the table cannot take (out of range, 0, in use) is
+    /// refused with [`Error::BadPort`] and stays bound at the hypervisor (the trait has no
+    /// close): size the table for the hypervisor's port space.
     pub fn bind_virq<H: Hypervisor>(
         &mut self,
         hv: &mut H,
