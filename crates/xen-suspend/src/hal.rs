@@ -73,6 +73,10 @@ pub trait StopMachine {
     /// Why the machine could not be stopped (the function did not run).
     type Error: HalError;
     /// Runs `f` on CPU 0 with interrupts off and every other CPU quiesced, then releases them.
+    ///
+    /// The caller waits until `f` has run, so `f` borrows the caller's state; an
+    /// implementation that runs it on another CPU hands it over for that duration only (as
+    /// Linux's `stop_machine` does) and returns `f`'s result.
     fn stop_machine<R>(&mut self, f: impl FnOnce() -> R) -> Result<R, Self::Error>;
 }
 

@@ -300,11 +300,12 @@ fn read_and_ack<S: XenStore>(
                 };
             }
         };
-        // A value longer than any request is unknown, whatever its prefix.
-        let parsed = if len > buf.len() {
+        // The value is a C string: it ends at its first NUL. Longer than any request without
+        // a NUL in what we read means unknown, whatever its prefix.
+        let parsed = if len > buf.len() && !buf.contains(&0) {
             Parsed::Unknown
         } else {
-            parse_request(&buf[..len])
+            parse_request(&buf[..len.min(buf.len())])
         };
         if matches!(parsed, Parsed::Request(_))
             && let Err(e) = store.write(txn, SHUTDOWN_PATH, b"")

@@ -71,9 +71,11 @@ where
     /// rebind every VIRQ and IPI in `events` and resume the console); then xenbus resume (or
     /// suspend-cancel), devices resume, thaw.
     ///
-    /// Every failure is rolled back: when this returns, tasks are thawed, devices and xenbus
-    /// run, no root is left save-pinned and shared info is mapped. An error names the first
-    /// step that failed and where the guest ended ([`Outcome`]).
+    /// Every failure is rolled back as far as it can be: when this returns, tasks are thawed,
+    /// devices and xenbus run, and every step after a failed one that can still run has run.
+    /// An error names the first step that failed and where the guest ended ([`Outcome`]);
+    /// after the hypercall only the failed piece is left behind (a binding without a port, a
+    /// root still save-pinned, unmapped grant frames), and the next restore retries it.
     pub fn suspend(&mut self, events: &mut EventChannels<'_>) -> Result<Outcome, Error> {
         let Machine {
             freezer,

@@ -357,3 +357,21 @@ fn concurrent_watch_events_suspend_exactly_once() {
     );
     assert_eq!(store.lock().unwrap().get(SHUTDOWN_PATH), Some(&b""[..]));
 }
+
+#[test]
+fn a_long_value_is_a_c_string_up_to_its_first_nul() {
+    let h = ShutdownHandler::new();
+    let mut a = Actions::default();
+    let mut long = b"reboot\0".to_vec();
+    long.extend_from_slice(&[0xda; 20]);
+    assert_eq!(
+        h.handle_shutdown(&mut store_with(&long), &mut a),
+        Ok(Handled::Shutdown(Request::Reboot))
+    );
+    let mut empty = vec![0u8; 3];
+    empty.extend_from_slice(&[0xda; 20]);
+    assert_eq!(
+        ShutdownHandler::new().handle_shutdown(&mut store_with(&empty), &mut a),
+        Ok(Handled::Nothing)
+    );
+}
