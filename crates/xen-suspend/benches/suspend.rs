@@ -77,14 +77,15 @@ fn floor<const CPUS: usize, const IRQS: usize, const PORTS: usize>(
 ) {
     let guest = w.host.guest();
     let mut hv = guest;
-    let mut pt = SimPageTables::new(guest, &mut w.roots);
-    for i in (1..pt.root_count()).step_by(2) {
-        pt.pin(i).unwrap();
+    {
+        let mut pt = SimPageTables::new(guest, &mut w.roots);
+        for i in (1..pt.root_count()).step_by(2) {
+            pt.pin(i).unwrap();
+        }
+        for i in (1..pt.root_count()).step_by(2) {
+            pt.unpin(i).unwrap();
+        }
     }
-    for i in (1..pt.root_count()).step_by(2) {
-        pt.unpin(i).unwrap();
-    }
-    drop(pt);
     for p in 0..PORTS as u32 {
         hv.mask(p);
     }
@@ -115,7 +116,7 @@ fn bench(c: &mut Criterion) {
     g.bench_function("floor/64vcpu-1024ports-10000roots", |b| {
         b.iter_batched_ref(
             || world::<64, 1024, 4096>(10_000),
-            |w| floor(w),
+            floor,
             criterion::BatchSize::LargeInput,
         )
     });
