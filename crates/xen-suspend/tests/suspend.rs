@@ -339,3 +339,38 @@ fn random_worlds_restore_cleanly() {
         assert_eq!(w.host.hypercall_violations(), Violations::NONE);
     }
 }
+
+#[test]
+fn a_tiny_single_cpu_domain_in_fixed_storage_restores() {
+    use oskit_xen_suspend::EventStorage;
+    use oskit_xen_suspend::abi::virq;
+    use oskit_xen_suspend::sim::{SimConfig, SimXen};
+    let host = SimXen::<1, 8>::new(SimConfig {
+        nr_pages: 16,
+        grant_frames: 1,
+        max_grant_frames: 1,
+    });
+    let mut events = EventStorage::<1, 2, 8>::new();
+    let mut hv = host.guest();
+    let timer = events
+        .channels()
+        .bind_virq(&mut hv, virq::TIMER, 0)
+        .unwrap();
+    let ipi = events.channels().bind_ipi(&mut hv, 0, 0).unwrap();
+    let mut roots = [RootState::default(); 3];
+    for round in 1..=3 {
+        let guest = host.guest();
+        let mut pt = SimPageTables::new(guest, &mut roots);
+        assert_eq!(
+            pt.machine(guest).suspend(&mut events.channels()),
+            Ok(Outcome::Resumed)
+        );
+        assert_eq!(host.generation(), round);
+        let ch = events.channels();
+        assert!(host.audit(&ch, &roots).is_empty());
+        let port = host.raise_virq(0, virq::TIMER).unwrap();
+        assert_eq!(ch.irq_for_port(port), Some(timer));
+        assert_eq!(host.send_ipi(ch.info(ipi).unwrap().port), Some(0));
+    }
+    assert_eq!(host.hypercall_violations(), Violations::NONE);
+}
