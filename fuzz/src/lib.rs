@@ -16,6 +16,8 @@ pub const TARGETS: &[(&str, Harness)] = &[
     ("pte_batch_copy_zap", pte_batch::copy_zap),
     ("pte_batch_contiguous", pte_batch::contiguous),
     ("xen_suspend_cpuid", xen_suspend::cpuid),
+    ("xen_suspend_request", xen_suspend::request),
+    ("xen_suspend_faults", xen_suspend::faults),
 ];
 
 /// Cuts arbitrary bytes into little-endian `u32`s (a short tail is zero-padded).

@@ -37,3 +37,210 @@ pub fn cpuid(data: &[u8]) {
         );
     }
 }
+
+use oskit_xen_suspend::events::{EventStorage, IrqKind};
+use oskit_xen_suspend::hal::RootState;
+use oskit_xen_suspend::shutdown::{
+    Handled, Parsed, Request, SHUTDOWN_PATH, ShutdownActions, ShutdownHandler, State, parse_request,
+};
+use oskit_xen_suspend::sim::{
+    Fault, MAX_VALUE, SimConfig, SimPageTables, SimPlan, SimStore, SimXen, Violations,
+};
+use oskit_xen_suspend::{Error, Outcome};
+
+/// A `control/shutdown` value: parsing never panics and recognises exactly the four requests
+/// (up to the first NUL); the handler acknowledges and acts on exactly those.
+pub fn request(data: &[u8]) {
+    let parsed = parse_request(data);
+    let cstr = data.split(|&b| b == 0).next().unwrap_or(&[]);
+    let expected = match cstr {
+        b"" => Parsed::Empty,
+        b"poweroff" => Parsed::Request(Request::Poweroff),
+        b"halt" => Parsed::Request(Request::Halt),
+        b"reboot" => Parsed::Request(Request::Reboot),
+        b"suspend" => Parsed::Request(Request::Suspend),
+        b"crash" => Parsed::Crash,
+        _ => Parsed::Unknown,
+    };
+    assert_eq!(parsed, expected, "{data:?}");
+
+    if data.len() > MAX_VALUE {
+        return;
+    }
+    #[derive(Default)]
+    struct Count {
+        acted: usize,
+        ignored: usize,
+    }
+    impl ShutdownActions for Count {
+        fn shutdown(&mut self, _: Request) {
+            self.acted += 1;
+        }
+        fn suspend(&mut self) -> Result<Outcome, Error> {
+            self.acted += 1;
+            Ok(Outcome::Cancelled)
+        }
+        fn sysrq(&mut self, _: u8) {}
+        fn ignored(&mut self, _: &[u8]) {
+            self.ignored += 1;
+        }
+    }
+    let mut store = SimStore::<4>::new();
+    store.set(SHUTDOWN_PATH, data).expect("fits");
+    let handler = ShutdownHandler::new();
+    let mut count = Count::default();
+    let handled = handler
+        .handle_shutdown(&mut store, &mut count)
+        .expect("store works");
+    let left = store.get(SHUTDOWN_PATH).expect("node stays");
+    match expected {
+        Parsed::Request(r) => {
+            assert_eq!(left, b"", "recognised request not acknowledged");
+            assert_eq!(count.acted, 1);
+            if r == Request::Suspend {
+                assert_eq!(handled, Handled::Suspended(Outcome::Cancelled));
+                assert_eq!(handler.state(), State::Idle);
+            } else {
+                assert_eq!(handled, Handled::Shutdown(r));
+                assert_eq!(handler.state(), State::ShuttingDown);
+            }
+        }
+        Parsed::Empty => assert_eq!(handled, Handled::Nothing),
+        Parsed::Crash | Parsed::Unknown => {
+            assert_eq!(left, data, "ignored request was touched");
+            assert_eq!((count.acted, count.ignored), (0, 1));
+            assert_eq!(handler.state(), State::Idle);
+        }
+    }
+}
+
+const CPUS: usize = 4;
+const PORTS: usize = 128;
+
+/// A fault-injection schedule: suspend cycles with faults at arbitrary steps. Whatever fails,
+/// the guest ends running and thawed, the error names the first injected fault, the host sees
+/// no violation at any hypercall, and a clean suspend afterwards restores everything.
+pub fn faults(data: &[u8]) {
+    let mut bytes = data.iter().copied();
+    let mut next = move || bytes.next().unwrap_or(0);
+
+    let host = SimXen::<CPUS, PORTS>::new(SimConfig {
+        nr_pages: 0x1000,
+        grant_frames: 2,
+        max_grant_frames: 4,
+    });
+    let mut storage = Box::new(EventStorage::<CPUS, 64, PORTS>::new());
+    let mut hv = host.guest();
+    let shape = next();
+    {
+        let mut ch = storage.channels();
+        for cpu in 0..CPUS as u32 {
+            if shape & (1 << cpu) != 0 {
+                ch.bind_virq(&mut hv, 0, cpu).expect("bind");
+                ch.bind_ipi(&mut hv, 0, cpu).expect("bind");
+            }
+            if shape & (0x10 << cpu) != 0 {
+                ch.bind_ipi(&mut hv, 1, cpu).expect("bind");
+            }
+        }
+        if next() & 1 != 0 {
+            ch.bind_virq(&mut hv, 1, 0).expect("bind");
+        }
+    }
+    let pins = next();
+    let mut roots: Vec<RootState> = (0..(next() % 12))
+        .map(|i| RootState {
+            pinned: pins & (1 << (i % 8)) != 0,
+            save_pinned: false,
+        })
+        .collect();
+
+    let cycles = 1 + next() % 4;
+    // Whether an earlier fault may have left damage (a dead binding, a stale console) that
+    // only a successful restore repairs.
+    let mut damaged = false;
+    for _ in 0..cycles {
+        let ctl = next();
+        host.set_plan(if ctl & 1 != 0 {
+            SimPlan::Cancel
+        } else {
+            SimPlan::Resume
+        });
+        let nfaults = (ctl >> 1) % 4;
+        let plan: Vec<(Fault, u32)> = (0..nfaults)
+            .map(|_| {
+                let b = next();
+                (
+                    Fault::ALL[usize::from(b % Fault::ALL.len() as u8)],
+                    1 + u32::from(b >> 5),
+                )
+            })
+            .collect();
+        host.set_faults(&plan);
+        let generation = host.generation();
+        let result = {
+            let guest = host.guest();
+            let mut pt = SimPageTables::new(guest, &mut roots);
+            let mut ch = storage.channels();
+            pt.machine(guest).suspend(&mut ch)
+        };
+        let outcome = match (host.fired(), result) {
+            (None, Ok(outcome)) => outcome,
+            (
+                Some(f),
+                Err(Error::Suspend {
+                    step,
+                    errno,
+                    outcome,
+                }),
+            ) => {
+                assert_eq!((step, errno), (f.step(), f.errno()), "{plan:?}");
+                outcome
+            }
+            (fired, result) => panic!("fired {fired:?} but {result:?} ({plan:?})"),
+        };
+        assert_eq!(
+            host.generation() != generation,
+            outcome == Outcome::Resumed,
+            "{plan:?}"
+        );
+        assert_eq!(host.hypercall_violations(), Violations::NONE, "{plan:?}");
+        let audit = host.audit(&storage.channels(), &roots);
+        let never = Violations::TASKS_FROZEN
+            | Violations::DEVICES_SUSPENDED
+            | Violations::XENBUS_STALE
+            | Violations::TIME_STOPPED
+            | Violations::CPUS_STOPPED;
+        assert_eq!(Violations(audit.0 & never.0), Violations::NONE, "{plan:?}");
+        // A clean restore repairs everything; any fault may leave damage behind.
+        if host.fired().is_some() {
+            damaged = true;
+        } else if outcome == Outcome::Resumed {
+            damaged = false;
+        }
+        if !damaged {
+            assert!(audit.is_empty(), "{plan:?}: {audit:?}");
+        }
+    }
+
+    // A clean restore repairs whatever the faults left behind.
+    host.set_faults(&[]);
+    host.set_plan(SimPlan::Resume);
+    let result = {
+        let guest = host.guest();
+        let mut pt = SimPageTables::new(guest, &mut roots);
+        let mut ch = storage.channels();
+        pt.machine(guest).suspend(&mut ch)
+    };
+    assert_eq!(result, Ok(Outcome::Resumed));
+    let ch = storage.channels();
+    assert!(host.audit(&ch, &roots).is_empty());
+    for (irq, info) in ch.bindings() {
+        let port = match info.kind {
+            IrqKind::Virq => host.raise_virq(info.cpu, info.index),
+            IrqKind::Ipi => host.send_ipi(info.port).map(|_| info.port),
+            IrqKind::Free => None,
+        };
+        assert_eq!(port.and_then(|p| ch.irq_for_port(p)), Some(irq));
+    }
+}

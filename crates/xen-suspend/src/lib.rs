@@ -1,7 +1,18 @@
 #![doc = include_str!("../README.md")]
-#![no_std]
+#![cfg_attr(not(loom), no_std)]
 
+pub mod abi;
+pub mod error;
+pub mod events;
 pub mod hal;
+pub mod shutdown;
 pub mod sim;
+mod suspend;
+mod sync;
 #[cfg(all(feature = "x86", target_arch = "x86_64"))]
 pub mod x86;
+
+pub use error::{Error, Outcome, Step};
+pub use events::{EventChannels, EventStorage};
+pub use shutdown::{Handled, Request, ShutdownActions, ShutdownHandler};
+pub use suspend::Machine;

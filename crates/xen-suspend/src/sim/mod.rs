@@ -1,0 +1,73 @@
+//! Software model of the hardware: CPUID of a Xen (or other) host, a Xen host with one domain
+//! and the guest services around a suspend, page-table roots, and a xenstore. `no_std`, no
+//! allocation: usable by tests, fuzzing, benches and a bare-metal kernel alike.
+
+mod host;
+mod page_tables;
+mod store;
+
+pub use host::{
+    Fault, PortState, SIM_SHARED_INFO_VA, SimConfig, SimGuest, SimPlan, SimPort, SimXen, Violations,
+};
+pub use page_tables::SimPageTables;
+pub use store::{MAX_PATH, MAX_VALUE, SimStore};
+
+use crate::hal::Cpuid;
+
+/// The [`crate::Machine`] of a simulated guest: every service a [`SimGuest`], page tables a
+/// [`SimPageTables`].
+pub type SimMachine<'h, 'p, 'r, const CPUS: usize, const PORTS: usize> = crate::Machine<
+    SimGuest<'h, CPUS, PORTS>,
+    SimGuest<'h, CPUS, PORTS>,
+    SimGuest<'h, CPUS, PORTS>,
+    SimGuest<'h, CPUS, PORTS>,
+    SimGuest<'h, CPUS, PORTS>,
+    &'p mut SimPageTables<'h, 'r, CPUS, PORTS>,
+    SimGuest<'h, CPUS, PORTS>,
+    SimGuest<'h, CPUS, PORTS>,
+    SimGuest<'h, CPUS, PORTS>,
+    SimGuest<'h, CPUS, PORTS>,
+>;
+
+impl<'h, 'r, const CPUS: usize, const PORTS: usize> SimPageTables<'h, 'r, CPUS, PORTS> {
+    /// A [`crate::Machine`] whose services are all `guest` and whose page tables are `self`.
+    pub fn machine<'p>(
+        &'p mut self,
+        guest: SimGuest<'h, CPUS, PORTS>,
+    ) -> SimMachine<'h, 'p, 'r, CPUS, PORTS> {
+        crate::Machine {
+            freezer: guest,
+            devices: guest,
+            xenbus: guest,
+            stop: guest,
+            p2m: guest,
+            page_tables: self,
+            grants: guest,
+            time: guest,
+            console: guest,
+            hypervisor: guest,
+        }
+    }
+}
+
+/// A CPUID table: leaves not listed read as zero, as on real CPUs past their maximum leaf.
+#[derive(Debug, Clone, Default)]
+pub struct SimCpuid<'a> {
+    leaves: &'a [(u32, [u32; 4])],
+}
+
+impl<'a> SimCpuid<'a> {
+    /// CPUID answering from `leaves`.
+    pub const fn new(leaves: &'a [(u32, [u32; 4])]) -> Self {
+        Self { leaves }
+    }
+}
+
+impl Cpuid for SimCpuid<'_> {
+    fn cpuid(&self, leaf: u32) -> [u32; 4] {
+        self.leaves
+            .iter()
+            .find(|(l, _)| *l == leaf)
+            .map_or([0; 4], |(_, regs)| *regs)
+    }
+}
