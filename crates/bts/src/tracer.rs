@@ -337,9 +337,10 @@ impl<T, M> Slot<T, M> {
 /// - `A`: the locked-page allocator ([`LockedAlloc`]);
 /// - `W`: the deferred-work queue that runs [`Bts::run_deferred`] ([`DeferredWork`]).
 ///
-/// Put it in a `static` (all operations take `&self`). Dropping it leaks the remaining
-/// contexts rather than freeing memory a CPU may still be writing.
-pub struct Bts<T, M, A, W, const N: usize> {
+/// Put it in a `static` (all operations take `&self`). Dropping it tears down the contexts no
+/// CPU holds; one still loaded on a CPU (never switched out) is leaked rather than freed under
+/// the CPU's feet.
+pub struct Bts<T: TaskRef, M: AddressSpace, A: LockedAlloc, W: DeferredWork, const N: usize> {
     pub(crate) slots: [Slot<T, M>; N],
     /// Serializes context creation in `config` (so a task never gets two contexts).
     create_lock: AtomicBool,
@@ -354,9 +355,23 @@ pub struct Bts<T, M, A, W, const N: usize> {
 // SAFETY: a slot's `Inner` (holding `T`s, `M`s and buffer pointers) is only touched by the one
 // party holding the slot, which may be any thread: so `T` and `M` must be `Send`. `A` and `W`
 // are shared by all threads through `&self`.
-unsafe impl<T: Send, M: Send, A: Sync, W: Sync, const N: usize> Sync for Bts<T, M, A, W, N> {}
+unsafe impl<T, M, A, W, const N: usize> Sync for Bts<T, M, A, W, N>
+where
+    T: TaskRef + Send,
+    M: AddressSpace + Send,
+    A: LockedAlloc + Sync,
+    W: DeferredWork + Sync,
+{
+}
 // SAFETY: as above; moving the whole tracer moves its `T`s, `M`s and buffers with it.
-unsafe impl<T: Send, M: Send, A: Send, W: Send, const N: usize> Send for Bts<T, M, A, W, N> {}
+unsafe impl<T, M, A, W, const N: usize> Send for Bts<T, M, A, W, N>
+where
+    T: TaskRef + Send,
+    M: AddressSpace + Send,
+    A: LockedAlloc + Send,
+    W: DeferredWork + Send,
+{
+}
 
 const PER_CPU: u32 = 1 << 16;
 
@@ -728,5 +743,30 @@ where
         Ok(CpuTracingClaim {
             tracers: &self.tracers,
         })
+    }
+}
+
+impl<T, M, A, W, const N: usize> Drop for Bts<T, M, A, W, N>
+where
+    T: TaskRef,
+    M: AddressSpace,
+    A: LockedAlloc,
+    W: DeferredWork,
+{
+    fn drop(&mut self) {
+        for slot in &self.slots {
+            let s = slot.state.load(Acquire);
+            if s == FREE || s & HELD != 0 {
+                continue;
+            }
+            // SAFETY: `&mut self`: no operation runs, and no CPU holds the slot (not HELD).
+            unsafe {
+                slot.inner.with_mut(|c| {
+                    self.release_tracer(c);
+                    self.free_buffer(c);
+                    c.task = None;
+                })
+            };
+        }
     }
 }

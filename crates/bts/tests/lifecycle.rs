@@ -153,3 +153,17 @@ fn slots_are_reused_after_teardown() {
     }
     assert_eq!((alloc.live(), mm.locked(), mm.refs()), (0, 0, 1));
 }
+
+#[test]
+fn dropping_the_tracer_tears_down_what_no_cpu_holds() {
+    let (bts, alloc, _) = tracer::<4>();
+    let (t, u, mm) = (Task::new(7), Task::new(8), Space::new(100));
+    bts.config(&t, &mm, cfg(4)).unwrap();
+    bts.config(&u, &mm, cfg(400)).unwrap();
+    bts.untrace(&u).unwrap(); // dying, teardown not run yet
+    drop(bts);
+    assert_eq!(
+        (alloc.live(), mm.locked(), mm.refs(), t.refs(), u.refs()),
+        (0, 0, 1, 1, 1)
+    );
+}

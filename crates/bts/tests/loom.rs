@@ -62,7 +62,7 @@ fn untrace_racing_read_and_drain_tears_down_once() {
         reader.join().unwrap();
         let early = unlinker.join().unwrap();
         assert!(early <= 1);
-        let late = drain_work(&bts, work, 1);
+        let late = drain_work(&bts, &work, 1);
         assert_eq!(early + late, 1, "exactly one teardown");
         assert_eq!(work.scheduled(), 1, "scheduled exactly once");
         assert_eq!(
@@ -83,7 +83,7 @@ fn untrace_while_the_task_runs_waits_for_switch_out() {
         let bts = Arc::new(bts);
 
         let cpu_thread = {
-            let (bts, t) = (bts.clone(), t.clone());
+            let (bts, t, alloc) = (bts.clone(), t.clone(), alloc.clone());
             thread::spawn(move || {
                 let mut cpu = BtsCpu::new(SoftCpu::default());
                 bts.switch_in(&mut cpu, &t, 1);
@@ -104,7 +104,7 @@ fn untrace_while_the_task_runs_waits_for_switch_out() {
         };
         cpu_thread.join().unwrap();
         let early = unlinker.join().unwrap();
-        let late = drain_work(&bts, work, 1);
+        let late = drain_work(&bts, &work, 1);
         assert_eq!(early + late, 1, "exactly one teardown");
         assert_eq!(work.scheduled(), 1);
         assert_eq!(

@@ -164,11 +164,40 @@ impl DeferredWork for Work {
     }
 }
 
-pub type Tracer<const N: usize> = Bts<Task, Space, &'static Alloc, &'static Work, N>;
+/// Shared handle on an [`Alloc`].
+#[derive(Debug, Clone)]
+pub struct AllocRef(pub Arc<Alloc>);
 
-/// A tracer over a fresh (leaked) allocator and work queue.
-pub fn tracer<const N: usize>() -> (Tracer<N>, &'static Alloc, &'static Work) {
-    let alloc: &'static Alloc = Box::leak(Box::default());
-    let work: &'static Work = Box::leak(Box::default());
-    (Bts::new(alloc, work), alloc, work)
+// SAFETY: forwards to `Alloc`.
+unsafe impl LockedAlloc for AllocRef {
+    fn alloc_pages(&self, pages: usize) -> Option<NonNull<u8>> {
+        self.0.alloc_pages(pages)
+    }
+    unsafe fn free_pages(&self, ptr: NonNull<u8>, pages: usize) {
+        // SAFETY: the caller upholds the contract.
+        unsafe { self.0.free_pages(ptr, pages) }
+    }
+}
+
+/// Shared handle on a [`Work`].
+#[derive(Debug, Clone)]
+pub struct WorkRef(pub Arc<Work>);
+
+impl DeferredWork for WorkRef {
+    fn schedule(&self) {
+        self.0.schedule()
+    }
+}
+
+pub type Tracer<const N: usize> = Bts<Task, Space, AllocRef, WorkRef, N>;
+
+/// A tracer over a fresh allocator and work queue.
+pub fn tracer<const N: usize>() -> (Tracer<N>, Arc<Alloc>, Arc<Work>) {
+    let alloc = Arc::new(Alloc::default());
+    let work = Arc::new(Work::default());
+    (
+        Bts::new(AllocRef(alloc.clone()), WorkRef(work.clone())),
+        alloc,
+        work,
+    )
 }
