@@ -146,9 +146,9 @@ const CPUS: usize = 2;
 /// and, at the end, after untracing everything and running the deferred work: every page
 /// freed, every locked page refunded, every reference put, teardown run once per context.
 pub fn ops(data: &[u8]) {
-    let alloc: &'static Alloc = Box::leak(Box::default());
-    let work: &'static Work = Box::leak(Box::default());
-    let bts: Bts<Task, Space, &Alloc, &Work, 4> = Bts::new(alloc, work);
+    let alloc = Alloc::default();
+    let work = Work::default();
+    let bts: Bts<Task, Space, &Alloc, &Work, 4> = Bts::new(&alloc, &work);
     let tasks: Vec<Task> = (0..TASKS as u32)
         .map(|pid| Task {
             pid: pid + 100,
