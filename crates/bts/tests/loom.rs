@@ -138,3 +138,81 @@ fn racing_untraces_unlink_once() {
         assert_eq!((alloc.live(), mm.locked(), t.refs()), (0, 0, 1));
     });
 }
+
+#[test]
+fn untrace_racing_a_resize_refunds_both_buffers() {
+    loom::model(|| {
+        let (bts, alloc, work) = tracer::<2>();
+        let (t, a, b) = (Task::new(7), Space::new(10), Space::new(10));
+        bts.config(&t, &a, cfg()).unwrap();
+        let bts = Arc::new(bts);
+
+        let tracer_thread = {
+            let (bts, t, b) = (bts.clone(), t.clone(), b.clone());
+            thread::spawn(move || {
+                let bigger = Config {
+                    size: 400 * RECORD_SIZE,
+                    ..cfg()
+                };
+                let r = bts.config(&t, &b, bigger);
+                assert!(matches!(r, Ok(()) | Err(Error::NoSuchContext)), "{r:?}");
+            })
+        };
+        let unlinker = {
+            let (bts, t) = (bts.clone(), t.clone());
+            thread::spawn(move || {
+                bts.untrace(&t).unwrap();
+                bts.run_deferred()
+            })
+        };
+        tracer_thread.join().unwrap();
+        let early = unlinker.join().unwrap();
+        // A config that lost the race created a fresh context: untrace that one too.
+        let _ = bts.untrace(&t);
+        let late = drain_work(&bts, &work, 0);
+        assert!(early + late >= 1);
+        assert_eq!(bts.contexts(), 0);
+        assert_eq!((alloc.live(), a.locked(), b.locked()), (0, 0, 0));
+        assert_eq!((a.refs(), b.refs(), t.refs()), (1, 1, 1));
+    });
+}
+
+#[test]
+fn read_cpu_and_untrace_all_at_once() {
+    loom::model(|| {
+        let (bts, alloc, work) = tracer::<2>();
+        let (t, mm) = (Task::new(7), Space::new(10));
+        bts.config(&t, &mm, cfg()).unwrap();
+        let bts = Arc::new(bts);
+        let reader = {
+            let (bts, t) = (bts.clone(), t.clone());
+            thread::spawn(move || {
+                let r = bts.size(&t);
+                assert!(
+                    matches!(r, Ok(0 | 1) | Err(Error::NoSuchContext | Error::Busy)),
+                    "{r:?}"
+                );
+            })
+        };
+        let cpu_thread = {
+            let (bts, t) = (bts.clone(), t.clone());
+            thread::spawn(move || {
+                let mut cpu = BtsCpu::new(SoftCpu::default());
+                bts.switch_in(&mut cpu, &t, 1);
+                cpu.hw_mut().branch(1, 2, false);
+                bts.switch_out(&mut cpu, 2);
+            })
+        };
+        bts.untrace(&t).unwrap();
+        let early = bts.run_deferred();
+        reader.join().unwrap();
+        cpu_thread.join().unwrap();
+        let late = drain_work(&bts, &work, 1);
+        assert_eq!(early + late, 1);
+        assert_eq!(work.scheduled(), 1);
+        assert_eq!(
+            (alloc.live(), mm.locked(), mm.refs(), t.refs()),
+            (0, 0, 1, 1)
+        );
+    });
+}
