@@ -4,8 +4,9 @@
 //!
 //! # Lifecycle of a context slot
 //!
-//! Each slot has one atomic state word: a phase (`FREE`, `LIVE`, `UNLINKED`, `TEARING`) and a
-//! `HELD` bit. Whoever sets `HELD` (an operation for its duration, or a CPU for the time slice
+//! Each slot has one atomic state word: a phase (`FREE`, `LIVE`, `UNLINKED`, `TEARING`), a
+//! `HELD` bit, and a generation bumped at each teardown (so a lookup that raced a reuse of the
+//! slot cannot unlink the new context). Whoever sets `HELD` (an operation for its duration, or a CPU for the time slice
 //! the traced task runs with the DS area loaded) has the context's data to itself; a busy
 //! context makes operations fail with [`Error::Busy`] instead of spinning, so nothing here
 //! ever waits on a CPU that may be the current one.
@@ -272,6 +273,10 @@ const LIVE: u32 = 1;
 const UNLINKED: u32 = 2;
 const TEARING: u32 = 3;
 const HELD: u32 = 0b100;
+/// The rest of the word counts reuses of the slot, so a stale lookup cannot act on the
+/// context that replaced the one it found.
+const GEN_ONE: u32 = 0b1000;
+const GEN_MASK: u32 = !(GEN_ONE - 1);
 
 /// `pid` as stored in a slot (0 = no task).
 const fn key(pid: u32) -> u64 {
@@ -432,12 +437,18 @@ where
             if slot.pid.load(Acquire) != k {
                 continue;
             }
-            if slot.try_hold()? {
-                // The slot may have been torn down and reused between the two loads.
-                if slot.pid.load(Relaxed) == k {
-                    return Ok(Some(i));
+            match slot.try_hold() {
+                Ok(true) => {
+                    // The slot may have been torn down and reused between the two loads.
+                    if slot.pid.load(Relaxed) == k {
+                        return Ok(Some(i));
+                    }
+                    self.release(i);
                 }
-                self.release(i);
+                Ok(false) => {}
+                // Busy, unless the slot went to another task meanwhile: then keep looking.
+                Err(e) if slot.pid.load(Relaxed) == k => return Err(e),
+                Err(_) => {}
             }
         }
         Ok(None)
@@ -501,10 +512,12 @@ where
 
     fn create(&self, task: &T) -> Result<usize, Error> {
         for (i, slot) in self.slots.iter().enumerate() {
-            if slot
-                .state
-                .compare_exchange(FREE, LIVE | HELD, Acquire, Relaxed)
-                .is_ok()
+            let s = slot.state.load(Relaxed);
+            if s & (PHASE | HELD) == FREE
+                && slot
+                    .state
+                    .compare_exchange(s, s | LIVE | HELD, Acquire, Relaxed)
+                    .is_ok()
             {
                 // SAFETY: we hold the slot, just created.
                 unsafe { slot.inner.with_mut(|c| c.task = Some(task.clone())) };
@@ -659,11 +672,15 @@ where
             if slot.pid.load(Acquire) != k {
                 continue;
             }
-            let mut s = slot.state.load(Relaxed);
+            let mut s = slot.state.load(Acquire);
             while s & PHASE == LIVE {
+                // Still the context we found by name? (The generation in `s` pins it.)
+                if slot.pid.load(Acquire) != k {
+                    break;
+                }
                 match slot
                     .state
-                    .compare_exchange_weak(s, (s & !PHASE) | UNLINKED, AcqRel, Relaxed)
+                    .compare_exchange_weak(s, (s & !PHASE) | UNLINKED, AcqRel, Acquire)
                 {
                     Ok(_) => {
                         // Unlinked: nobody can hold it again. Its name stays until the
@@ -688,10 +705,12 @@ where
     pub fn run_deferred(&self) -> usize {
         let mut done = 0;
         for slot in &self.slots {
-            if slot
-                .state
-                .compare_exchange(UNLINKED, TEARING, Acquire, Relaxed)
-                .is_err()
+            let s = slot.state.load(Relaxed);
+            if s & (PHASE | HELD) != UNLINKED
+                || slot
+                    .state
+                    .compare_exchange(s, (s & GEN_MASK) | TEARING, Acquire, Relaxed)
+                    .is_err()
             {
                 continue;
             }
@@ -707,7 +726,8 @@ where
                 })
             };
             slot.pid.store(0, Relaxed);
-            slot.state.store(FREE, Release);
+            slot.state
+                .store((s & GEN_MASK).wrapping_add(GEN_ONE) | FREE, Release);
             self.contexts.fetch_sub(1, Relaxed);
             drop(task);
             done += 1;
@@ -756,7 +776,7 @@ where
     fn drop(&mut self) {
         for slot in &self.slots {
             let s = slot.state.load(Acquire);
-            if s == FREE || s & HELD != 0 {
+            if s & PHASE == FREE || s & HELD != 0 {
                 continue;
             }
             // SAFETY: `&mut self`: no operation runs, and no CPU holds the slot (not HELD).

@@ -22,7 +22,7 @@ fn cfg() -> Config {
 }
 
 /// The work queue: runs teardown as often as it was scheduled (plus once more, harmlessly).
-fn drain_work(bts: &Tracer<2>, work: &common::Work, ran: usize) -> usize {
+fn drain_work<const N: usize>(bts: &Tracer<N>, work: &common::Work, ran: usize) -> usize {
     let mut done = 0;
     for _ in ran..work.scheduled() + 1 {
         done += bts.run_deferred();
@@ -212,6 +212,34 @@ fn read_cpu_and_untrace_all_at_once() {
         assert_eq!(work.scheduled(), 1);
         assert_eq!(
             (alloc.live(), mm.locked(), mm.refs(), t.refs()),
+            (0, 0, 1, 1)
+        );
+    });
+}
+
+#[test]
+fn a_stale_untrace_never_unlinks_the_slots_next_context() {
+    loom::model(|| {
+        let (bts, alloc, work) = tracer::<1>();
+        let (p, q, mm) = (Task::new(7), Task::new(8), Space::new(10));
+        bts.config(&p, &mm, cfg()).unwrap();
+        let bts = Arc::new(bts);
+        let stale = {
+            let (bts, p) = (bts.clone(), p.clone());
+            thread::spawn(move || {
+                let _ = bts.untrace(&p);
+            })
+        };
+        // Meanwhile P is untraced, torn down, and its slot reused for Q.
+        let _ = bts.untrace(&p);
+        bts.run_deferred();
+        bts.config(&q, &mm, cfg()).unwrap();
+        stale.join().unwrap();
+        assert!(bts.is_traced(&q), "P's untrace unlinked Q's context");
+        bts.untrace(&q).unwrap();
+        drain_work(&bts, &work, 0);
+        assert_eq!(
+            (alloc.live(), mm.locked(), p.refs(), q.refs()),
             (0, 0, 1, 1)
         );
     });
