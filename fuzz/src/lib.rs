@@ -6,6 +6,7 @@
 //! finding that was fixed stays fixed.
 
 pub mod pte_batch;
+pub mod bts;
 pub mod xen_suspend;
 
 /// A harness: arbitrary bytes in, a panic only on a broken invariant.
@@ -18,6 +19,8 @@ pub const TARGETS: &[(&str, Harness)] = &[
     ("xen_suspend_cpuid", xen_suspend::cpuid),
     ("xen_suspend_request", xen_suspend::request),
     ("xen_suspend_faults", xen_suspend::faults),
+    ("bts_ops", bts::ops),
+    ("bts_ds_area", bts::ds_area),
 ];
 
 /// Cuts arbitrary bytes into little-endian `u32`s (a short tail is zero-padded).
