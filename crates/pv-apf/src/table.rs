@@ -1,9 +1,9 @@
 //! The sleeper table: tasks waiting for a token, and page-ready wakes that came first.
 //!
 //! A token hashes to one of `B` buckets (256 by default), each a spinlock over an intrusive
-//! list. A waiting task links a [`WaitNode`] that lives on its own stack; a wake for a token
-//! nobody waits for yet links a *dummy* node taken from a fixed pool of `D` nodes inside the
-//! table, so the memory the table uses never grows, whatever the host sends.
+//! list of waiters and a chain of dummies. A waiting task links a [`WaitNode`] that lives on its
+//! own stack; a wake for a token nobody waits for yet chains a *dummy* taken from a fixed pool
+//! of `D` inside the table, so the memory the table uses never grows, whatever the host sends.
 //!
 //! Waking early is always harmless: a task that returns from its wait re-executes the faulting
 //! access, which at worst faults again. Losing a wake is what must never happen; the only
@@ -72,74 +72,66 @@ pub struct WakeAll {
     pub dummies_freed: usize,
 }
 
-#[derive(Clone, Copy)]
-enum Kind<T> {
-    Waiter(Waiter<T>),
-    Dummy(usize),
-}
-
-/// A list node. Its `Cell`s are read and written only by whoever holds the lock of the bucket
-/// it is linked in (or, while unlinked, by its owner: the waiting task or the pool slot's
-/// allocator).
+/// A waiter's list node, on the waiting task's stack. `token`, `cpu` and `waiter` never change;
+/// `next` is read and written only under the lock of the bucket the node is linked in.
 struct Node<T> {
     next: Cell<*const Node<T>>,
-    token: Cell<u32>,
-    cpu: Cell<u32>,
-    kind: Cell<Kind<T>>,
+    token: u32,
+    cpu: u32,
+    waiter: Waiter<T>,
     /// In a bucket list. Cleared (Release) by a waker as its very last access to the node, so
     /// a waiter that sees it clear (Acquire) may free the node.
     linked: AtomicBool,
 }
 
-impl<T: Copy> Node<T> {
-    #[cfg(not(loom))]
-    const fn new(token: u32, cpu: u32, kind: Kind<T>) -> Self {
-        Self {
-            next: Cell::new(ptr::null()),
-            token: Cell::new(token),
-            cpu: Cell::new(cpu),
-            kind: Cell::new(kind),
-            linked: AtomicBool::new(false),
-        }
-    }
+/// Index of no dummy: the end of a dummy chain.
+const NONE: u32 = u32::MAX;
 
-    #[cfg(loom)]
-    fn new(token: u32, cpu: u32, kind: Kind<T>) -> Self {
-        Self {
-            next: Cell::new(ptr::null()),
-            token: Cell::new(token),
-            cpu: Cell::new(cpu),
-            kind: Cell::new(kind),
-            linked: AtomicBool::new(false),
-        }
-    }
+/// A pending early wake. Chained by index (not by pointer) so the table stays movable. Its
+/// cells are touched only under the lock of the bucket whose chain holds it, or by the one
+/// who won its `used` flag while it is in no chain.
+struct Dummy {
+    token: Cell<u32>,
+    cpu: Cell<u32>,
+    next: Cell<u32>,
+}
 
-    fn is_dummy(&self) -> bool {
-        matches!(self.kind.get(), Kind::Dummy(_))
+impl Dummy {
+    const fn free() -> Self {
+        Self {
+            token: Cell::new(0),
+            cpu: Cell::new(0),
+            next: Cell::new(NONE),
+        }
     }
 }
 
-/// One hash chain. Invariant: every node reachable from `head` is alive and has `linked` set.
+/// One hash chain of waiters, and one of dummies. Invariant: every node reachable from
+/// `waiters` is alive and has `linked` set; every index in the `dummies` chain is a used slot.
 struct Bucket<T> {
-    head: *const Node<T>,
+    waiters: *const Node<T>,
+    dummies: u32,
 }
 
-// SAFETY: a bucket only holds pointers; the nodes they point to are handed between CPUs under
-// the bucket's lock, and `T` (the task handle inside them) is `Send`.
+// SAFETY: a bucket only holds pointers to nodes that are handed between CPUs under the bucket's
+// lock; the `T` (task handle) inside them is `Send`.
 unsafe impl<T: Send> Send for Bucket<T> {}
 
 impl<T: Copy> Bucket<T> {
     #[cfg(not(loom))]
-    const EMPTY: Self = Self { head: ptr::null() };
+    const EMPTY: Self = Self {
+        waiters: ptr::null(),
+        dummies: NONE,
+    };
 
-    /// The first node matching `pred`. `&self` comes from a guard, so the lock is held; the
+    /// The first waiter matching `pred`. `&self` comes from a guard, so the lock is held; the
     /// node returned may be used only while that guard lives (callers use it at once), which
     /// is why its lifetime is not tied to `&self`: the caller may then `unlink` it.
     fn find<'n>(&self, mut pred: impl FnMut(&Node<T>) -> bool) -> Option<&'n Node<T>> {
-        let mut cur = self.head;
+        let mut cur = self.waiters;
         while !cur.is_null() {
             // SAFETY: by the bucket invariant a linked node is alive, and we hold the lock
-            // that makes its cells ours to read.
+            // that makes its `next` ours to read.
             let node = unsafe { &*cur };
             if pred(node) {
                 return Some(node);
@@ -149,26 +141,26 @@ impl<T: Copy> Bucket<T> {
         None
     }
 
-    /// Links `node` at the head. The caller owns the unlinked node and holds the lock.
+    /// Links `node` at the head. The caller owns the unlinked, pinned node and holds the lock.
     fn push(&mut self, node: &Node<T>) {
-        node.next.set(self.head);
+        node.next.set(self.waiters);
         node.linked.store(true, Ordering::Relaxed);
-        self.head = node;
+        self.waiters = node;
     }
 
     /// Unlinks `target`, which is in this list. `linked` stays set: the caller clears it last.
     fn unlink(&mut self, target: &Node<T>) {
         let target: *const Node<T> = target;
         let mut prev: *const Node<T> = ptr::null();
-        let mut cur = self.head;
+        let mut cur = self.waiters;
         while !cur.is_null() {
-            // SAFETY: as in `find`: linked nodes are alive and their cells are ours under the
+            // SAFETY: as in `find`: linked nodes are alive and their `next` is ours under the
             // lock.
             let node = unsafe { &*cur };
             let next = node.next.get();
             if cur == target {
                 if prev.is_null() {
-                    self.head = next;
+                    self.waiters = next;
                 } else {
                     // SAFETY: `prev` is a linked node we just walked past; see above.
                     unsafe { &*prev }.next.set(next);
@@ -184,22 +176,52 @@ impl<T: Copy> Bucket<T> {
 }
 
 /// The fixed pool dummies come from.
-struct Pool<T, const D: usize> {
-    nodes: [Node<T>; D],
+struct Pool<const D: usize> {
+    slots: [Dummy; D],
     used: [AtomicBool; D],
 }
 
-impl<T: Copy, const D: usize> Pool<T, D> {
-    fn alloc(&self) -> Option<usize> {
-        (0..D).find(|&i| {
-            self.used[i]
-                .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
-                .is_ok()
-        })
+impl<const D: usize> Pool<D> {
+    fn alloc(&self) -> Option<u32> {
+        (0..D)
+            .find(|&i| {
+                self.used[i]
+                    .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+                    .is_ok()
+            })
+            .map(|i| i as u32)
     }
 
-    fn free(&self, slot: usize) {
-        self.used[slot].store(false, Ordering::Release);
+    fn slot(&self, index: u32) -> &Dummy {
+        &self.slots[index as usize]
+    }
+
+    /// The first dummy of `bucket`'s chain matching `pred`, with its predecessor.
+    fn find<T>(
+        &self,
+        bucket: &Bucket<T>,
+        mut pred: impl FnMut(&Dummy) -> bool,
+    ) -> Option<(u32, u32)> {
+        let (mut prev, mut cur) = (NONE, bucket.dummies);
+        while cur != NONE {
+            let dummy = self.slot(cur);
+            if pred(dummy) {
+                return Some((prev, cur));
+            }
+            (prev, cur) = (cur, dummy.next.get());
+        }
+        None
+    }
+
+    /// Takes `index` (found after `prev`) out of `bucket`'s chain and frees it.
+    fn remove<T>(&self, bucket: &mut Bucket<T>, (prev, index): (u32, u32)) {
+        let next = self.slot(index).next.get();
+        if prev == NONE {
+            bucket.dummies = next;
+        } else {
+            self.slot(prev).next.set(next);
+        }
+        self.used[index as usize].store(false, Ordering::Release);
     }
 }
 
@@ -208,28 +230,28 @@ impl<T: Copy, const D: usize> Pool<T, D> {
 /// `T` is the scheduler's task handle. All memory is inside the value: put it in a `static`.
 pub struct SleepTable<T, const D: usize = DEFAULT_DUMMIES, const B: usize = DEFAULT_BUCKETS> {
     buckets: [SpinLock<Bucket<T>>; B],
-    pool: Pool<T, D>,
+    pool: Pool<D>,
     dropped: AtomicU64,
 }
 
-// SAFETY: the node cells reachable from the table (pool nodes, and waiters linked into it)
-// are accessed only under the lock of the bucket they are linked in, or by the single owner
-// of an unlinked node (a pool slot is owned by whoever won its `used` flag). Task handles
-// cross CPUs inside them, hence `T: Send`.
+// SAFETY: the cells reachable from the table (dummy slots, and the `next` of waiters linked
+// into it) are accessed only under the lock of the bucket whose chain holds them, or by the
+// single owner of an unchained slot (whoever won its `used` flag). Task handles cross CPUs
+// inside waiter nodes, hence `T: Send`.
 unsafe impl<T: Send, const D: usize, const B: usize> Sync for SleepTable<T, D, B> {}
-// SAFETY: moving the table moves the pool nodes and the bucket heads with it; it can only
-// move while nothing borrows it, so no waiter is linked into it then.
-unsafe impl<T: Send, const D: usize, const B: usize> Send for SleepTable<T, D, B> {}
 
 impl<T: Copy, const D: usize, const B: usize> SleepTable<T, D, B> {
     /// An empty table (usable in a `static`).
     #[cfg(not(loom))]
     pub const fn new() -> Self {
-        const { assert!(B > 0, "a sleep table needs at least one bucket") };
+        const {
+            assert!(B > 0, "a sleep table needs at least one bucket");
+            assert!(D < NONE as usize, "too many dummies");
+        };
         Self {
             buckets: [const { SpinLock::new(Bucket::EMPTY) }; B],
             pool: Pool {
-                nodes: [const { Node::new(0, 0, Kind::Dummy(0)) }; D],
+                slots: [const { Dummy::free() }; D],
                 used: [const { AtomicBool::new(false) }; D],
             },
             dropped: AtomicU64::new(0),
@@ -240,9 +262,14 @@ impl<T: Copy, const D: usize, const B: usize> SleepTable<T, D, B> {
     #[cfg(loom)]
     pub fn new() -> Self {
         Self {
-            buckets: core::array::from_fn(|_| SpinLock::new(Bucket { head: ptr::null() })),
+            buckets: core::array::from_fn(|_| {
+                SpinLock::new(Bucket {
+                    waiters: ptr::null(),
+                    dummies: NONE,
+                })
+            }),
             pool: Pool {
-                nodes: core::array::from_fn(|_| Node::new(0, 0, Kind::Dummy(0))),
+                slots: core::array::from_fn(|_| Dummy::free()),
                 used: core::array::from_fn(|_| AtomicBool::new(false)),
             },
             dropped: AtomicU64::new(0),
@@ -258,27 +285,30 @@ impl<T: Copy, const D: usize, const B: usize> SleepTable<T, D, B> {
     pub fn wake(&self, token: u32, cpu: u32, mut resume: impl FnMut(Waiter<T>)) -> Wake {
         let mut bucket = self.bucket(token);
         let mut woken = 0;
-        while let Some(node) = bucket.find(|n| n.token.get() == token && !n.is_dummy()) {
+        while let Some(node) = bucket.find(|n| n.token == token) {
             bucket.unlink(node);
-            let waiter = release_waiter(node);
-            resume(waiter);
+            resume(release_waiter(node));
             woken += 1;
         }
         if woken > 0 {
             return Wake::Woke(woken);
         }
-        if bucket.find(|n| n.token.get() == token).is_some() {
+        if self
+            .pool
+            .find(&bucket, |d| d.token.get() == token)
+            .is_some()
+        {
             return Wake::AlreadyPending;
         }
-        let Some(slot) = self.pool.alloc() else {
+        let Some(index) = self.pool.alloc() else {
             self.dropped.fetch_add(1, Ordering::Relaxed);
             return Wake::Dropped;
         };
-        let node = &self.pool.nodes[slot];
-        node.token.set(token);
-        node.cpu.set(cpu);
-        node.kind.set(Kind::Dummy(slot));
-        bucket.push(node);
+        let dummy = self.pool.slot(index);
+        dummy.token.set(token);
+        dummy.cpu.set(cpu);
+        dummy.next.set(bucket.dummies);
+        bucket.dummies = index;
         Wake::DummyAdded
     }
 
@@ -289,19 +319,14 @@ impl<T: Copy, const D: usize, const B: usize> SleepTable<T, D, B> {
         let mut done = WakeAll::default();
         for bucket in &self.buckets {
             let mut bucket = bucket.lock();
-            while let Some(node) = bucket.find(|n| n.cpu.get() == cpu) {
+            while let Some(node) = bucket.find(|n| n.cpu == cpu) {
                 bucket.unlink(node);
-                match node.kind.get() {
-                    Kind::Dummy(slot) => {
-                        node.linked.store(false, Ordering::Relaxed);
-                        self.pool.free(slot);
-                        done.dummies_freed += 1;
-                    }
-                    Kind::Waiter(_) => {
-                        resume(release_waiter(node));
-                        done.woken += 1;
-                    }
-                }
+                resume(release_waiter(node));
+                done.woken += 1;
+            }
+            while let Some(found) = self.pool.find(&bucket, |d| d.cpu.get() == cpu) {
+                self.pool.remove(&mut bucket, found);
+                done.dummies_freed += 1;
             }
         }
         done
@@ -328,13 +353,11 @@ impl<T: Copy, const D: usize, const B: usize> SleepTable<T, D, B> {
         for bucket in &self.buckets {
             let bucket = bucket.lock();
             bucket.find(|n| {
-                if cpu.is_none_or(|c| c == n.cpu.get()) {
-                    if n.is_dummy() {
-                        dummies += 1;
-                    } else {
-                        waiters += 1;
-                    }
-                }
+                waiters += usize::from(cpu.is_none_or(|c| c == n.cpu));
+                false
+            });
+            self.pool.find(&bucket, |d| {
+                dummies += usize::from(cpu.is_none_or(|c| c == d.cpu.get()));
                 false
             });
         }
@@ -359,12 +382,10 @@ impl<T, const D: usize, const B: usize> core::fmt::Debug for SleepTable<T, D, B>
     }
 }
 
-/// Takes the waiter out of an unlinked waiter node and lets its owner go. Must be the last
+/// Lets the owner of an unlinked waiter node go, returning whom to resume. Must be the last
 /// access to `node`: once `linked` reads clear, the waiting task may return and free it.
 fn release_waiter<T: Copy>(node: &Node<T>) -> Waiter<T> {
-    let Kind::Waiter(waiter) = node.kind.get() else {
-        unreachable!("release_waiter on a dummy")
-    };
+    let waiter = node.waiter;
     node.linked.store(false, Ordering::Release);
     waiter
 }
@@ -385,7 +406,13 @@ impl<'t, T: Copy, const D: usize, const B: usize> WaitNode<'t, T, D, B> {
     pub fn new(table: &'t SleepTable<T, D, B>, token: u32, cpu: u32, waiter: Waiter<T>) -> Self {
         Self {
             table,
-            node: Node::new(token, cpu, Kind::Waiter(waiter)),
+            node: Node {
+                next: Cell::new(ptr::null()),
+                token,
+                cpu,
+                waiter,
+                linked: AtomicBool::new(false),
+            },
             enqueued: Cell::new(false),
             _pinned: PhantomPinned,
         }
@@ -393,7 +420,7 @@ impl<'t, T: Copy, const D: usize, const B: usize> WaitNode<'t, T, D, B> {
 
     /// The token waited for.
     pub fn token(&self) -> u32 {
-        self.node.token.get()
+        self.node.token
     }
 
     /// Consumes the token's dummy if its wake came first, or links the node into the table.
@@ -409,13 +436,9 @@ impl<'t, T: Copy, const D: usize, const B: usize> WaitNode<'t, T, D, B> {
         }
         let token = this.token();
         let mut bucket = this.table.bucket(token);
-        if let Some(dummy) = bucket.find(|n| n.token.get() == token && n.is_dummy()) {
-            bucket.unlink(dummy);
-            let Kind::Dummy(slot) = dummy.kind.get() else {
-                unreachable!("found a dummy")
-            };
-            dummy.linked.store(false, Ordering::Relaxed);
-            this.table.pool.free(slot);
+        let pool = &this.table.pool;
+        if let Some(found) = pool.find(&bucket, |d| d.token.get() == token) {
+            pool.remove(&mut bucket, found);
             return Enqueue::Ready;
         }
         // The node is pinned (we are behind `Pin`), and `Drop` unlinks it before its memory
@@ -433,7 +456,7 @@ impl<'t, T: Copy, const D: usize, const B: usize> WaitNode<'t, T, D, B> {
 impl<T: Copy, const D: usize, const B: usize> Drop for WaitNode<'_, T, D, B> {
     fn drop(&mut self) {
         if self.node.linked.load(Ordering::Acquire) {
-            let mut bucket = self.table.bucket(self.node.token.get());
+            let mut bucket = self.table.bucket(self.node.token);
             if self.node.linked.load(Ordering::Relaxed) {
                 bucket.unlink(&self.node);
                 self.node.linked.store(false, Ordering::Relaxed);

@@ -82,6 +82,7 @@ impl ApfHardware for Cpu {
 /// (their handlers must not need a lock the caller holds).
 pub unsafe fn halt_with_interrupts() {
     // SAFETY: the caller is in ring 0 and may take interrupts here (see above); the sequence
-    // leaves the interrupt flag as it found it (clear).
-    unsafe { core::arch::asm!("sti", "hlt", "cli", options(nomem, nostack)) };
+    // leaves the interrupt flag as it found it (clear). Not `nomem`: the interrupt handlers
+    // that run inside it write memory the caller then reads.
+    unsafe { core::arch::asm!("sti", "hlt", "cli", options(nostack)) };
 }
