@@ -43,7 +43,7 @@ impl Scheduler for Recorder {
     }
 }
 
-type Apf = AsyncPf<SimVcpu<'static, CPUS>, Recorder, DUMMIES>;
+type Apf<'h> = AsyncPf<SimVcpu<'h, CPUS>, Recorder, DUMMIES>;
 type Node<'a> = Pin<Box<WaitNode<'a, usize, DUMMIES>>>;
 
 /// A hostile host's event sequence (not present, page ready, wake-all, raw writes to the
@@ -55,11 +55,11 @@ pub fn host_events(data: &[u8]) {
     let mut bytes = data.iter().copied();
     let mut next = move || bytes.next();
     let legacy = next().is_some_and(|b| b & 1 == 1);
-    let host: &'static SimHost<CPUS> = Box::leak(Box::new(if legacy {
+    let host: &SimHost<CPUS> = &if legacy {
         SimHost::kvm(KvmFeatures::ASYNC_PF)
     } else {
         SimHost::modern()
-    }));
+    };
     let cpus: Box<[ApfCpu; CPUS]> = Box::new([ApfCpu::new(), ApfCpu::new()]);
     let apf = Apf::new(Recorder {
         cpu: Cell::new(0),
@@ -183,7 +183,7 @@ pub fn host_events(data: &[u8]) {
 
 /// What the guest's page-fault handler does, with a sleep turned into a queued node.
 fn fault<'a>(
-    apf: &'a Apf,
+    apf: &'a Apf<'_>,
     cpu: &ApfCpu,
     vcpu: usize,
     cr2: u64,
@@ -213,7 +213,7 @@ fn fault<'a>(
 
 /// Woken sleepers were unblocked exactly once and finish; the others were not unblocked, and
 /// the table holds exactly them plus at most `DUMMIES` dummies.
-fn check(apf: &Apf, sleeping: &mut Vec<(usize, usize, Node<'_>)>) {
+fn check(apf: &Apf<'_>, sleeping: &mut Vec<(usize, usize, Node<'_>)>) {
     let mut unblocks = apf.scheduler().unblocks.borrow_mut();
     sleeping.retain(|(task, _, node)| {
         let n = unblocks[*task];
