@@ -7,6 +7,7 @@
 
 pub mod pte_batch;
 pub mod bts;
+pub mod pv_apf;
 pub mod xen_suspend;
 
 /// A harness: arbitrary bytes in, a panic only on a broken invariant.
@@ -21,6 +22,7 @@ pub const TARGETS: &[(&str, Harness)] = &[
     ("xen_suspend_faults", xen_suspend::faults),
     ("bts_ops", bts::ops),
     ("bts_ds_area", bts::ds_area),
+    ("pv_apf_host_events", pv_apf::host_events),
 ];
 
 /// Cuts arbitrary bytes into little-endian `u32`s (a short tail is zero-padded).

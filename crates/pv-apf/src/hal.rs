@@ -1,4 +1,7 @@
-//! The hardware the guest side of async page faults is written against.
+//! The two things the guest side is written against: the KVM paravirtual interface of the
+//! current CPU ([`ApfHardware`]) and the kernel's scheduler ([`Scheduler`]).
+
+use core::convert::Infallible;
 
 /// CPUID leaf of the hypervisor signature.
 pub const KVM_CPUID_SIGNATURE: u32 = 0x4000_0000;
@@ -12,11 +15,11 @@ pub const KVM_SIGNATURE: [u8; 12] = *b"KVMKVMKVM\0\0\0";
 pub struct KvmFeatures(pub u32);
 
 impl KvmFeatures {
-    /// `KVM_FEATURE_ASYNC_PF`.
+    /// `KVM_FEATURE_ASYNC_PF`: async page faults, page ready delivered as a #PF.
     pub const ASYNC_PF: u32 = 1 << 4;
-    /// `KVM_FEATURE_ASYNC_PF_VMEXIT`.
+    /// `KVM_FEATURE_ASYNC_PF_VMEXIT`: async page faults may be delivered as #PF VM exits.
     pub const ASYNC_PF_VMEXIT: u32 = 1 << 10;
-    /// `KVM_FEATURE_ASYNC_PF_INT`.
+    /// `KVM_FEATURE_ASYNC_PF_INT`: page ready delivered as an interrupt.
     pub const ASYNC_PF_INT: u32 = 1 << 14;
 
     /// Whether every bit of `mask` is offered.
@@ -34,14 +37,156 @@ pub fn signature(ebx: u32, ecx: u32, edx: u32) -> [u8; 12] {
     sig
 }
 
-/// A CPU that may be a KVM guest.
+/// The KVM async-page-fault interface of the CPU the caller runs on.
+///
+/// MSRs are per CPU: every method acts on the current CPU.
 pub trait ApfHardware {
+    /// `false` for a backend that is never a KVM guest ([`Native`]): the page-fault hook then
+    /// compiles to nothing.
+    const MAY_BE_GUEST: bool = true;
+
+    /// What a failed MSR access reports.
+    type Error: core::fmt::Debug;
+
     /// KVM's features when running under KVM, `None` otherwise.
     fn probe(&self) -> Option<KvmFeatures>;
+
+    /// Writes the page-ready vector to `MSR_KVM_ASYNC_PF_INT`.
+    fn write_int_vector(&self, vector: u8) -> Result<(), Self::Error>;
+
+    /// Writes `value` to `MSR_KVM_ASYNC_PF_EN`.
+    ///
+    /// # Safety
+    ///
+    /// With [`EN_ENABLED`](crate::abi::EN_ENABLED) set, the address bits of `value` must be the
+    /// guest-physical address of 64 bytes that stay reserved for the host to write until this
+    /// CPU writes 0 here again (the host writes them at any time in between).
+    unsafe fn write_enable(&self, value: u64) -> Result<(), Self::Error>;
+
+    /// Writes 1 to `MSR_KVM_ASYNC_PF_ACK`: the page-ready token has been consumed.
+    fn ack(&self) -> Result<(), Self::Error>;
 }
 
 impl<T: ApfHardware + ?Sized> ApfHardware for &T {
+    const MAY_BE_GUEST: bool = T::MAY_BE_GUEST;
+    type Error = T::Error;
+
     fn probe(&self) -> Option<KvmFeatures> {
         (**self).probe()
+    }
+
+    fn write_int_vector(&self, vector: u8) -> Result<(), Self::Error> {
+        (**self).write_int_vector(vector)
+    }
+
+    unsafe fn write_enable(&self, value: u64) -> Result<(), Self::Error> {
+        // SAFETY: the caller upholds `write_enable`'s contract, which we forward unchanged.
+        unsafe { (**self).write_enable(value) }
+    }
+
+    fn ack(&self) -> Result<(), Self::Error> {
+        (**self).ack()
+    }
+}
+
+/// Bare metal known at compile time: never a guest. With it, [`AsyncPf::handle_page_fault`]
+/// is a constant `NotAsyncPf` and the hook vanishes from the fault path.
+///
+/// [`AsyncPf::handle_page_fault`]: crate::AsyncPf::handle_page_fault
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Native;
+
+impl ApfHardware for Native {
+    const MAY_BE_GUEST: bool = false;
+    type Error = Infallible;
+
+    fn probe(&self) -> Option<KvmFeatures> {
+        None
+    }
+
+    fn write_int_vector(&self, _vector: u8) -> Result<(), Infallible> {
+        Ok(())
+    }
+
+    unsafe fn write_enable(&self, _value: u64) -> Result<(), Infallible> {
+        Ok(())
+    }
+
+    fn ack(&self) -> Result<(), Infallible> {
+        Ok(())
+    }
+}
+
+/// The kernel's scheduler, as far as sleeping on a token needs it.
+///
+/// Everything here may be called from the page-fault handler and from the page-ready
+/// interrupt handler, with local interrupts disabled and a sleeper-table spinlock held
+/// (except [`block`](Self::block) and [`halt`](Self::halt), called with no lock held).
+pub trait Scheduler {
+    /// A handle of a task that [`unblock`](Self::unblock) can resume (an index, a pointer).
+    type Task: Copy + Eq;
+
+    /// The task running on this CPU.
+    fn current_task(&self) -> Self::Task;
+
+    /// The index of this CPU (the one whose KVM queue raised the fault).
+    fn current_cpu(&self) -> u32;
+
+    /// Whether the current context may [`block`](Self::block): `false` in the idle task, with
+    /// preemption disabled, or before the scheduler runs. Such contexts [`halt`](Self::halt).
+    fn can_sleep(&self) -> bool;
+
+    /// Parks the current task until [`unblock`](Self::unblock) is called for it.
+    ///
+    /// Must behave like `std::thread::park`: an `unblock` that came before `block` makes it
+    /// return at once (one saved permit), and it may return spuriously; the caller re-checks.
+    fn block(&self);
+
+    /// Makes `task` runnable again (or saves the permit if it has not blocked yet). Must not
+    /// sleep: it runs in interrupt context under a spinlock.
+    fn unblock(&self, task: Self::Task);
+
+    /// Waits for the next interrupt on this CPU, entered with interrupts disabled: on x86
+    /// `sti; hlt; cli` (see `x86::halt_with_interrupts`), which cannot miss an interrupt
+    /// that arrives between the caller's check and the halt.
+    fn halt(&self);
+
+    /// A task halting on CPU `cpu` has been woken from another CPU: send it an interrupt
+    /// (IPI) so its [`halt`](Self::halt) returns. The default does nothing, which is enough
+    /// when page-ready arrives on the faulting CPU (as KVM does) or halt returns on a timer.
+    fn kick(&self, cpu: u32) {
+        let _ = cpu;
+    }
+}
+
+impl<S: Scheduler + ?Sized> Scheduler for &S {
+    type Task = S::Task;
+
+    fn current_task(&self) -> Self::Task {
+        (**self).current_task()
+    }
+
+    fn current_cpu(&self) -> u32 {
+        (**self).current_cpu()
+    }
+
+    fn can_sleep(&self) -> bool {
+        (**self).can_sleep()
+    }
+
+    fn block(&self) {
+        (**self).block()
+    }
+
+    fn unblock(&self, task: Self::Task) {
+        (**self).unblock(task)
+    }
+
+    fn halt(&self) {
+        (**self).halt()
+    }
+
+    fn kick(&self, cpu: u32) {
+        (**self).kick(cpu)
     }
 }

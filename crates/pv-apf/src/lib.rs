@@ -1,7 +1,19 @@
 #![doc = include_str!("../README.md")]
-#![no_std]
+#![cfg_attr(not(loom), no_std)]
 
+pub mod abi;
+pub mod error;
+mod guest;
 pub mod hal;
+pub mod percpu;
 pub mod sim;
+mod sync;
+pub mod table;
 #[cfg(all(feature = "x86", target_arch = "x86_64"))]
 pub mod x86;
+
+pub use error::Error;
+pub use guest::{AsyncEvent, AsyncPf, Config, PfOutcome};
+pub use hal::{ApfHardware, KvmFeatures, Native, Scheduler};
+pub use percpu::{ApfCpu, PfEvent, Protocol};
+pub use table::{Enqueue, SleepTable, WaitNode, Waiter, Wake, WakeAll};
