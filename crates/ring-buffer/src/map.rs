@@ -276,8 +276,12 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
             let commit_page = cb.commit_page.load(Ordering::Acquire);
             let pd = &cb.pages[st.reader_page as usize];
             if st.read < pd.size() {
-                cb.consume_reader_page(&mut st);
-                break;
+                // Only padding left (the writer closed the page): look further, unlike Linux,
+                // which makes the consumer call again.
+                if cb.consume_reader_page(&mut st) > 0 {
+                    break;
+                }
+                continue;
             }
             if st.reader_page == commit_page {
                 break;

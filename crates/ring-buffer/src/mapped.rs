@@ -116,20 +116,24 @@ pub struct MappedReader<R: MapRegion, G: GetReader> {
     meta: TraceBufferMeta,
     id: Option<u32>,
     pos: usize,
+    /// Events starting before this offset were consumed before we mapped: skip them.
+    skip: usize,
     ts: u64,
     lost: u64,
 }
 
 impl<R: MapRegion, G: GetReader> MappedReader<R, G> {
-    /// A reader over `region` (the whole mapping, meta page first).
+    /// A reader over `region` (the whole mapping, meta page first). It starts with the reader
+    /// sub-buffer the meta page names, after the `reader.read` bytes already consumed.
     pub fn new(region: R, get: G) -> Result<Self, Error> {
         let meta = read_meta(&region)?;
         Ok(Self {
             region,
             get,
             meta,
-            id: None,
+            id: Some(meta.reader.id),
             pos: 0,
+            skip: meta.reader.read as usize,
             ts: 0,
             lost: 0,
         })
@@ -140,7 +144,7 @@ impl<R: MapRegion, G: GetReader> MappedReader<R, G> {
         self.meta
     }
 
-    /// ID of the sub-buffer being read, once the first one was taken.
+    /// ID of the sub-buffer being read.
     pub fn reader_id(&self) -> Option<u32> {
         self.id
     }
@@ -174,6 +178,7 @@ impl<R: MapRegion, G: GetReader> MappedReader<R, G> {
         if fresh {
             self.id = Some(meta.reader.id);
             self.pos = 0;
+            self.skip = 0;
             self.lost = self.lost.saturating_add(meta.reader.lost_events);
         }
         Ok(fresh)
@@ -203,8 +208,14 @@ impl<R: MapRegion, G: GetReader> MappedReader<R, G> {
         if let Some(ev) = self.next_in_subbuf(buf)? {
             return Ok(Some(ev));
         }
-        self.get_reader()?;
-        self.next_in_subbuf(buf)
+        // Twice: Linux hands back the same sub-buffer once when only its end padding was new.
+        for _ in 0..2 {
+            self.get_reader()?;
+            if let Some(ev) = self.next_in_subbuf(buf)? {
+                return Ok(Some(ev));
+            }
+        }
+        Ok(None)
     }
 
     /// Like [`MappedReader::next_event`], but only from the current reader sub-buffer (no
@@ -225,9 +236,13 @@ impl<R: MapRegion, G: GetReader> MappedReader<R, G> {
                 let _ = region.read(data + off, &mut w);
                 u32::from_le_bytes(w)
             };
+            let start = self.pos;
             let (rec, next) = format::decode_record(read, self.pos, size)?;
             self.pos = next;
             match rec {
+                Record::Data { delta, .. } if start < self.skip => {
+                    self.ts = self.ts.wrapping_add(u64::from(delta));
+                }
                 Record::Data { delta, offset, len } => {
                     self.ts = self.ts.wrapping_add(u64::from(delta));
                     let dst = buf.get_mut(..len).ok_or(Error::InvalidArgument)?;
