@@ -344,6 +344,8 @@ fn new_page_desc(mem: NonNull<u8>) -> PageDesc {
         end: AtomicU32::new(0),
         real_end: AtomicU32::new(0),
         commit: AtomicU64::new(0),
+        head_overrun: AtomicU64::new(0),
+        push_seq: AtomicU64::new(0),
         id: AtomicU32::new(0),
         by_id: AtomicU32::new(0),
     }

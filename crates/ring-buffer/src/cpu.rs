@@ -70,6 +70,10 @@ pub(crate) struct PageDesc {
     pub(crate) real_end: AtomicU32,
     /// Published data size and `RB_MISSED_*` flags, mirrored into the page header.
     pub(crate) commit: AtomicU64,
+    /// Writer: total `overrun` when it made this page the head.
+    pub(crate) head_overrun: AtomicU64,
+    /// Writer: number of the head push that made this page the head.
+    pub(crate) push_seq: AtomicU64,
     /// Mapping: ID of this page.
     pub(crate) id: AtomicU32,
     /// Mapping: page index of ID `i` (stored in entry `i`).
@@ -134,6 +138,9 @@ pub(crate) struct ReaderState {
     /// Time of the last consumed record.
     pub(crate) read_stamp: u64,
     pub(crate) last_overrun: u64,
+    /// The page our last swap made the head, and the push number it was head as of.
+    pub(crate) next_head: u32,
+    pub(crate) last_push_seq: u64,
     /// Lost events not yet handed to the consumer.
     pub(crate) lost: u64,
     /// Lost events found at the last swap (the meta page's `reader.lost_events`).
@@ -163,6 +170,7 @@ pub(crate) struct CpuBuffer {
     stamp_pos: AtomicU64,
     pub(crate) entries: AtomicU64,
     pub(crate) overrun: AtomicU64,
+    pushes: AtomicU64,
     pub(crate) dropped: AtomicU64,
     pub(crate) read: AtomicU64,
     pub(crate) pages_touched: AtomicU64,
@@ -211,6 +219,7 @@ impl CpuBuffer {
             stamp_pos: AtomicU64::new(STAMP_INVALID),
             entries: AtomicU64::new(0),
             overrun: AtomicU64::new(0),
+            pushes: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
             read: AtomicU64::new(0),
             pages_touched: AtomicU64::new(0),
@@ -222,6 +231,8 @@ impl CpuBuffer {
                 read: 0,
                 read_stamp: 0,
                 last_overrun: 0,
+                next_head: 0,
+                last_push_seq: 0,
                 lost: 0,
                 swap_lost: 0,
                 head_hint: ring_len - 1,
@@ -247,6 +258,8 @@ impl CpuBuffer {
             p.real_end.store(0, Ordering::Relaxed);
             p.set_commit(0);
             p.set_time_stamp(0);
+            p.head_overrun.store(0, Ordering::Relaxed);
+            p.push_seq.store(0, Ordering::Relaxed);
         }
         self.tail.store(tail_word(0, 0, 0), Ordering::Release);
         self.commit_page.store(0, Ordering::Release);
@@ -254,6 +267,7 @@ impl CpuBuffer {
         for c in [
             &self.entries,
             &self.overrun,
+            &self.pushes,
             &self.dropped,
             &self.read,
             &self.pages_touched,
@@ -265,6 +279,8 @@ impl CpuBuffer {
         st.read = 0;
         st.read_stamp = 0;
         st.last_overrun = 0;
+        st.next_head = 0;
+        st.last_push_seq = 0;
         st.lost = 0;
         st.swap_lost = 0;
         st.head_hint = n - 1;
@@ -419,9 +435,15 @@ impl CpuBuffer {
                 }
                 // We own the old head: its events are lost.
                 let np = self.page(next);
-                let lost = np.entries.load(Ordering::Relaxed);
-                self.overrun.fetch_add(u64::from(lost), Ordering::Release);
+                let lost = u64::from(np.entries.load(Ordering::Relaxed));
+                let total = self.overrun.fetch_add(lost, Ordering::Relaxed) + lost;
                 let nl = link_next(np.link.load(Ordering::Acquire));
+                // Tell the reader that takes `nl` exactly how much was lost before it; the
+                // Release below publishes this with the flag.
+                let seq = self.pushes.fetch_add(1, Ordering::Relaxed) + 1;
+                let newhead = self.page(nl);
+                newhead.head_overrun.store(total, Ordering::Relaxed);
+                newhead.push_seq.store(seq, Ordering::Relaxed);
                 np.link.store(link(nl, LINK_HEAD), Ordering::Release);
                 pd.link.store(link(next, 0), Ordering::Release);
             }

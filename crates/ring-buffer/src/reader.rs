@@ -72,10 +72,21 @@ impl CpuBuffer {
                 )
                 .is_ok()
             {
+                // Exact lost count: the CAS read the link state that made `head` the head.
+                // Either a writer push did (it stored the overrun total and its push number
+                // in the page before the flag), or our previous swap did (no push since).
+                let pd = &self.pages[head as usize];
+                let seq = pd.push_seq.load(Ordering::Acquire);
+                let overrun = if head == st.next_head && seq <= st.last_push_seq {
+                    st.last_overrun
+                } else {
+                    st.last_push_seq = seq;
+                    pd.head_overrun.load(Ordering::Acquire)
+                };
+                st.next_head = hn;
                 st.reader_page = head;
                 st.read = 0;
                 st.head_hint = rp;
-                let overrun = self.overrun.load(Ordering::Acquire);
                 st.swap_lost = overrun - st.last_overrun;
                 st.lost += st.swap_lost;
                 st.last_overrun = overrun;
