@@ -5,13 +5,18 @@
 //! around them, and the tests below replay every committed corpus input on stable, so a fuzz
 //! finding that was fixed stays fixed.
 
+pub mod ring_buffer;
 pub mod xen_suspend;
 
 /// A harness: arbitrary bytes in, a panic only on a broken invariant.
 pub type Harness = fn(&[u8]);
 
 /// Every fuzz target by name (the name of its `[[bin]]` and of its `corpus/` folder).
-pub const TARGETS: &[(&str, Harness)] = &[("xen_suspend_cpuid", xen_suspend::cpuid)];
+pub const TARGETS: &[(&str, Harness)] = &[
+    ("xen_suspend_cpuid", xen_suspend::cpuid),
+    ("ring_buffer_ops", ring_buffer::ops),
+    ("ring_buffer_mapped_reader", ring_buffer::mapped_reader),
+];
 
 /// Cuts arbitrary bytes into little-endian `u32`s (a short tail is zero-padded).
 pub fn words(data: &[u8]) -> impl Iterator<Item = u32> + '_ {
