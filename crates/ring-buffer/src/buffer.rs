@@ -215,7 +215,10 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
                 cb,
                 slot,
                 len,
-                waiter: &self.waiter,
+                waiter: self
+                    .waiter
+                    .wants_wakeups()
+                    .then_some(&self.waiter as &dyn Waiter),
                 percent: self.buffer_percent.load(Ordering::Relaxed),
                 _cpu: PhantomData,
             }),
@@ -340,7 +343,7 @@ fn new_page_desc(mem: NonNull<u8>) -> PageDesc {
     PageDesc {
         mem,
         link: AtomicU32::new(0),
-        entries: AtomicU32::new(0),
+        entries: crate::sync::Local::<AtomicU32>::new(0),
         end: AtomicU32::new(0),
         real_end: AtomicU32::new(0),
         commit: AtomicU64::new(0),
@@ -382,7 +385,7 @@ pub struct Reservation<'a> {
     cb: &'a CpuBuffer,
     slot: Slot,
     len: usize,
-    waiter: &'a dyn Waiter,
+    waiter: Option<&'a dyn Waiter>,
     percent: u32,
     _cpu: PhantomData<*const ()>,
 }
@@ -403,7 +406,8 @@ impl Reservation<'_> {
         core::mem::forget(self);
         cb.count_commit();
         cb.end();
-        if cb.wake_armed.load(Ordering::Relaxed)
+        if let Some(waiter) = waiter
+            && cb.wake_armed.load(Ordering::Relaxed)
             && (percent == 0 || cb.fill_percent() >= u64::from(percent))
             && cb.wake_armed.swap(false, Ordering::AcqRel)
         {

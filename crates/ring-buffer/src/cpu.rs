@@ -17,7 +17,7 @@ use crate::{
     format::{self, COMMIT_MASK, MAX_DELTA, SUBBUF_HEADER_SIZE, TIME_EXTEND_SIZE},
     hal::Clock,
     mem::PageArray,
-    sync::{AtomicBool, AtomicU32, AtomicU64, Ordering, SpinLock},
+    sync::{AtomicBool, AtomicU32, AtomicU64, Local, Ordering, SpinLock},
 };
 
 pub(crate) const LINK_HEAD: u32 = 1;
@@ -63,7 +63,7 @@ pub(crate) struct PageDesc {
     /// Next page in the ring, with the `HEAD`/`UPDATE` flags.
     pub(crate) link: AtomicU32,
     /// Events reserved on the page (what an overwrite of it loses).
-    pub(crate) entries: AtomicU32,
+    pub(crate) entries: Local<AtomicU32>,
     /// Commit value once the writer has left the page.
     pub(crate) end: AtomicU32,
     /// Data offset where the last event ended, before the end padding.
@@ -163,17 +163,17 @@ pub(crate) struct CpuBuffer {
     pub(crate) ring_len: u32,
     pub(crate) subbuf_size: usize,
     pub(crate) overwrite: AtomicBool,
-    pub(crate) tail: AtomicU64,
+    pub(crate) tail: Local<AtomicU64>,
     pub(crate) commit_page: AtomicU32,
-    nest: AtomicU64,
+    nest: Local<AtomicU64>,
     last_stamp: AtomicU64,
     stamp_pos: AtomicU64,
-    pub(crate) entries: AtomicU64,
-    pub(crate) overrun: AtomicU64,
-    pushes: AtomicU64,
-    pub(crate) dropped: AtomicU64,
+    pub(crate) entries: Local<AtomicU64>,
+    pub(crate) overrun: Local<AtomicU64>,
+    pushes: Local<AtomicU64>,
+    pub(crate) dropped: Local<AtomicU64>,
     pub(crate) read: AtomicU64,
-    pub(crate) pages_touched: AtomicU64,
+    pub(crate) pages_touched: Local<AtomicU64>,
     pub(crate) pages_read: AtomicU64,
     pub(crate) disabled: AtomicU32,
     pub(crate) wake_armed: AtomicBool,
@@ -212,17 +212,17 @@ impl CpuBuffer {
             ring_len,
             subbuf_size,
             overwrite: AtomicBool::new(overwrite),
-            tail: AtomicU64::new(0),
+            tail: Local::<AtomicU64>::new(0),
             commit_page: AtomicU32::new(0),
-            nest: AtomicU64::new(0),
+            nest: Local::<AtomicU64>::new(0),
             last_stamp: AtomicU64::new(0),
             stamp_pos: AtomicU64::new(STAMP_INVALID),
-            entries: AtomicU64::new(0),
-            overrun: AtomicU64::new(0),
-            pushes: AtomicU64::new(0),
-            dropped: AtomicU64::new(0),
+            entries: Local::<AtomicU64>::new(0),
+            overrun: Local::<AtomicU64>::new(0),
+            pushes: Local::<AtomicU64>::new(0),
+            dropped: Local::<AtomicU64>::new(0),
             read: AtomicU64::new(0),
-            pages_touched: AtomicU64::new(0),
+            pages_touched: Local::<AtomicU64>::new(0),
             pages_read: AtomicU64::new(0),
             disabled: AtomicU32::new(0),
             wake_armed: AtomicBool::new(true),
@@ -269,12 +269,12 @@ impl CpuBuffer {
             &self.overrun,
             &self.pushes,
             &self.dropped,
-            &self.read,
             &self.pages_touched,
-            &self.pages_read,
         ] {
             c.store(0, Ordering::Relaxed);
         }
+        self.read.store(0, Ordering::Relaxed);
+        self.pages_read.store(0, Ordering::Relaxed);
         st.reader_page = n;
         st.read = 0;
         st.read_stamp = 0;
@@ -296,7 +296,9 @@ impl CpuBuffer {
 
     /// Enters a writer section; returns whether it interrupted another writer.
     pub(crate) fn begin(&self) -> bool {
-        let prev = self.nest.fetch_add(NEST_ONE, Ordering::SeqCst);
+        // Locked (a full barrier): `reset` relies on it to see writers (Dekker with
+        // `disabled`). The other writer updates are CPU-local.
+        let prev = self.nest.0.fetch_add(NEST_ONE, Ordering::SeqCst);
         prev as u32 != 0
     }
 
@@ -338,22 +340,18 @@ impl CpuBuffer {
             let need = event_len + time_len;
             if off + need > data_size {
                 if let Err(e) = self.move_tail(t) {
-                    self.dropped.fetch_add(1, Ordering::Relaxed);
+                    self.dropped.fetch_add(1);
                     return Err(e);
                 }
                 continue;
             }
             let new = t + need as u64;
-            if self
-                .tail
-                .compare_exchange(t, new, Ordering::AcqRel, Ordering::Relaxed)
-                .is_err()
-            {
+            if !self.tail.cas(t, new) {
                 continue;
             }
             // The bytes [off, off + need) of `page` are ours.
             let pd = self.page(page);
-            pd.entries.fetch_add(1, Ordering::Relaxed);
+            pd.entries.fetch_add(1);
             let (event_off, delta) = match time {
                 Time::PageStart => {
                     pd.set_time_stamp(ts);
@@ -436,11 +434,11 @@ impl CpuBuffer {
                 // We own the old head: its events are lost.
                 let np = self.page(next);
                 let lost = u64::from(np.entries.load(Ordering::Relaxed));
-                let total = self.overrun.fetch_add(lost, Ordering::Relaxed) + lost;
+                let total = self.overrun.fetch_add(lost) + lost;
                 let nl = link_next(np.link.load(Ordering::Acquire));
                 // Tell the reader that takes `nl` exactly how much was lost before it; the
                 // Release below publishes this with the flag.
-                let seq = self.pushes.fetch_add(1, Ordering::Relaxed) + 1;
+                let seq = self.pushes.fetch_add(1) + 1;
                 let newhead = self.page(nl);
                 newhead.head_overrun.store(total, Ordering::Relaxed);
                 newhead.push_seq.store(seq, Ordering::Relaxed);
@@ -455,11 +453,7 @@ impl CpuBuffer {
         np.real_end.store(0, Ordering::Relaxed);
         np.set_commit(0);
         let new = tail_word(next, 0, tail_gen(t).wrapping_add(1));
-        if self
-            .tail
-            .compare_exchange(t, new, Ordering::AcqRel, Ordering::Relaxed)
-            .is_err()
-        {
+        if !self.tail.cas(t, new) {
             return Ok(());
         }
         // The rest of `page` from `off` is ours: pad it the way Linux does.
@@ -481,7 +475,7 @@ impl CpuBuffer {
         };
         pd.real_end.store(off as u32, Ordering::Relaxed);
         pd.end.store(end as u32, Ordering::Release);
-        self.pages_touched.fetch_add(1, Ordering::Relaxed);
+        self.pages_touched.fetch_add(1);
         Ok(())
     }
 
@@ -493,27 +487,27 @@ impl CpuBuffer {
             pd.put(slot.event_off, format::header(format::TYPE_PADDING, 1));
             pd.put(slot.event_off + 4, (slot.event_len - 4) as u32);
         }
-        pd.entries.fetch_sub(1, Ordering::Relaxed);
+        pd.entries.fetch_add(u32::MAX); // -1
         // Readers ignore a discarded event's delta: make the next event carry an absolute time.
         self.stamp_pos.store(STAMP_INVALID, Ordering::Release);
     }
 
     /// Counts a committed event.
     pub(crate) fn count_commit(&self) {
-        self.entries.fetch_add(1, Ordering::Relaxed);
+        self.entries.fetch_add(1);
     }
 
     /// Leaves a writer section; the outermost one publishes everything written so far.
     pub(crate) fn end(&self) {
         loop {
-            let v = self.nest.load(Ordering::SeqCst);
+            let v = self.nest.load(Ordering::Relaxed);
             if v as u32 == 1 {
                 self.publish();
             }
-            let after = self.nest.fetch_sub(1, Ordering::SeqCst) - 1;
+            let after = self.nest.fetch_add(u64::MAX).wrapping_sub(1);
             if (after >> 32) != (v >> 32) && after as u32 == 0 {
                 // A writer came in between our publish and the decrement and did not publish.
-                self.nest.fetch_add(1, Ordering::SeqCst);
+                self.nest.fetch_add(1);
                 continue;
             }
             return;

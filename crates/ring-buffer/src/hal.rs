@@ -58,11 +58,20 @@ unsafe impl<T: PageAlloc + ?Sized> PageAlloc for &T {
 pub trait Waiter {
     /// The fill level of `cpu`'s buffer crossed the `buffer_percent` threshold.
     fn wake(&self, cpu: usize);
+
+    /// Whether this waiter does anything; `false` lets writers skip the fill-level check.
+    fn wants_wakeups(&self) -> bool {
+        true
+    }
 }
 
 impl<T: Waiter + ?Sized> Waiter for &T {
     fn wake(&self, cpu: usize) {
         (**self).wake(cpu)
+    }
+
+    fn wants_wakeups(&self) -> bool {
+        (**self).wants_wakeups()
     }
 }
 
@@ -72,6 +81,10 @@ pub struct NoWaiter;
 
 impl Waiter for NoWaiter {
     fn wake(&self, _cpu: usize) {}
+
+    fn wants_wakeups(&self) -> bool {
+        false
+    }
 }
 
 /// Proof that the code holding it runs on CPU `id` and stays there: what a writer needs.
