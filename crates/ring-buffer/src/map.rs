@@ -271,6 +271,9 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
         if st.map_count == 0 {
             return Err(Error::NotMapped);
         }
+        // Lost events since the consumer last saw a new sub-buffer: several swaps can happen
+        // here when sub-buffers hold no data events (only padding or discarded events).
+        let mut lost = 0u64;
         for _ in 0..=cb.ring_len + 1 {
             // The commit page first: once it has moved on, the reader page's size is final.
             let commit_page = cb.commit_page.load(Ordering::Acquire);
@@ -289,7 +292,9 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
             if !cb.swap_reader(&mut st) {
                 break;
             }
-            if st.swap_lost > 0 {
+            lost += st.swap_lost;
+            st.swap_lost = lost;
+            if lost > 0 {
                 mark_missed(cb, &st);
             }
         }
