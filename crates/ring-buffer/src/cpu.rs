@@ -143,8 +143,9 @@ pub(crate) struct ReaderState {
     pub(crate) last_push_seq: u64,
     /// Lost events not yet handed to the consumer.
     pub(crate) lost: u64,
-    /// Lost events found at the last swap (the meta page's `reader.lost_events`).
-    pub(crate) swap_lost: u64,
+    /// Lost events handed to the mapped consumer with the current reader sub-buffer (the
+    /// meta page's `reader.lost_events`).
+    pub(crate) meta_lost: u64,
     /// A ring page at or before the head, where the head search starts.
     pub(crate) head_hint: u32,
     /// Mapping: how many times mapped, and the meta page.
@@ -234,7 +235,7 @@ impl CpuBuffer {
                 next_head: 0,
                 last_push_seq: 0,
                 lost: 0,
-                swap_lost: 0,
+                meta_lost: 0,
                 head_hint: ring_len - 1,
                 map_count: 0,
                 meta: None,
@@ -282,7 +283,7 @@ impl CpuBuffer {
         st.next_head = 0;
         st.last_push_seq = 0;
         st.lost = 0;
-        st.swap_lost = 0;
+        st.meta_lost = 0;
         st.head_hint = n - 1;
     }
 

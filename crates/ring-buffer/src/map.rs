@@ -164,7 +164,7 @@ pub(crate) fn update_meta(cb: &CpuBuffer, st: &ReaderState) {
         subbuf_size: cb.subbuf_size as u32,
         nr_subbufs: cb.ring_len + 1,
         reader: ReaderMeta {
-            lost_events: st.swap_lost,
+            lost_events: st.meta_lost,
             id: cb.pages[st.reader_page as usize].id.load(Ordering::Relaxed),
             read: st.read as u32,
         },
@@ -200,6 +200,8 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
         let meta = self.alloc.alloc_pages(0).ok_or(Error::NoMemory)?;
         st.meta = Some(meta);
         st.map_count = 1;
+        // Lost events not delivered yet go to the mapped consumer, with the reader page.
+        st.meta_lost = core::mem::take(&mut st.lost);
         update_meta(cb, &st);
         Ok(())
     }
@@ -271,9 +273,10 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
         if st.map_count == 0 {
             return Err(Error::NotMapped);
         }
-        // Lost events since the consumer last saw a new sub-buffer: several swaps can happen
-        // here when sub-buffers hold no data events (only padding or discarded events).
-        let mut lost = 0u64;
+        // Lost events accumulate in `st.lost` over every swap made here (several happen when
+        // sub-buffers hold no data events, only padding or discarded events), and go to the
+        // mapped consumer with the sub-buffer it gets.
+        let mut swapped = false;
         for _ in 0..=cb.ring_len + 1 {
             // The commit page first: once it has moved on, the reader page's size is final.
             let commit_page = cb.commit_page.load(Ordering::Acquire);
@@ -292,11 +295,14 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
             if !cb.swap_reader(&mut st) {
                 break;
             }
-            lost += st.swap_lost;
-            st.swap_lost = lost;
-            if lost > 0 {
+            swapped = true;
+            if st.lost > 0 {
+                st.meta_lost = st.lost;
                 mark_missed(cb, &st);
             }
+        }
+        if swapped || st.lost > 0 {
+            st.meta_lost = core::mem::take(&mut st.lost);
         }
         update_meta(cb, &st);
         Ok(())
@@ -331,7 +337,7 @@ fn mark_missed(cb: &CpuBuffer, st: &ReaderState) {
             pd.data()
                 .add(size)
                 .cast::<u64>()
-                .write_unaligned(st.swap_lost.to_le())
+                .write_unaligned(st.meta_lost.to_le())
         };
         commit |= RB_MISSED_STORED;
     }

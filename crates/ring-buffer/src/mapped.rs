@@ -135,7 +135,8 @@ impl<R: MapRegion, G: GetReader> MappedReader<R, G> {
             pos: 0,
             skip: meta.reader.read as usize,
             ts: 0,
-            lost: 0,
+            // Losses not delivered yet come with the reader sub-buffer we start on.
+            lost: meta.reader.lost_events,
         })
     }
 

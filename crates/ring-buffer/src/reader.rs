@@ -87,8 +87,7 @@ impl CpuBuffer {
                 st.reader_page = head;
                 st.read = 0;
                 st.head_hint = rp;
-                st.swap_lost = overrun - st.last_overrun;
-                st.lost += st.swap_lost;
+                st.lost += overrun - st.last_overrun;
                 st.last_overrun = overrun;
                 self.pages_read.fetch_add(1, Ordering::Relaxed);
                 return true;
@@ -196,9 +195,6 @@ impl CpuBuffer {
             }
         }
         self.read.fetch_add(n, Ordering::Relaxed);
-        if n > 0 {
-            st.lost = 0;
-        }
         n
     }
 }
