@@ -334,9 +334,9 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
     }
 }
 
-#[cfg(not(loom))]
+#[cfg(not(any(loom, miri)))]
 const RESET_SPINS: u32 = 1 << 24;
-#[cfg(loom)]
+#[cfg(any(loom, miri))]
 const RESET_SPINS: u32 = 4;
 
 fn new_page_desc(mem: NonNull<u8>) -> PageDesc {

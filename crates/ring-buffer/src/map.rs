@@ -200,8 +200,9 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
         let meta = self.alloc.alloc_pages(0).ok_or(Error::NoMemory)?;
         st.meta = Some(meta);
         st.map_count = 1;
-        // Lost events not delivered yet go to the mapped consumer, with the reader page.
-        st.meta_lost = core::mem::take(&mut st.lost);
+        // Lost events not delivered yet are shown to the mapped consumer with the reader page
+        // (and count as delivered once `map_get_reader` accounts that page as read).
+        st.meta_lost = st.lost;
         update_meta(cb, &st);
         Ok(())
     }
@@ -274,9 +275,9 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
             return Err(Error::NotMapped);
         }
         // Lost events accumulate in `st.lost` over every swap made here (several happen when
-        // sub-buffers hold no data events, only padding or discarded events), and go to the
-        // mapped consumer with the sub-buffer it gets.
-        let mut swapped = false;
+        // sub-buffers hold no data events, only padding or discarded events); the meta page and
+        // the sub-buffer header show the total, and they count as delivered once the
+        // sub-buffer's events are accounted as read.
         for _ in 0..=cb.ring_len + 1 {
             // The commit page first: once it has moved on, the reader page's size is final.
             let commit_page = cb.commit_page.load(Ordering::Acquire);
@@ -285,6 +286,7 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
                 // Only padding left (the writer closed the page): look further, unlike Linux,
                 // which makes the consumer call again.
                 if cb.consume_reader_page(&mut st) > 0 {
+                    st.lost = 0;
                     break;
                 }
                 continue;
@@ -295,14 +297,10 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
             if !cb.swap_reader(&mut st) {
                 break;
             }
-            swapped = true;
+            st.meta_lost = st.lost;
             if st.lost > 0 {
-                st.meta_lost = st.lost;
                 mark_missed(cb, &st);
             }
-        }
-        if swapped || st.lost > 0 {
-            st.meta_lost = core::mem::take(&mut st.lost);
         }
         update_meta(cb, &st);
         Ok(())

@@ -124,7 +124,8 @@ pub struct MappedReader<R: MapRegion, G: GetReader> {
 
 impl<R: MapRegion, G: GetReader> MappedReader<R, G> {
     /// A reader over `region` (the whole mapping, meta page first). It starts with the reader
-    /// sub-buffer the meta page names, after the `reader.read` bytes already consumed.
+    /// sub-buffer the meta page names, after the `reader.read` bytes already consumed, with
+    /// `reader.lost_events` as the losses before it. Use one `MappedReader` per mapping.
     pub fn new(region: R, get: G) -> Result<Self, Error> {
         let meta = read_meta(&region)?;
         Ok(Self {
@@ -180,7 +181,9 @@ impl<R: MapRegion, G: GetReader> MappedReader<R, G> {
             self.id = Some(meta.reader.id);
             self.pos = 0;
             self.skip = 0;
-            self.lost = self.lost.saturating_add(meta.reader.lost_events);
+            // The producer's count covers everything lost since events were last delivered,
+            // including a count we got at start and had no event to deliver with.
+            self.lost = meta.reader.lost_events;
         }
         Ok(fresh)
     }

@@ -8,9 +8,9 @@ use crate::{
 };
 
 /// How long the reader waits for a writer that is moving the head (`UPDATE` on the link).
-#[cfg(not(loom))]
+#[cfg(not(any(loom, miri)))]
 const HEAD_SPINS: u32 = 1 << 16;
-#[cfg(loom)]
+#[cfg(any(loom, miri))]
 const HEAD_SPINS: u32 = 4;
 
 /// One consumed (or peeked) event.
