@@ -8,6 +8,7 @@
 pub mod pte_batch;
 pub mod bts;
 pub mod pv_apf;
+pub mod ring_buffer;
 pub mod xen_suspend;
 
 /// A harness: arbitrary bytes in, a panic only on a broken invariant.
@@ -23,6 +24,8 @@ pub const TARGETS: &[(&str, Harness)] = &[
     ("bts_ops", bts::ops),
     ("bts_ds_area", bts::ds_area),
     ("pv_apf_host_events", pv_apf::host_events),
+    ("ring_buffer_ops", ring_buffer::ops),
+    ("ring_buffer_mapped_reader", ring_buffer::mapped_reader),
 ];
 
 /// Cuts arbitrary bytes into little-endian `u32`s (a short tail is zero-padded).

@@ -1,7 +1,28 @@
 #![doc = include_str!("../README.md")]
-#![no_std]
+#![cfg_attr(not(any(loom, feature = "std")), no_std)]
 
+#[cfg(feature = "std")]
+extern crate std;
+
+pub mod buffer;
+mod cpu;
+pub mod error;
+pub mod format;
 pub mod hal;
+pub mod map;
+pub mod mapped;
+mod mem;
+pub mod reader;
 pub mod sim;
+mod sync;
+#[cfg(all(feature = "std", target_os = "linux"))]
+pub mod tracefs;
 #[cfg(all(feature = "x86", target_arch = "x86_64"))]
 pub mod x86;
+
+pub use buffer::{Config, Mode, Reservation, RingBuffer, Stats};
+pub use error::Error;
+pub use hal::{Clock, LocalCpu, NoWaiter, PageAlloc, Waiter};
+pub use map::{MapLayout, MapPage};
+pub use mapped::{GetReader, MapRegion, MappedEvent, MappedReader, RawRegion};
+pub use reader::{Event, Reader};

@@ -1,8 +1,13 @@
-//! Software model of the hardware: a clock that tests set by hand.
+//! Software stand-ins for the system: a clock that tests set by hand and a fixed pool of pages.
+//! Both are `no_std` and allocation-free, so the example kernel can use them too.
 
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::{
+    cell::UnsafeCell,
+    ptr::NonNull,
+    sync::atomic::{AtomicBool, AtomicU64, Ordering},
+};
 
-use crate::hal::Clock;
+use crate::{format::PAGE_SIZE, hal::Clock, hal::PageAlloc};
 
 /// A clock that only moves when told to, so tests control every time delta.
 #[derive(Debug, Default)]
@@ -32,10 +37,128 @@ impl ManualClock {
             }
         }
     }
+
+    /// Sets the time (tests only: the ring buffer expects it not to go backwards).
+    pub fn set(&self, now: u64) {
+        self.now.store(now, Ordering::Relaxed);
+    }
 }
 
 impl Clock for ManualClock {
     fn now(&self) -> u64 {
         self.now.load(Ordering::Relaxed)
+    }
+}
+
+/// A clock that ticks by one on every read: cheap, monotonic, and never the same twice.
+#[derive(Debug, Default)]
+pub struct CountingClock {
+    now: AtomicU64,
+}
+
+impl CountingClock {
+    /// A clock whose first read returns `start`.
+    pub const fn new(start: u64) -> Self {
+        Self {
+            now: AtomicU64::new(start),
+        }
+    }
+}
+
+impl Clock for CountingClock {
+    fn now(&self) -> u64 {
+        self.now.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// One page-aligned page.
+#[repr(C, align(4096))]
+struct Page(UnsafeCell<[u8; PAGE_SIZE]>);
+
+/// A fixed pool of `N` pages with a first-fit allocator: no heap needed. Put it in a `static`
+/// (it is all zeros, so it lands in `.bss`) or a `Box`.
+pub struct PagePool<const N: usize> {
+    pages: [Page; N],
+    used: [AtomicBool; N],
+    lock: AtomicBool,
+}
+
+// SAFETY: pages are handed out to one owner at a time under `lock`.
+unsafe impl<const N: usize> Sync for PagePool<N> {}
+
+impl<const N: usize> Default for PagePool<N> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<const N: usize> PagePool<N> {
+    /// An empty pool.
+    pub const fn new() -> Self {
+        Self {
+            pages: [const { Page(UnsafeCell::new([0; PAGE_SIZE])) }; N],
+            used: [const { AtomicBool::new(false) }; N],
+            lock: AtomicBool::new(false),
+        }
+    }
+
+    /// Pages currently allocated.
+    pub fn used_pages(&self) -> usize {
+        self.used
+            .iter()
+            .filter(|u| u.load(Ordering::Relaxed))
+            .count()
+    }
+
+    fn locked<R>(&self, f: impl FnOnce() -> R) -> R {
+        while self
+            .lock
+            .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            core::hint::spin_loop();
+        }
+        let r = f();
+        self.lock.store(false, Ordering::Release);
+        r
+    }
+}
+
+// SAFETY: runs of free pages are marked used under the lock before being handed out, zeroed,
+// page-aligned (`Page` is), and only reused after `free_pages`.
+unsafe impl<const N: usize> PageAlloc for PagePool<N> {
+    fn alloc_pages(&self, order: u32) -> Option<NonNull<u8>> {
+        let count = 1usize.checked_shl(order)?;
+        let start = self.locked(|| {
+            // Naturally aligned runs, like a buddy allocator.
+            let mut start = 0;
+            while start + count <= N {
+                if self.used[start..start + count]
+                    .iter()
+                    .all(|u| !u.load(Ordering::Relaxed))
+                {
+                    for u in &self.used[start..start + count] {
+                        u.store(true, Ordering::Relaxed);
+                    }
+                    return Some(start);
+                }
+                start += count;
+            }
+            None
+        })?;
+        let p = self.pages[start].0.get().cast::<u8>();
+        // SAFETY: the run `start..start + count` is ours and contiguous (`[Page; N]`).
+        unsafe { p.write_bytes(0, count * PAGE_SIZE) };
+        NonNull::new(p)
+    }
+
+    unsafe fn free_pages(&self, pages: NonNull<u8>, order: u32) {
+        let base = self.pages.as_ptr() as usize;
+        let start = (pages.as_ptr() as usize - base) / PAGE_SIZE;
+        self.locked(|| {
+            for u in &self.used[start..start + (1 << order)] {
+                u.store(false, Ordering::Relaxed);
+            }
+        });
     }
 }

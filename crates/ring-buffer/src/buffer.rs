@@ -1,0 +1,424 @@
+//! The per-CPU ring buffer: construction, the writer API, the reader API, counters and reset.
+
+use core::{marker::PhantomData, ptr::NonNull};
+
+use crate::{
+    cpu::{CpuBuffer, MAX_PAGES, PageDesc, Slot},
+    error::Error,
+    format::{self, MAX_SUBBUF_ORDER, PAGE_SIZE},
+    hal::{Clock, LocalCpu, NoWaiter, PageAlloc, Waiter},
+    mem::PageArray,
+    reader::Reader,
+    sync::{AtomicU32, AtomicU64, Ordering, spin_hint},
+};
+
+/// What the writer does when the ring is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// Flight recorder: the writer pushes the head and overwrites the oldest sub-buffer; its
+    /// events count as `overrun` (Linux's default, `options/overwrite` = 1).
+    #[default]
+    Overwrite,
+    /// New events are dropped and counted in `dropped` until the reader makes room.
+    ProducerConsumer,
+}
+
+/// Geometry and mode of a [`RingBuffer`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Config {
+    /// Number of CPUs (one buffer each).
+    pub cpus: usize,
+    /// Sub-buffers in each CPU's ring, the reader sub-buffer not included (at least 2).
+    pub subbufs_per_cpu: usize,
+    /// Sub-buffer size is `PAGE_SIZE << subbuf_order` (4 KiB to 1 MiB).
+    pub subbuf_order: u32,
+    /// Overwrite or producer/consumer.
+    pub mode: Mode,
+}
+
+impl Config {
+    /// `cpus` CPUs with `subbufs_per_cpu` 4 KiB sub-buffers each, overwrite mode.
+    pub const fn new(cpus: usize, subbufs_per_cpu: usize) -> Self {
+        Self {
+            cpus,
+            subbufs_per_cpu,
+            subbuf_order: 0,
+            mode: Mode::Overwrite,
+        }
+    }
+
+    /// Sets the sub-buffer order.
+    pub const fn subbuf_order(mut self, order: u32) -> Self {
+        self.subbuf_order = order;
+        self
+    }
+
+    /// Sets the mode.
+    pub const fn mode(mut self, mode: Mode) -> Self {
+        self.mode = mode;
+        self
+    }
+}
+
+/// Counters of one CPU buffer (Linux's `per_cpu/cpuN/stats`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Stats {
+    /// Events committed.
+    pub entries: u64,
+    /// Events lost because the writer overwrote their sub-buffer.
+    pub overrun: u64,
+    /// Events the writer dropped (producer/consumer mode full, or a nested writer that found
+    /// the ring wrapped onto uncommitted data or the head being moved).
+    pub dropped: u64,
+    /// Events consumed by readers.
+    pub read: u64,
+}
+
+impl Stats {
+    /// Events in the buffer not read yet: `entries - overrun - read`.
+    pub fn unread(&self) -> u64 {
+        self.entries
+            .wrapping_sub(self.overrun)
+            .wrapping_sub(self.read)
+    }
+}
+
+/// A per-CPU lockless ring buffer of timestamped events in Linux's format.
+///
+/// Writers use `&self` from any context of their own CPU (see [`LocalCpu`]); readers take a
+/// per-CPU reader lock that writers never touch.
+pub struct RingBuffer<A: PageAlloc, C: Clock, W: Waiter = NoWaiter> {
+    pub(crate) alloc: A,
+    clock: C,
+    waiter: W,
+    pub(crate) cpus: PageArray<CpuBuffer>,
+    pub(crate) subbuf_order: u32,
+    record_disabled: AtomicU32,
+    buffer_percent: AtomicU32,
+    _pin: PhantomData<AtomicU64>,
+}
+
+impl<A: PageAlloc, C: Clock> RingBuffer<A, C, NoWaiter> {
+    /// Allocates every sub-buffer from `alloc`.
+    pub fn new(config: Config, alloc: A, clock: C) -> Result<Self, Error> {
+        Self::with_waiter(config, alloc, clock, NoWaiter)
+    }
+}
+
+impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
+    /// Like [`RingBuffer::new`], with a [`Waiter`] woken at the `buffer_percent` fill level
+    /// (50% by default, Linux's default).
+    pub fn with_waiter(config: Config, alloc: A, clock: C, waiter: W) -> Result<Self, Error> {
+        if config.cpus == 0
+            || config.subbufs_per_cpu < 2
+            || config.subbufs_per_cpu >= MAX_PAGES - 1
+            || config.subbuf_order > MAX_SUBBUF_ORDER
+        {
+            return Err(Error::InvalidArgument);
+        }
+        let subbuf_size = PAGE_SIZE << config.subbuf_order;
+        let overwrite = config.mode == Mode::Overwrite;
+        let order = config.subbuf_order;
+        let free_subbuf = |p: &PageDesc| {
+            // SAFETY: only called on failure, for sub-buffers that came from `alloc` with this
+            // order and that nothing else holds.
+            unsafe { alloc.free_pages(p.mem, order) }
+        };
+        let cpus = PageArray::new(
+            &alloc,
+            config.cpus,
+            |cpu| {
+                let pages = PageArray::new(
+                    &alloc,
+                    config.subbufs_per_cpu + 1,
+                    |_| {
+                        let mem = alloc.alloc_pages(order).ok_or(Error::NoMemory)?;
+                        Ok(new_page_desc(mem))
+                    },
+                    free_subbuf,
+                )?;
+                Ok(CpuBuffer::new(cpu, pages, subbuf_size, overwrite))
+            },
+            |cb: &CpuBuffer| {
+                cb.pages.iter().for_each(free_subbuf);
+                // SAFETY: the page array came from `alloc`; `CpuBuffer` has no drop glue
+                // that frees it, so this bitwise copy is its only owner.
+                unsafe { core::ptr::read(&cb.pages).free(&alloc) };
+            },
+        )?;
+        Ok(Self {
+            alloc,
+            clock,
+            waiter,
+            cpus,
+            subbuf_order: config.subbuf_order,
+            record_disabled: AtomicU32::new(0),
+            buffer_percent: AtomicU32::new(50),
+            _pin: PhantomData,
+        })
+    }
+
+    /// Number of CPUs.
+    pub fn cpus(&self) -> usize {
+        self.cpus.len()
+    }
+
+    /// Size of a sub-buffer, header included.
+    pub fn subbuf_size(&self) -> usize {
+        PAGE_SIZE << self.subbuf_order
+    }
+
+    /// Sub-buffers in each ring (the reader sub-buffer not included).
+    pub fn subbufs_per_cpu(&self) -> usize {
+        self.cpus[0].ring_len as usize
+    }
+
+    /// Largest payload one event takes.
+    pub fn max_payload(&self) -> usize {
+        format::max_payload(self.subbuf_size())
+    }
+
+    /// The clock.
+    pub fn clock(&self) -> &C {
+        &self.clock
+    }
+
+    pub(crate) fn cpu(&self, cpu: usize) -> Result<&CpuBuffer, Error> {
+        self.cpus.get(cpu).ok_or(Error::InvalidArgument)
+    }
+
+    /// Switches between overwrite and producer/consumer mode (Linux's `options/overwrite`).
+    pub fn set_mode(&self, mode: Mode) {
+        for cb in self.cpus.iter() {
+            cb.overwrite
+                .store(mode == Mode::Overwrite, Ordering::Relaxed);
+        }
+    }
+
+    /// Reserves room for a `len`-byte event on the caller's CPU. Fill the payload, then
+    /// [`Reservation::commit`]; dropping the reservation discards the event.
+    ///
+    /// Errors: [`Error::EventTooLarge`] above [`RingBuffer::max_payload`], [`Error::Disabled`],
+    /// [`Error::Full`] (producer/consumer mode, or the ring wrapped onto data an interrupted
+    /// writer has not committed), [`Error::Busy`] (a nested writer found the interrupted one
+    /// moving the head). Full and Busy count the event as dropped.
+    pub fn reserve(&self, cpu: LocalCpu, len: usize) -> Result<Reservation<'_>, Error> {
+        let cb = self.cpu(cpu.id())?;
+        let nested = cb.begin();
+        let res = if self.record_disabled.load(Ordering::SeqCst) != 0 {
+            Err(Error::Disabled)
+        } else {
+            cb.reserve(&self.clock, len, nested)
+        };
+        match res {
+            Ok(slot) => Ok(Reservation {
+                cb,
+                slot,
+                len,
+                waiter: self
+                    .waiter
+                    .wants_wakeups()
+                    .then_some(&self.waiter as &dyn Waiter),
+                percent: self.buffer_percent.load(Ordering::Relaxed),
+                _cpu: PhantomData,
+            }),
+            Err(e) => {
+                cb.end();
+                Err(e)
+            }
+        }
+    }
+
+    /// Writes one event (reserve, copy, commit).
+    pub fn write(&self, cpu: LocalCpu, data: &[u8]) -> Result<(), Error> {
+        let mut r = self.reserve(cpu, data.len())?;
+        r.payload_mut()[..data.len()].copy_from_slice(data);
+        r.commit();
+        Ok(())
+    }
+
+    /// Stops recording on every CPU (nests: each call needs an [`RingBuffer::record_enable`]).
+    pub fn record_disable(&self) {
+        self.record_disabled.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Undoes one [`RingBuffer::record_disable`].
+    pub fn record_enable(&self) {
+        let _ = self
+            .record_disabled
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| v.checked_sub(1));
+    }
+
+    /// Stops recording on one CPU.
+    pub fn record_disable_cpu(&self, cpu: usize) -> Result<(), Error> {
+        self.cpu(cpu)?.disabled.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Undoes one [`RingBuffer::record_disable_cpu`].
+    pub fn record_enable_cpu(&self, cpu: usize) -> Result<(), Error> {
+        let _ = self
+            .cpu(cpu)?
+            .disabled
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| v.checked_sub(1));
+        Ok(())
+    }
+
+    /// Whether recording is on for `cpu`.
+    pub fn is_recording(&self, cpu: usize) -> Result<bool, Error> {
+        Ok(self.record_disabled.load(Ordering::Relaxed) == 0
+            && self.cpu(cpu)?.disabled.load(Ordering::Relaxed) == 0)
+    }
+
+    /// The consuming reader of `cpu` (takes that CPU's reader lock).
+    pub fn reader(&self, cpu: usize) -> Result<Reader<'_>, Error> {
+        let cb = self.cpu(cpu)?;
+        Ok(Reader {
+            cpu: cb,
+            st: cb.reader.lock(),
+        })
+    }
+
+    /// The counters of `cpu`.
+    pub fn stats(&self, cpu: usize) -> Result<Stats, Error> {
+        let cb = self.cpu(cpu)?;
+        Ok(Stats {
+            entries: cb.entries.load(Ordering::Acquire),
+            overrun: cb.overrun.load(Ordering::Acquire),
+            dropped: cb.dropped.load(Ordering::Relaxed),
+            read: cb.read.load(Ordering::Acquire),
+        })
+    }
+
+    /// Sets the fill level (percent of a CPU's ring) at which the waiter is woken; 0 wakes on
+    /// every commit. Values above 100 are `InvalidArgument`.
+    pub fn set_buffer_percent(&self, percent: u32) -> Result<(), Error> {
+        if percent > 100 {
+            return Err(Error::InvalidArgument);
+        }
+        self.buffer_percent.store(percent, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Re-arms the wake-up of `cpu` (a reader about to sleep calls this; each wake-up disarms).
+    pub fn arm_waiter(&self, cpu: usize) -> Result<(), Error> {
+        self.cpu(cpu)?.wake_armed.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Empties `cpu`'s buffer and zeroes its counters (Linux's `ring_buffer_reset_cpu`).
+    ///
+    /// Recording on `cpu` is paused meanwhile; if a writer of `cpu` stays inside its critical
+    /// section (this is called from an interrupt that interrupted it), gives up with `Busy`.
+    pub fn reset(&self, cpu: usize) -> Result<(), Error> {
+        let cb = self.cpu(cpu)?;
+        cb.disabled.fetch_add(1, Ordering::SeqCst);
+        let mut st = cb.reader.lock();
+        let mut spins = 0u32;
+        while cb.writers_active() {
+            spins += 1;
+            if spins > RESET_SPINS {
+                cb.disabled.fetch_sub(1, Ordering::SeqCst);
+                return Err(Error::Busy);
+            }
+            spin_hint();
+        }
+        cb.init_ring(&mut st);
+        if st.map_count > 0 {
+            crate::map::refresh_ids(cb, &st);
+            crate::map::update_meta(cb, &st);
+        }
+        drop(st);
+        cb.disabled.fetch_sub(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+#[cfg(not(any(loom, miri)))]
+const RESET_SPINS: u32 = 1 << 24;
+#[cfg(any(loom, miri))]
+const RESET_SPINS: u32 = 4;
+
+fn new_page_desc(mem: NonNull<u8>) -> PageDesc {
+    PageDesc {
+        mem,
+        link: AtomicU32::new(0),
+        entries: crate::sync::Local::<AtomicU32>::new(0),
+        end: AtomicU32::new(0),
+        real_end: AtomicU32::new(0),
+        commit: AtomicU64::new(0),
+        head_overrun: AtomicU64::new(0),
+        push_seq: AtomicU64::new(0),
+        id: AtomicU32::new(0),
+        by_id: AtomicU32::new(0),
+    }
+}
+
+impl<A: PageAlloc, C: Clock, W: Waiter> Drop for RingBuffer<A, C, W> {
+    fn drop(&mut self) {
+        for cb in self.cpus.iter() {
+            let mut st = cb.reader.lock();
+            if let Some(meta) = st.meta.take() {
+                // SAFETY: the meta page came from `alloc_pages(0)`; the buffer is going away,
+                // so no mapping is used any more.
+                unsafe { self.alloc.free_pages(meta, 0) };
+            }
+            for p in cb.pages.iter() {
+                // SAFETY: every sub-buffer came from `alloc_pages(subbuf_order)`.
+                unsafe { self.alloc.free_pages(p.mem, self.subbuf_order) };
+            }
+        }
+        // SAFETY: the arrays came from `self.alloc`. `PageArray` has no drop glue, so these
+        // bitwise copies are the only owners, each freed once; `self.cpus` is not used again.
+        unsafe {
+            for cb in self.cpus.iter() {
+                core::ptr::read(&cb.pages).free(&self.alloc);
+            }
+            core::ptr::read(&self.cpus).free(&self.alloc);
+        }
+    }
+}
+
+/// A reserved event: fill [`Reservation::payload_mut`], then [`Reservation::commit`]. Dropping
+/// it without committing discards the event (it becomes padding that keeps its length).
+pub struct Reservation<'a> {
+    cb: &'a CpuBuffer,
+    slot: Slot,
+    len: usize,
+    waiter: Option<&'a dyn Waiter>,
+    percent: u32,
+    _cpu: PhantomData<*const ()>,
+}
+
+impl Reservation<'_> {
+    /// The payload bytes (as many as reserved).
+    pub fn payload_mut(&mut self) -> &mut [u8] {
+        // SAFETY: `len` bytes at `payload` are reserved for this event, inside its sub-buffer,
+        // and nothing else touches them until the commit.
+        unsafe { core::slice::from_raw_parts_mut(self.slot.payload, self.len) }
+    }
+
+    /// Publishes the event (when the outermost writer of the CPU finishes).
+    pub fn commit(self) {
+        let cb = self.cb;
+        let waiter = self.waiter;
+        let percent = self.percent;
+        core::mem::forget(self);
+        cb.count_commit();
+        cb.end();
+        if let Some(waiter) = waiter
+            && cb.wake_armed.load(Ordering::Relaxed)
+            && (percent == 0 || cb.fill_percent() >= u64::from(percent))
+            && cb.wake_armed.swap(false, Ordering::AcqRel)
+        {
+            waiter.wake(cb.cpu);
+        }
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        self.cb.discard(&self.slot);
+        self.cb.end();
+    }
+}

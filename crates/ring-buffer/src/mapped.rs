@@ -1,0 +1,307 @@
+//! The user-space side of a mapping: [`MappedReader`] reads events out of a mapped CPU buffer
+//! (ours, or the running Linux kernel's through [`tracefs`](crate)), asking for a new reader
+//! sub-buffer through a callback. It trusts nothing in the mapping: bad bytes give
+//! [`Error::Corrupt`], never a panic or a read outside the region.
+
+use crate::{
+    error::Error,
+    format::{
+        self, COMMIT_MASK, MAX_SUBBUF_ORDER, PAGE_SIZE, Record, SUBBUF_HEADER_SIZE, TraceBufferMeta,
+    },
+};
+
+/// Bytes of a mapping, read by copy (the other side keeps writing them).
+pub trait MapRegion {
+    /// Length of the region in bytes.
+    fn len(&self) -> usize;
+
+    /// Whether the region is empty.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Copies `buf.len()` bytes at `offset` into `buf`; `InvalidArgument` past the end.
+    fn read(&self, offset: usize, buf: &mut [u8]) -> Result<(), Error>;
+}
+
+impl MapRegion for [u8] {
+    fn len(&self) -> usize {
+        <[u8]>::len(self)
+    }
+
+    fn read(&self, offset: usize, buf: &mut [u8]) -> Result<(), Error> {
+        let src = offset
+            .checked_add(buf.len())
+            .and_then(|end| self.get(offset..end))
+            .ok_or(Error::InvalidArgument)?;
+        buf.copy_from_slice(src);
+        Ok(())
+    }
+}
+
+impl<R: MapRegion + ?Sized> MapRegion for &R {
+    fn len(&self) -> usize {
+        (**self).len()
+    }
+
+    fn read(&self, offset: usize, buf: &mut [u8]) -> Result<(), Error> {
+        (**self).read(offset, buf)
+    }
+}
+
+/// A mapping at a raw address (what `mmap` returned), read with volatile loads.
+#[derive(Debug)]
+pub struct RawRegion {
+    base: *const u8,
+    len: usize,
+}
+
+impl RawRegion {
+    /// The `len` bytes at `base`.
+    ///
+    /// # Safety
+    ///
+    /// `base..base + len` stays mapped and readable for as long as the region is used.
+    pub const unsafe fn new(base: *const u8, len: usize) -> Self {
+        Self { base, len }
+    }
+}
+
+impl MapRegion for RawRegion {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn read(&self, offset: usize, buf: &mut [u8]) -> Result<(), Error> {
+        match offset.checked_add(buf.len()) {
+            Some(end) if end <= self.len => {}
+            _ => return Err(Error::InvalidArgument),
+        }
+        for (i, b) in buf.iter_mut().enumerate() {
+            // SAFETY: `offset + i < len`, readable by the contract of `new`. Volatile: the
+            // kernel writes the mapping behind our back.
+            *b = unsafe { self.base.add(offset + i).read_volatile() };
+        }
+        Ok(())
+    }
+}
+
+/// Asks the producer for a new reader sub-buffer (`TRACE_MMAP_IOCTL_GET_READER`).
+pub trait GetReader {
+    /// Swaps in a reader sub-buffer and refreshes the meta page.
+    fn get_reader(&mut self) -> Result<(), Error>;
+}
+
+impl<F: FnMut() -> Result<(), Error>> GetReader for F {
+    fn get_reader(&mut self) -> Result<(), Error> {
+        self()
+    }
+}
+
+/// An event read from a mapping; its payload was copied into the caller's buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MappedEvent {
+    /// Absolute time, as the format reconstructs it.
+    pub ts: u64,
+    /// Stored payload length (padded to 4 bytes), copied to the front of the caller's buffer.
+    pub len: usize,
+    /// Events lost just before this one (from the meta page at the reader swap).
+    pub lost: u64,
+}
+
+/// Reads events out of a mapped CPU buffer.
+pub struct MappedReader<R: MapRegion, G: GetReader> {
+    region: R,
+    get: G,
+    meta: TraceBufferMeta,
+    id: Option<u32>,
+    pos: usize,
+    /// Events starting before this offset were consumed before we mapped: skip them.
+    skip: usize,
+    ts: u64,
+    lost: u64,
+}
+
+impl<R: MapRegion, G: GetReader> MappedReader<R, G> {
+    /// A reader over `region` (the whole mapping, meta page first). It starts with the reader
+    /// sub-buffer the meta page names, after the `reader.read` bytes already consumed, with
+    /// `reader.lost_events` as the losses before it. Use one `MappedReader` per mapping.
+    pub fn new(region: R, get: G) -> Result<Self, Error> {
+        let meta = read_meta(&region)?;
+        Ok(Self {
+            region,
+            get,
+            meta,
+            id: Some(meta.reader.id),
+            pos: 0,
+            skip: meta.reader.read as usize,
+            ts: 0,
+            // Losses not delivered yet come with the reader sub-buffer we start on.
+            lost: meta.reader.lost_events,
+        })
+    }
+
+    /// The meta page as last read (validated).
+    pub fn meta(&self) -> TraceBufferMeta {
+        self.meta
+    }
+
+    /// ID of the sub-buffer being read.
+    pub fn reader_id(&self) -> Option<u32> {
+        self.id
+    }
+
+    /// Sub-buffer size, header included.
+    pub fn subbuf_size(&self) -> usize {
+        self.meta.subbuf_size as usize
+    }
+
+    fn subbuf_offset(&self, id: u32) -> usize {
+        // Validated in `read_meta`: fits in the region.
+        self.meta.meta_page_size as usize + id as usize * self.meta.subbuf_size as usize
+    }
+
+    /// Asks for a reader sub-buffer and rereads the meta page. Returns whether a different
+    /// sub-buffer than before is now the reader.
+    pub fn get_reader(&mut self) -> Result<bool, Error> {
+        self.get.get_reader()?;
+        let meta = read_meta(&self.region)?;
+        if (meta.meta_page_size, meta.subbuf_size, meta.nr_subbufs)
+            != (
+                self.meta.meta_page_size,
+                self.meta.subbuf_size,
+                self.meta.nr_subbufs,
+            )
+        {
+            return Err(Error::Corrupt);
+        }
+        self.meta = meta;
+        let fresh = self.id != Some(meta.reader.id);
+        if fresh {
+            self.id = Some(meta.reader.id);
+            self.pos = 0;
+            self.skip = 0;
+            // The producer's count covers everything lost since events were last delivered,
+            // including a count we got at start and had no event to deliver with.
+            self.lost = meta.reader.lost_events;
+        }
+        Ok(fresh)
+    }
+
+    fn read_u64(&self, offset: usize) -> Result<u64, Error> {
+        let mut b = [0u8; 8];
+        self.region
+            .read(offset, &mut b)
+            .map_err(|_| Error::Corrupt)?;
+        Ok(u64::from_le_bytes(b))
+    }
+
+    /// Committed data size of the reader sub-buffer.
+    fn reader_size(&self, base: usize) -> Result<usize, Error> {
+        let size = (self.read_u64(base + 8)? & COMMIT_MASK) as usize;
+        if size > self.subbuf_size() - SUBBUF_HEADER_SIZE {
+            return Err(Error::Corrupt);
+        }
+        Ok(size)
+    }
+
+    /// The next event, its stored payload copied to the front of `buf` (`InvalidArgument` if
+    /// `buf` is too small: a sub-buffer's size always suffices), asking for a new reader
+    /// sub-buffer when the current one is used up. `Ok(None)`: nothing new.
+    pub fn next_event(&mut self, buf: &mut [u8]) -> Result<Option<MappedEvent>, Error> {
+        if let Some(ev) = self.next_in_subbuf(buf)? {
+            return Ok(Some(ev));
+        }
+        // Twice: Linux hands back the same sub-buffer once when only its end padding was new.
+        for _ in 0..2 {
+            self.get_reader()?;
+            if let Some(ev) = self.next_in_subbuf(buf)? {
+                return Ok(Some(ev));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Like [`MappedReader::next_event`], but only from the current reader sub-buffer (no
+    /// get-reader call).
+    pub fn next_in_subbuf(&mut self, buf: &mut [u8]) -> Result<Option<MappedEvent>, Error> {
+        let Some(id) = self.id else { return Ok(None) };
+        let base = self.subbuf_offset(id);
+        let size = self.reader_size(base)?;
+        if self.pos == 0 {
+            self.ts = self.read_u64(base)?;
+        }
+        let data = base + SUBBUF_HEADER_SIZE;
+        while self.pos < size {
+            let region = &self.region;
+            let read = |off: usize| {
+                let mut w = [0u8; 4];
+                // In bounds: `off + 4 <= size` and the sub-buffer is inside the region.
+                let _ = region.read(data + off, &mut w);
+                u32::from_le_bytes(w)
+            };
+            let start = self.pos;
+            let (rec, next) = format::decode_record(read, self.pos, size)?;
+            self.pos = next;
+            match rec {
+                Record::Data { delta, .. } if start < self.skip => {
+                    self.ts = self.ts.wrapping_add(u64::from(delta));
+                }
+                Record::Data { delta, offset, len } => {
+                    self.ts = self.ts.wrapping_add(u64::from(delta));
+                    let dst = buf.get_mut(..len).ok_or(Error::InvalidArgument)?;
+                    self.region
+                        .read(data + offset, dst)
+                        .map_err(|_| Error::Corrupt)?;
+                    let lost = core::mem::take(&mut self.lost);
+                    return Ok(Some(MappedEvent {
+                        ts: self.ts,
+                        len,
+                        lost,
+                    }));
+                }
+                Record::TimeExtend(d) => self.ts = self.ts.wrapping_add(d),
+                Record::TimeStamp(abs) => self.ts = format::fix_abs_ts(abs, self.ts),
+                Record::PaddingToEnd | Record::Discarded => {}
+            }
+        }
+        Ok(None)
+    }
+
+    /// Copies the whole reader sub-buffer, header included, into `out` (at least
+    /// `subbuf_size` bytes); returns its size. `NotMapped` before the first
+    /// [`MappedReader::get_reader`].
+    pub fn copy_subbuf(&self, out: &mut [u8]) -> Result<usize, Error> {
+        let id = self.id.ok_or(Error::NotMapped)?;
+        let n = self.subbuf_size();
+        let dst = out.get_mut(..n).ok_or(Error::InvalidArgument)?;
+        self.region
+            .read(self.subbuf_offset(id), dst)
+            .map_err(|_| Error::Corrupt)?;
+        Ok(n)
+    }
+}
+
+/// Reads and checks the meta page against the region.
+fn read_meta<R: MapRegion + ?Sized>(region: &R) -> Result<TraceBufferMeta, Error> {
+    use zerocopy::FromBytes;
+    let mut raw = [0u8; core::mem::size_of::<TraceBufferMeta>()];
+    region.read(0, &mut raw).map_err(|_| Error::Corrupt)?;
+    let meta = TraceBufferMeta::read_from_bytes(&raw).map_err(|_| Error::Corrupt)?;
+    let page_size = meta.meta_page_size as usize;
+    let subbuf = meta.subbuf_size as usize;
+    let ok = meta.meta_struct_len as usize >= raw.len()
+        && meta.meta_struct_len <= meta.meta_page_size
+        && page_size >= PAGE_SIZE
+        && page_size.is_multiple_of(PAGE_SIZE)
+        && subbuf.is_power_of_two()
+        && (PAGE_SIZE..=PAGE_SIZE << MAX_SUBBUF_ORDER).contains(&subbuf)
+        && meta.nr_subbufs >= 2
+        && (meta.nr_subbufs as usize)
+            .checked_mul(subbuf)
+            .and_then(|s| s.checked_add(page_size))
+            .is_some_and(|end| end <= region.len())
+        && meta.reader.id < meta.nr_subbufs
+        && meta.reader.read as usize <= subbuf - SUBBUF_HEADER_SIZE;
+    if ok { Ok(meta) } else { Err(Error::Corrupt) }
+}

@@ -1,0 +1,79 @@
+//! Bookkeeping arrays carved out of whole pages from the caller's [`PageAlloc`]: the crate needs
+//! no global allocator.
+
+use core::{mem, ptr::NonNull};
+
+use crate::{error::Error, format::PAGE_SIZE, hal::PageAlloc};
+
+/// Smallest order whose pages hold `bytes`.
+pub(crate) fn order_for(bytes: usize) -> u32 {
+    let pages = bytes.div_ceil(PAGE_SIZE).max(1);
+    pages.next_power_of_two().trailing_zeros()
+}
+
+/// `len` values of `T` in pages of their own. Dropping it leaks: call [`PageArray::free`].
+pub(crate) struct PageArray<T> {
+    ptr: NonNull<T>,
+    len: usize,
+    order: u32,
+}
+
+// SAFETY: a `PageArray<T>` owns its `T`s like a `Box<[T]>` does.
+unsafe impl<T: Send> Send for PageArray<T> {}
+// SAFETY: shared access only hands out `&T`.
+unsafe impl<T: Sync> Sync for PageArray<T> {}
+
+impl<T> PageArray<T> {
+    /// Allocates and fills the array with `init(i)`.
+    pub(crate) fn new<A: PageAlloc>(
+        alloc: &A,
+        len: usize,
+        mut init: impl FnMut(usize) -> Result<T, Error>,
+        mut undo: impl FnMut(&T),
+    ) -> Result<Self, Error> {
+        const { assert!(mem::align_of::<T>() <= PAGE_SIZE) };
+        let bytes = len
+            .checked_mul(mem::size_of::<T>())
+            .ok_or(Error::NoMemory)?;
+        let order = order_for(bytes);
+        let ptr = alloc.alloc_pages(order).ok_or(Error::NoMemory)?.cast::<T>();
+        let mut arr = Self { ptr, len: 0, order };
+        for i in 0..len {
+            match init(i) {
+                Ok(v) => {
+                    // SAFETY: `i < len` and the pages hold `len` values of `T`, aligned because
+                    // pages are page-aligned and `T`'s alignment is at most a page.
+                    unsafe { arr.ptr.add(i).write(v) };
+                    arr.len = i + 1;
+                }
+                Err(e) => {
+                    arr.iter().for_each(&mut undo);
+                    // SAFETY: the array came from `alloc` and is dropped here.
+                    unsafe { arr.free(alloc) };
+                    return Err(e);
+                }
+            }
+        }
+        Ok(arr)
+    }
+
+    /// Drops the values and gives the pages back.
+    ///
+    /// # Safety
+    ///
+    /// `alloc` is the allocator the array came from.
+    pub(crate) unsafe fn free<A: PageAlloc>(self, alloc: &A) {
+        // SAFETY: the first `len` values are initialised and dropped once, here.
+        unsafe { core::ptr::slice_from_raw_parts_mut(self.ptr.as_ptr(), self.len).drop_in_place() };
+        // SAFETY: the pages came from `alloc.alloc_pages(self.order)`.
+        unsafe { alloc.free_pages(self.ptr.cast(), self.order) };
+    }
+}
+
+impl<T> core::ops::Deref for PageArray<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        // SAFETY: `len` initialised values live at `ptr` for as long as `self`.
+        unsafe { core::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}

@@ -1,0 +1,277 @@
+//! Mapping: IDs, meta page, map counting, `map_get_reader`, the layout, and consuming through
+//! `MappedReader` against a model.
+
+mod common;
+
+use std::collections::VecDeque;
+
+use common::{HeapPages, Rng, cpu0, payload, stored};
+use oskit_ring_buffer::{
+    Clock, Config, Error, MapLayout, MapPage, MapRegion, MappedReader, Mode, RingBuffer,
+    format::{RB_MISSED_EVENTS, RB_MISSED_STORED, Subbuf, TraceBufferMeta},
+    sim::ManualClock,
+};
+use zerocopy::FromBytes;
+
+fn meta_of(view: &impl MapRegion) -> TraceBufferMeta {
+    let mut raw = [0u8; 80];
+    view.read(0, &mut raw).unwrap();
+    TraceBufferMeta::read_from_bytes(&raw).unwrap()
+}
+
+#[test]
+fn map_counts_and_unmap_tears_down() {
+    let alloc = HeapPages::default();
+    let rb = RingBuffer::new(Config::new(2, 4), &alloc, ManualClock::new(0)).unwrap();
+    let before = alloc.outstanding.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(rb.unmap(0), Err(Error::NotMapped));
+    assert_eq!(rb.map_get_reader(0), Err(Error::NotMapped));
+    assert_eq!(rb.map(2), Err(Error::InvalidArgument));
+    rb.map(0).unwrap();
+    let after_map = alloc.outstanding.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(after_map, before + 1, "first map allocates the meta page");
+    rb.map(0).unwrap();
+    assert_eq!(rb.map_count(0), Ok(2));
+    assert_eq!(
+        alloc.outstanding.load(std::sync::atomic::Ordering::Relaxed),
+        after_map
+    );
+    rb.unmap(0).unwrap();
+    assert!(
+        rb.map_page(0, MapPage::Meta).unwrap().is_some(),
+        "still mapped once"
+    );
+    rb.unmap(0).unwrap();
+    assert_eq!(
+        alloc.outstanding.load(std::sync::atomic::Ordering::Relaxed),
+        before
+    );
+    assert_eq!(rb.unmap(0), Err(Error::NotMapped));
+    assert_eq!(rb.map_page(0, MapPage::Meta), Err(Error::NotMapped));
+    assert_eq!(rb.map_count(1), Ok(0));
+    drop(rb);
+    assert_eq!(
+        alloc.outstanding.load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "leak"
+    );
+}
+
+#[test]
+fn meta_page_and_ids_follow_linux() {
+    let alloc = HeapPages::default();
+    let clock = ManualClock::new(10);
+    let rb = RingBuffer::new(Config::new(1, 3).subbuf_order(1), &alloc, &clock).unwrap();
+    // Fill the head sub-buffer and part of the next.
+    for i in 0..100u64 {
+        clock.advance(1);
+        rb.write(cpu0(), &payload(i, 100)).unwrap();
+    }
+    rb.map(0).unwrap();
+    let view = rb.mapped_view(0).unwrap();
+    let meta = meta_of(&view);
+    assert_eq!(meta.meta_page_size, 8192);
+    assert_eq!(meta.meta_struct_len, 80);
+    assert_eq!(meta.subbuf_size, 8192);
+    assert_eq!(meta.nr_subbufs, 4);
+    assert_eq!(meta.reader.id, 0, "the reader sub-buffer is ID 0");
+    assert_eq!(meta.reader.read, 0);
+    assert_eq!((meta.entries, meta.overrun, meta.read), (100, 0, 0));
+    assert_eq!(view.len(), 5 * 8192);
+    // The zero page after the meta page reads as zeros.
+    let mut pad = [1u8; 16];
+    view.read(4096, &mut pad).unwrap();
+    assert_eq!(pad, [0; 16]);
+
+    // The head gets ID 1: the first get_reader swaps it in.
+    rb.map_get_reader(0).unwrap();
+    let meta = meta_of(&view);
+    assert_eq!(meta.reader.id, 1, "IDs go from the head around the ring");
+    let events_on_first = meta.read;
+    assert!(events_on_first > 0 && events_on_first < 100);
+    assert_eq!(
+        meta.reader.read as usize,
+        {
+            let mut h = [0u8; 8];
+            view.read(8192 * 2 + 8, &mut h).unwrap();
+            u64::from_le_bytes(h) as usize
+        },
+        "reader.read = the whole committed sub-buffer once accounted as read"
+    );
+    rb.map_get_reader(0).unwrap();
+    let meta = meta_of(&view);
+    assert_eq!(meta.reader.id, 2);
+    assert_eq!(meta.read, 100);
+    // Nothing left: the reader stays.
+    rb.map_get_reader(0).unwrap();
+    assert_eq!(meta_of(&view).reader.id, 2);
+    // The ID -> page translation matches the kernel addresses.
+    let p = rb
+        .map_page(0, MapPage::Subbuf { id: 2, page: 1 })
+        .unwrap()
+        .unwrap();
+    let q = rb
+        .map_page(0, MapPage::Subbuf { id: 2, page: 0 })
+        .unwrap()
+        .unwrap();
+    assert_eq!(p.as_ptr() as usize - q.as_ptr() as usize, 4096);
+    assert_eq!(
+        rb.map_page(0, MapPage::Subbuf { id: 4, page: 0 }),
+        Err(Error::InvalidArgument)
+    );
+}
+
+#[test]
+fn map_layout_is_linux_rb_map_vma() {
+    let l = MapLayout::new(0, 3);
+    assert_eq!(l.total_pages(), 4);
+    let all: Vec<_> = l.pages(0, 4).unwrap().collect();
+    assert_eq!(
+        all,
+        [
+            MapPage::Meta,
+            MapPage::Subbuf { id: 0, page: 0 },
+            MapPage::Subbuf { id: 1, page: 0 },
+            MapPage::Subbuf { id: 2, page: 0 }
+        ]
+    );
+    assert_eq!(
+        l.pages(3, 1).unwrap().collect::<Vec<_>>(),
+        [MapPage::Subbuf { id: 2, page: 0 }]
+    );
+    assert_eq!(l.pages(0, 0).err(), Some(Error::InvalidArgument), "empty");
+    assert_eq!(
+        l.pages(0, 5).err(),
+        Some(Error::InvalidArgument),
+        "too long"
+    );
+    assert_eq!(
+        l.pages(2, 3).err(),
+        Some(Error::InvalidArgument),
+        "too long from offset"
+    );
+    assert_eq!(
+        l.pages(9, 1).err(),
+        Some(Error::InvalidArgument),
+        "past the end"
+    );
+
+    let l = MapLayout::new(2, 2);
+    assert_eq!(l.total_pages(), 12);
+    let all: Vec<_> = l.pages(0, 12).unwrap().collect();
+    assert_eq!(all[0], MapPage::Meta);
+    assert!(all[1..4].iter().all(|p| *p == MapPage::Zero));
+    assert_eq!(all[4], MapPage::Subbuf { id: 0, page: 0 });
+    assert_eq!(all[11], MapPage::Subbuf { id: 1, page: 3 });
+    assert_eq!(
+        l.pages(2, 1).err(),
+        Some(Error::InvalidArgument),
+        "misaligned"
+    );
+    assert_eq!(
+        l.pages(8, 2).unwrap().collect::<Vec<_>>(),
+        [
+            MapPage::Subbuf { id: 1, page: 0 },
+            MapPage::Subbuf { id: 1, page: 1 }
+        ]
+    );
+}
+
+/// Random writes interleaved with consumption through the mapping; every event, lost count and
+/// the sub-buffers' missed-events flags are checked against the model.
+fn mapped_model(seed: u64, mode: Mode) {
+    let mut rng = Rng::new(seed);
+    let alloc = HeapPages::default();
+    let clock = ManualClock::new(1 << 20);
+    let rb = RingBuffer::new(Config::new(1, 3).mode(mode), &alloc, &clock).unwrap();
+    rb.map(0).unwrap();
+    let view = rb.mapped_view(0).unwrap();
+    let mut reader = MappedReader::new(&view, || rb.map_get_reader(0)).unwrap();
+    let mut model = VecDeque::new();
+    let mut buf = vec![0u8; 4096];
+    let mut page = vec![0u8; 4096];
+    let mut seq = 0u64;
+    let rounds = if cfg!(miri) { 20 } else { 300 };
+    for round in 0..rounds {
+        for _ in 0..rng.below(60) {
+            let big = rng.chance(5);
+            clock.advance(1 + rng.below(if big { 1 << 34 } else { 500 }));
+            let long = rng.chance(10);
+            let len = rng.below(if long { 4000 } else { 64 }) as usize;
+            let data = payload(seq, len);
+            seq += 1;
+            match rb.write(cpu0(), &data) {
+                Ok(()) => model.push_back((clock.now(), data)),
+                Err(Error::Full) => assert_eq!(mode, Mode::ProducerConsumer),
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let final_round = round == rounds - 1;
+        loop {
+            let fresh = reader.get_reader().unwrap();
+            if fresh {
+                // The sub-buffer as a Linux parser sees it.
+                let n = reader.copy_subbuf(&mut page).unwrap();
+                let sb = Subbuf::new(&page[..n]).unwrap();
+                let missed = sb.missed_events(&page[..n]);
+                let meta_lost = reader.meta().reader.lost_events;
+                match missed {
+                    None => assert_eq!(meta_lost, 0, "seed {seed}: lost but not flagged"),
+                    Some(Some(stored)) => assert_eq!(stored, meta_lost),
+                    Some(None) => assert!(meta_lost > 0),
+                }
+                if mode == Mode::ProducerConsumer {
+                    assert_eq!(
+                        sb.header().commit & (RB_MISSED_EVENTS | RB_MISSED_STORED),
+                        0
+                    );
+                }
+            }
+            let mut got = 0;
+            while let Some(ev) = reader.next_in_subbuf(&mut buf).unwrap() {
+                got += 1;
+                let pos = model.iter().position(|(ts, _)| *ts == ev.ts).unwrap();
+                assert_eq!(pos as u64, ev.lost, "seed {seed}: lost != skipped");
+                model.drain(..pos);
+                let (_, data) = model.pop_front().unwrap();
+                assert_eq!(&buf[..ev.len], &stored(&data)[..], "seed {seed}: payload");
+            }
+            if std::env::var("DBG").is_ok() {
+                eprintln!(
+                    "round {round} fresh {fresh} id {:?} got {got} model {} meta {:?}",
+                    reader.reader_id(),
+                    model.len(),
+                    reader.meta()
+                );
+            }
+            if !fresh && got == 0 || !final_round && rng.chance(50) {
+                break;
+            }
+        }
+        let meta = reader.meta();
+        assert!(meta.entries >= meta.overrun + meta.read);
+    }
+    assert!(
+        model.is_empty(),
+        "seed {seed}: {} events never read",
+        model.len()
+    );
+    let st = rb.stats(0).unwrap();
+    assert_eq!(st.unread(), 0);
+    let meta = reader.meta();
+    assert_eq!(meta.entries - meta.overrun - meta.read, 0);
+}
+
+#[test]
+fn mapped_consumption_matches_model_overwrite() {
+    for seed in 0..if cfg!(miri) { 1 } else { 20 } {
+        mapped_model(seed, Mode::Overwrite);
+    }
+}
+
+#[test]
+fn mapped_consumption_matches_model_producer_consumer() {
+    for seed in 50..if cfg!(miri) { 51 } else { 70 } {
+        mapped_model(seed, Mode::ProducerConsumer);
+    }
+}
