@@ -372,10 +372,11 @@ fn check_frames() -> Outcome {
 /// The crates' real x86 backends probe the machine from ring 0.
 fn check_probes() -> Outcome {
     use oskit_bts::hal::BtsHardware;
-    use oskit_pv_apf::hal::{ApfHardware, KvmFeatures};
+    use oskit_pv_apf::hal::KvmFeatures;
 
-    // SAFETY: the kernel runs in ring 0.
-    let bts = unsafe { oskit_bts::x86::Cpu::new() }.probe();
+    // SAFETY: the kernel runs in ring 0; probing reads CPUID and IA32_MISC_ENABLE only, never
+    // the LVT, so the x2APIC choice is never acted on.
+    let bts = unsafe { oskit_bts::x86::Cpu::new(0xf0, oskit_bts::x86::LvtPmi::X2Apic) }.probe();
     println!(
         "  bts: {}",
         if bts.usable() {
@@ -384,7 +385,7 @@ fn check_probes() -> Outcome {
             "unavailable"
         }
     );
-    match oskit_pv_apf::x86::Cpu.probe() {
+    match oskit_pv_apf::x86::probe() {
         Some(f) => println!(
             "  kvm: yes, async-PF-int {}",
             if f.has(KvmFeatures::ASYNC_PF_INT) {
@@ -395,11 +396,10 @@ fn check_probes() -> Outcome {
         ),
         None => println!("  kvm: not running on KVM"),
     }
-    match oskit_xen_suspend::hal::find_xen_base(&oskit_xen_suspend::x86::Cpu) {
-        Some(base) => {
-            fail!("Xen signature found at CPUID {base:#x}, but QEMU does not emulate Xen")
-        }
-        None => println!("  xen: not running on Xen"),
+    match oskit_xen_suspend::x86::probe() {
+        Ok(xen) => fail!("Xen found ({xen:?}), but QEMU does not emulate Xen"),
+        Err(oskit_xen_suspend::Error::NotXen) => println!("  xen: not running on Xen"),
+        Err(e) => fail!("the Xen probe failed: {e:?}"),
     }
     Ok(())
 }
