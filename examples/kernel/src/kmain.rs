@@ -14,7 +14,7 @@ use crate::{
     qemu::{self, Exit},
     sched, sched_checks, serial, smp,
     spin::SpinLock,
-    syscall,
+    syscall, trace,
     trap::{self, Handled, TrapFrame},
     user_checks, usermode, vm, workqueue,
 };
@@ -106,6 +106,14 @@ extern "C" fn kernel_main(start_info: u32) -> ! {
         }
     );
     workqueue::init();
+    match trace::init() {
+        Ok(()) => println!(
+            "trace: {} per-CPU rings of {} sub-buffers",
+            percpu::online_count(),
+            trace::SUBBUFS_PER_CPU
+        ),
+        Err(e) => println!("trace: no trace buffer ({e:?}); events are counted as missed"),
+    }
     if sched::spawn("checks", run_scenario, 0).is_none() {
         println!("boot: cannot start the checks task");
         qemu::exit(Exit::Failure);
@@ -128,6 +136,11 @@ pub static CPUS_FOUND: AtomicUsize = AtomicUsize::new(1);
 /// The first task: runs the scenario named on the command line and ends the run.
 fn run_scenario(_: u64) -> i64 {
     let scenario = boot_info().arg("scenario").unwrap_or("all");
+    crate::trace!(
+        "boot",
+        "scenario {scenario} on {} CPU(s)",
+        percpu::online_count()
+    );
     let tally = match scenario {
         "all" => checks::run(CHECKS),
         // Deliberate failures: the runner's tests prove that each one turns the run red
@@ -154,6 +167,19 @@ fn run_scenario(_: u64) -> i64 {
             }
         },
     };
+    if let Some(rb) = trace::buffer() {
+        let (mut entries, mut overrun) = (0, 0);
+        for cpu in 0..rb.cpus() {
+            if let Ok(stats) = rb.stats(cpu) {
+                entries += stats.entries;
+                overrun += stats.overrun;
+            }
+        }
+        println!(
+            "trace: {entries} events recorded, {overrun} overwritten, {} missed",
+            trace::missed()
+        );
+    }
     println!("summary: {} passed, {} failed", tally.passed, tally.failed);
     if tally.failed == 0 && tally.passed > 0 {
         println!("oskit-kernel: PASS");

@@ -48,6 +48,8 @@ mod spin;
 #[cfg(target_os = "none")]
 mod syscall;
 #[cfg(target_os = "none")]
+mod trace;
+#[cfg(target_os = "none")]
 mod trap;
 #[cfg(target_os = "none")]
 mod ulib;

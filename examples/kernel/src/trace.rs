@@ -1,0 +1,140 @@
+//! The kernel's trace buffer: one `oskit-ring-buffer` ring per CPU, in overwrite mode (a flight
+//! recorder), timestamped with the TSC. Every scenario step logs what it does into it as text
+//! events, `"<step>: <message>"`, with [`trace!`](crate::trace!).
+//!
+//! Writers are lockless and may run in any context (task, interrupt, fault): [`record`] turns
+//! interrupts off for the write, so the event lands in the ring of the CPU it was made on.
+
+use core::{
+    cell::UnsafeCell,
+    fmt::{self, Write},
+    mem::MaybeUninit,
+    ptr::NonNull,
+    sync::atomic::{AtomicU8, AtomicU64, Ordering},
+};
+
+use oskit_ring_buffer::{Config, Error, LocalCpu, Mode, RingBuffer, hal::PageAlloc, x86::Tsc};
+
+use crate::{frames, percpu, spin};
+
+/// Sub-buffers of 4 KiB in each CPU's ring (the reader's spare comes on top).
+pub const SUBBUFS_PER_CPU: usize = 8;
+/// Longest event text; longer messages are cut.
+const MAX_EVENT: usize = 200;
+
+/// Pages for the ring buffer, straight from the frame allocator (identity-mapped).
+#[derive(Debug, Clone, Copy)]
+pub struct FramePages;
+
+// SAFETY: `frames::alloc(order)` hands out 2^order exclusive, naturally aligned, identity-mapped
+// frames; they are zeroed here before use and only returned by `free_pages`.
+unsafe impl PageAlloc for FramePages {
+    fn alloc_pages(&self, order: u32) -> Option<NonNull<u8>> {
+        let paddr = frames::alloc(order)?;
+        let ptr = paddr as *mut u8;
+        // SAFETY: the block is ours and identity-mapped: 4096 << order writable bytes.
+        unsafe { ptr.write_bytes(0, (frames::FRAME_SIZE as usize) << order) };
+        NonNull::new(ptr)
+    }
+
+    unsafe fn free_pages(&self, pages: NonNull<u8>, order: u32) {
+        frames::free(pages.as_ptr() as u64, order);
+    }
+}
+
+/// The kernel's trace buffer type.
+pub type TraceBuffer = RingBuffer<FramePages, Tsc>;
+
+struct Slot(UnsafeCell<MaybeUninit<TraceBuffer>>);
+
+// SAFETY: the slot is written once, before STATE becomes READY (Release), and only read after
+// STATE is seen READY (Acquire); the ring buffer itself is `Sync`.
+unsafe impl Sync for Slot {}
+
+static SLOT: Slot = Slot(UnsafeCell::new(MaybeUninit::uninit()));
+static STATE: AtomicU8 = AtomicU8::new(UNINIT);
+const UNINIT: u8 = 0;
+const INITIALISING: u8 = 1;
+const READY: u8 = 2;
+
+/// Events that could not be recorded (buffer not set up yet, or the ring refused them).
+static MISSED: AtomicU64 = AtomicU64::new(0);
+
+/// Creates the trace buffer for the CPUs online now. Call once, after the other CPUs started.
+pub fn init() -> Result<(), Error> {
+    if STATE
+        .compare_exchange(UNINIT, INITIALISING, Ordering::Acquire, Ordering::Relaxed)
+        .is_err()
+    {
+        return Err(Error::Busy);
+    }
+    let config = Config::new(percpu::online_count(), SUBBUFS_PER_CPU).mode(Mode::Overwrite);
+    match RingBuffer::new(config, FramePages, Tsc) {
+        Ok(rb) => {
+            // SAFETY: INITIALISING makes this the only writer, and no reader looks before READY.
+            unsafe { (*SLOT.0.get()).write(rb) };
+            STATE.store(READY, Ordering::Release);
+            Ok(())
+        }
+        Err(e) => {
+            STATE.store(UNINIT, Ordering::Release);
+            Err(e)
+        }
+    }
+}
+
+/// The trace buffer, once [`init`] succeeded.
+pub fn buffer() -> Option<&'static TraceBuffer> {
+    if STATE.load(Ordering::Acquire) != READY {
+        return None;
+    }
+    // SAFETY: READY means the slot was initialised and is never written again.
+    Some(unsafe { (*SLOT.0.get()).assume_init_ref() })
+}
+
+/// How many events were lost before reaching the buffer.
+pub fn missed() -> u64 {
+    MISSED.load(Ordering::Relaxed)
+}
+
+struct Line {
+    buf: [u8; MAX_EVENT],
+    len: usize,
+}
+
+impl Write for Line {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let take = s.len().min(MAX_EVENT - self.len);
+        self.buf[self.len..self.len + take].copy_from_slice(&s.as_bytes()[..take]);
+        self.len += take;
+        Ok(())
+    }
+}
+
+/// Records `"<step>: <message>"` in this CPU's ring.
+pub fn record(step: &str, message: fmt::Arguments<'_>) {
+    let Some(rb) = buffer() else {
+        MISSED.fetch_add(1, Ordering::Relaxed);
+        return;
+    };
+    let mut line = Line {
+        buf: [0; MAX_EVENT],
+        len: 0,
+    };
+    let _ = write!(line, "{step}: {message}");
+    let enabled = spin::irq_save();
+    // SAFETY: interrupts are off, so this code stays on this CPU until the write is done, and
+    // any writer interrupting it (an NMI) finishes before it resumes.
+    let cpu = unsafe { LocalCpu::new(percpu::cpu_id()) };
+    let result = rb.write(cpu, &line.buf[..line.len]);
+    spin::irq_restore(enabled);
+    if result.is_err() {
+        MISSED.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Logs a text event of a scenario step into the trace buffer: `trace!("fork", "{n} PTEs")`.
+#[macro_export]
+macro_rules! trace {
+    ($step:expr, $($arg:tt)*) => { $crate::trace::record($step, format_args!($($arg)*)) };
+}
