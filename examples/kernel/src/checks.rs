@@ -70,11 +70,43 @@ pub struct Tally {
     pub failed: usize,
 }
 
-/// Runs `checks` in order, printing one result line each (after any detail the check prints).
+/// Most rows of the closing table.
+const MAX_ROWS: usize = 48;
+
+/// One row of the closing table: a check, its result and its key figures.
+struct Row {
+    name: &'static str,
+    passed: bool,
+    figures: Failure,
+}
+
+/// Key figures of the check running now, and the rows of those that ran.
+struct Table {
+    current: Option<Failure>,
+    rows: [Option<Row>; MAX_ROWS],
+    len: usize,
+}
+
+static TABLE: crate::spin::SpinLock<Table> = crate::spin::SpinLock::new(Table {
+    current: None,
+    rows: [const { None }; MAX_ROWS],
+    len: 0,
+});
+
+/// Sets the key figures of the running check, shown in the closing table
+/// (`checks::figures(format_args!("{n} PTEs, {b} batches"))`); the last call wins.
+pub fn figures(args: fmt::Arguments<'_>) {
+    TABLE.lock().current = Some(Failure::new(args));
+}
+
+/// Runs `checks` in order, printing one result line each (after any detail the check prints),
+/// then the table of results and key figures.
 pub fn run<'a>(checks: impl IntoIterator<Item = &'a Check>) -> Tally {
     let mut tally = Tally::default();
     for check in checks {
-        match (check.run)() {
+        TABLE.lock().current = None;
+        let outcome = (check.run)();
+        match &outcome {
             Ok(()) => {
                 crate::println!("check {} ... ok", check.name);
                 tally.passed += 1;
@@ -84,6 +116,44 @@ pub fn run<'a>(checks: impl IntoIterator<Item = &'a Check>) -> Tally {
                 tally.failed += 1;
             }
         }
+        let mut table = TABLE.lock();
+        let figures = table
+            .current
+            .take()
+            .unwrap_or_else(|| Failure::new(format_args!("")));
+        let len = table.len;
+        if len < MAX_ROWS {
+            table.rows[len] = Some(Row {
+                name: check.name,
+                passed: outcome.is_ok(),
+                figures,
+            });
+            table.len += 1;
+        }
     }
+    print_table();
     tally
+}
+
+/// Prints the closing table: step, result, key figures.
+fn print_table() {
+    let table = TABLE.lock();
+    let width = table
+        .rows
+        .iter()
+        .flatten()
+        .map(|r| r.name.len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    crate::println!("\n{:<width$}  result  key figures", "step");
+    for row in table.rows.iter().flatten() {
+        let result = if row.passed { "ok" } else { "FAILED" };
+        crate::println!(
+            "{:<width$}  {result:<6}  {}",
+            row.name,
+            row.figures.as_str()
+        );
+    }
+    crate::println!();
 }

@@ -303,6 +303,11 @@ fn check_boot() -> Outcome {
         boot.memmap.len(),
         ram >> 20
     );
+    checks::figures(format_args!(
+        "{} MiB of RAM, {} map entries",
+        ram >> 20,
+        boot.memmap.len()
+    ));
     Ok(())
 }
 
@@ -392,6 +397,10 @@ fn check_frames() -> Outcome {
         frames::alloc(frames::MAX_ORDER + 1).is_none(),
         "an order beyond MAX_ORDER was granted"
     );
+    checks::figures(format_args!(
+        "orders 0, 2, 4, {} allocated, verified, freed",
+        frames::MAX_ORDER
+    ));
     Ok(())
 }
 
