@@ -1,73 +1,14 @@
 //! Drain of 65,536 records vs a plain copy of the same bytes; `read(index)`; the cost of the
 //! context-switch hooks.
 
-use std::{alloc::Layout, hint::black_box, ptr::NonNull, time::Duration};
+use std::{hint::black_box, time::Duration};
 
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
-use oskit_bts::{
-    Bts, BtsCpu, Config, Flags, Record,
-    format::RECORD_SIZE,
-    hal::{AddressSpace, DeferredWork, LockedAlloc, PAGE_SIZE, TaskRef},
-    sim::SoftCpu,
-};
+use oskit_bts::{Bts, BtsCpu, Config, Flags, Record, format::RECORD_SIZE, sim::SoftCpu};
 
-#[derive(Clone)]
-struct Task(u32);
-impl TaskRef for Task {
-    fn pid(&self) -> u32 {
-        self.0
-    }
-}
-#[derive(Clone)]
-struct Space;
-impl AddressSpace for Space {
-    fn charge_locked(&self, _: usize) -> bool {
-        true
-    }
-    fn refund_locked(&self, _: usize) {}
-}
-struct Alloc;
-// SAFETY: fresh page-aligned allocations, freed with the same layout.
-unsafe impl LockedAlloc for Alloc {
-    fn alloc_pages(&self, pages: usize) -> Option<NonNull<u8>> {
-        let layout = Layout::from_size_align(pages * PAGE_SIZE, PAGE_SIZE).ok()?;
-        // SAFETY: non-zero size.
-        NonNull::new(unsafe { std::alloc::alloc_zeroed(layout) })
-    }
-    unsafe fn free_pages(&self, ptr: NonNull<u8>, pages: usize) {
-        let layout = Layout::from_size_align(pages * PAGE_SIZE, PAGE_SIZE).unwrap();
-        // SAFETY: allocated above with this layout.
-        unsafe { std::alloc::dealloc(ptr.as_ptr(), layout) }
-    }
-}
-struct Work;
-impl DeferredWork for Work {
-    fn schedule(&self) {}
-}
+mod support;
 
-type Tracer = Bts<Task, Space, Alloc, Work, 64>;
-const RECORDS: usize = 65_536;
-
-fn traced(flags: Flags, records: usize) -> (Tracer, Task, BtsCpu<SoftCpu>) {
-    let bts = Bts::new(Alloc, Work);
-    let task = Task(1);
-    let cfg = Config {
-        size: records * RECORD_SIZE,
-        flags: flags | Flags::ALLOC,
-        signal: 0,
-    };
-    bts.config(&task, &Space, cfg).unwrap();
-    (bts, task, BtsCpu::new(SoftCpu::default()))
-}
-
-fn fill(bts: &Tracer, task: &Task, cpu: &mut BtsCpu<SoftCpu>, n: usize) {
-    bts.switch_in(cpu, task, 0);
-    for i in 0..n as u64 {
-        cpu.hw_mut()
-            .branch(0x40_0000 + i, 0x50_0000 + i, i & 1 == 0);
-    }
-    bts.switch_out(cpu, 0);
-}
+use support::{Alloc, RECORDS, Space, Task, Tracer, Work, fill, traced};
 
 fn drain(c: &mut Criterion) {
     let mut g = c.benchmark_group("drain_65536");
