@@ -122,6 +122,8 @@ pub fn test() -> Result<(), String> {
         let mut loom = cargo(&["test", "-p", &package(krate), "--release", "--test", "loom"]);
         loom.env("RUSTFLAGS", "--cfg loom")
             .env("LOOM_MAX_PREEMPTIONS", "2")
+            // Loom needs speed, not symbols: a release build without debuginfo compiles faster.
+            .env("CARGO_PROFILE_RELEASE_DEBUG", "0")
             .env("CARGO_TARGET_DIR", root.join("target").join("loom"));
         suite.command(&name, loom);
     }
