@@ -123,10 +123,10 @@ impl Guest {
                     .unwrap()
                     .expect("a token")
             }
-            Inject::PageFault { cr2 } => match self.apf.handle_page_fault(cpu, cr2) {
-                PfOutcome::Handled(event) => event,
-                PfOutcome::NotAsyncPf => panic!("page ready #PF not recognised"),
-            },
+            Inject::PageFault { cr2 } => self
+                .apf
+                .handle_page_fault_event(cpu, cr2)
+                .expect("page ready #PF not recognised"),
         }
     }
 }
