@@ -47,13 +47,13 @@ pub enum PfOutcome {
     /// An ordinary fault: handle it as usual.
     NotAsyncPf,
     /// An async-PF event, fully handled: return from the exception.
-    Handled(AsyncEvent),
+    Handled,
 }
 
 impl PfOutcome {
     /// Whether the fault was an async-PF event (and the handler should return).
-    pub const fn is_handled(&self) -> bool {
-        matches!(self, Self::Handled(_))
+    pub const fn is_handled(self) -> bool {
+        matches!(self, Self::Handled)
     }
 }
 
@@ -207,20 +207,34 @@ impl<H: ApfHardware, S: Scheduler, const D: usize, const B: usize> AsyncPf<H, S,
     /// Reads and clears the host's `flags`/`reason` before doing anything that could fault,
     /// then sleeps (not present) or wakes (legacy page ready). With a `H` that is never a guest
     /// ([`Native`](crate::hal::Native)) this is a constant `NotAsyncPf`; otherwise an ordinary
-    /// fault costs one load and one branch.
+    /// fault costs one load and one branch, everything else being out of line.
     #[inline(always)]
     pub fn handle_page_fault(&self, cpu: &ApfCpu, cr2: u64) -> PfOutcome {
-        if !H::MAY_BE_GUEST {
+        if !H::MAY_BE_GUEST || !cpu.event_pending() {
             return PfOutcome::NotAsyncPf;
         }
-        match cpu.take_pf_event(cr2) {
+        self.handle_async_fault(cpu, cr2)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn handle_async_fault(&self, cpu: &ApfCpu, cr2: u64) -> PfOutcome {
+        match self.handle_page_fault_event(cpu, cr2) {
+            Some(_) => PfOutcome::Handled,
             None => PfOutcome::NotAsyncPf,
-            Some(event) => PfOutcome::Handled(self.dispatch(event)),
         }
     }
 
+    /// [`handle_page_fault`](Self::handle_page_fault), telling what the event was (for a
+    /// kernel that logs them, and for tests): `None` for an ordinary fault.
+    pub fn handle_page_fault_event(&self, cpu: &ApfCpu, cr2: u64) -> Option<AsyncEvent> {
+        if !H::MAY_BE_GUEST {
+            return None;
+        }
+        cpu.take_pf_event(cr2).map(|event| self.dispatch(event))
+    }
+
     /// Carries out an event [`ApfCpu::take_pf_event`] found.
-    #[inline(never)]
     pub fn dispatch(&self, event: PfEvent) -> AsyncEvent {
         match event {
             PfEvent::NotPresent(token) => match self.wait(token) {

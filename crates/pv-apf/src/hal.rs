@@ -117,6 +117,51 @@ impl ApfHardware for Native {
     }
 }
 
+/// One of two backends, chosen at run time: say the real CPU under KVM and the software host
+/// model under TCG, so that one `AsyncPf<Either<x86::Cpu, SimVcpu>, _>` serves both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Either<A, B> {
+    /// The first backend (typically the real one).
+    Left(A),
+    /// The second backend (typically the simulated one).
+    Right(B),
+}
+
+impl<A: ApfHardware, B: ApfHardware> ApfHardware for Either<A, B> {
+    const MAY_BE_GUEST: bool = A::MAY_BE_GUEST || B::MAY_BE_GUEST;
+    type Error = Either<A::Error, B::Error>;
+
+    fn probe(&self) -> Option<KvmFeatures> {
+        match self {
+            Self::Left(a) => a.probe(),
+            Self::Right(b) => b.probe(),
+        }
+    }
+
+    fn write_int_vector(&self, vector: u8) -> Result<(), Self::Error> {
+        match self {
+            Self::Left(a) => a.write_int_vector(vector).map_err(Either::Left),
+            Self::Right(b) => b.write_int_vector(vector).map_err(Either::Right),
+        }
+    }
+
+    unsafe fn write_enable(&self, value: u64) -> Result<(), Self::Error> {
+        match self {
+            // SAFETY: the caller upholds `write_enable`'s contract, forwarded unchanged.
+            Self::Left(a) => unsafe { a.write_enable(value) }.map_err(Either::Left),
+            // SAFETY: as above.
+            Self::Right(b) => unsafe { b.write_enable(value) }.map_err(Either::Right),
+        }
+    }
+
+    fn ack(&self) -> Result<(), Self::Error> {
+        match self {
+            Self::Left(a) => a.ack().map_err(Either::Left),
+            Self::Right(b) => b.ack().map_err(Either::Right),
+        }
+    }
+}
+
 /// The kernel's scheduler, as far as sleeping on a token needs it.
 ///
 /// Everything here may be called from the page-fault handler and from the page-ready

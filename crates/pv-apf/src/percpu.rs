@@ -95,6 +95,13 @@ impl ApfCpu {
         self.area.token.store(0, Ordering::Relaxed);
     }
 
+    /// Whether the host has written `flags`/`reason` (an async-PF #PF may be in progress):
+    /// the one load the ordinary fault pays.
+    #[inline(always)]
+    pub fn event_pending(&self) -> bool {
+        self.area.flags.load(Ordering::Relaxed) != 0
+    }
+
     /// The top of the page-fault handler: reads and clears `flags`/`reason` before anything
     /// that could fault again, and classifies the fault. `cr2` is CR2 as read on entry.
     ///
@@ -102,7 +109,7 @@ impl ApfCpu {
     /// just injected an async PF (and stays 0 while disabled).
     #[inline(always)]
     pub fn take_pf_event(&self, cr2: u64) -> Option<PfEvent> {
-        if self.area.flags.load(Ordering::Relaxed) == 0 {
+        if !self.event_pending() {
             return None;
         }
         self.take_pf_event_slow(cr2)

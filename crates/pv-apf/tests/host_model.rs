@@ -28,12 +28,29 @@ struct Guest {
     vcpu_lock: [Mutex<()>; CPUS],
     apf: Apf,
     sched: &'static ThreadSched,
+    leaked: Leaked,
 }
 
+/// What `guest()` leaked, as the raw pointers `Box::into_raw` gave, to be freed on drop.
+struct Leaked(*mut SimHost<CPUS>, *mut [ApfCpu; CPUS], *mut ThreadSched);
+
+// SAFETY: only the pointers move between threads; they are dereferenced once, in `Drop`.
+unsafe impl Send for Leaked {}
+// SAFETY: `&Leaked` gives no access to the pointees.
+unsafe impl Sync for Leaked {}
+
 fn guest(host: SimHost<CPUS>, tasks: usize, legacy_only: bool) -> Arc<Guest> {
-    let host: &'static SimHost<CPUS> = Box::leak(Box::new(host));
-    let cpus: &'static [ApfCpu; CPUS] = Box::leak(Box::new([ApfCpu::new(), ApfCpu::new()]));
-    let sched: &'static ThreadSched = Box::leak(Box::new(ThreadSched::new(tasks)));
+    let leaked = Leaked(
+        Box::into_raw(Box::new(host)),
+        Box::into_raw(Box::new([ApfCpu::new(), ApfCpu::new()])),
+        Box::into_raw(Box::new(ThreadSched::new(tasks))),
+    );
+    // SAFETY: fresh boxes, freed only when the `Guest` holding these references is dropped.
+    let (host, cpus, sched): (
+        &'static SimHost<CPUS>,
+        &'static [ApfCpu; CPUS],
+        &'static ThreadSched,
+    ) = unsafe { (&*leaked.0, &*leaked.1, &*leaked.2) };
     let apf = Apf::new(sched);
     let config = if legacy_only {
         Config {
@@ -54,7 +71,24 @@ fn guest(host: SimHost<CPUS>, tasks: usize, legacy_only: bool) -> Arc<Guest> {
         vcpu_lock: [Mutex::new(()), Mutex::new(())],
         apf,
         sched,
+        leaked,
     })
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        for (i, cpu) in self.cpus.iter().enumerate() {
+            let _ = self.apf.disable_cpu(&self.host.vcpu(i), cpu);
+        }
+        // SAFETY: `guest()` made these three boxes for this `Guest` alone, and the last
+        // reference to the `Guest` is going: nothing uses them after this (the `apf` field,
+        // dropped next, holds a plain reference to the scheduler and does not touch it).
+        unsafe {
+            drop(Box::from_raw(self.leaked.0));
+            drop(Box::from_raw(self.leaked.1));
+            drop(Box::from_raw(self.leaked.2));
+        }
+    }
 }
 
 impl Guest {
@@ -89,10 +123,10 @@ impl Guest {
                     .unwrap()
                     .expect("a token")
             }
-            Inject::PageFault { cr2 } => match self.apf.handle_page_fault(cpu, cr2) {
-                PfOutcome::Handled(event) => event,
-                PfOutcome::NotAsyncPf => panic!("page ready #PF not recognised"),
-            },
+            Inject::PageFault { cr2 } => self
+                .apf
+                .handle_page_fault_event(cpu, cr2)
+                .expect("page ready #PF not recognised"),
         }
     }
 }

@@ -126,3 +126,19 @@ fn native_hook_is_always_not_async() {
         .store(1, core::sync::atomic::Ordering::Relaxed);
     assert!(!apf.handle_page_fault(&cpu, 0x1234).is_handled());
 }
+
+#[test]
+fn either_backend_forwards_to_the_chosen_side() {
+    use oskit_pv_apf::hal::Either;
+    let kvm = SimHost::<1>::modern();
+    let bare = SimHost::<1>::bare_metal();
+    let left: Either<SimVcpu<'_, 1>, SimVcpu<'_, 1>> = Either::Left(kvm.vcpu(0));
+    let right: Either<SimVcpu<'_, 1>, SimVcpu<'_, 1>> = Either::Right(bare.vcpu(0));
+    assert!(left.probe().is_some());
+    assert_eq!(right.probe(), None);
+    assert_eq!(left.ack(), Ok(()));
+    assert_eq!(kvm.acks(0), Ok(1));
+    assert_eq!(right.ack(), Err(Either::Right(SimError::GeneralProtection)));
+    const { assert!(!<Either<Native, Native> as ApfHardware>::MAY_BE_GUEST) };
+    const { assert!(<Either<Native, SimVcpu<'static, 1>> as ApfHardware>::MAY_BE_GUEST) };
+}
