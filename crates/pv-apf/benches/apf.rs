@@ -8,85 +8,19 @@
 use std::{
     hint::black_box,
     sync::{
-        Barrier, Mutex,
+        Barrier,
         atomic::{AtomicU64, Ordering},
     },
-    thread::{self, Thread},
+    thread,
     time::{Duration, Instant},
 };
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use oskit_pv_apf::{
-    ApfCpu, AsyncPf, Config, Native, Scheduler, SleepTable, WaitNode, Waiter,
-    sim::{SimHost, SimVcpu},
-};
+use oskit_pv_apf::{ApfCpu, Config, SleepTable, WaitNode, Waiter};
 
-/// One task per thread; `unblock` unparks the registered waiter thread.
-struct Sched;
+mod support;
 
-static WAITER: Mutex<Option<Thread>> = Mutex::new(None);
-
-impl Scheduler for Sched {
-    type Task = u32;
-    fn current_task(&self) -> u32 {
-        0
-    }
-    fn current_cpu(&self) -> u32 {
-        0
-    }
-    fn can_sleep(&self) -> bool {
-        true
-    }
-    fn block(&self) {
-        thread::park();
-    }
-    fn unblock(&self, _task: u32) {
-        if let Some(t) = &*WAITER.lock().unwrap() {
-            t.unpark();
-        }
-    }
-    fn halt(&self) {}
-}
-
-static HOST: SimHost<1> = SimHost::modern();
-static CPU_ON: ApfCpu = ApfCpu::new();
-static CPU_OFF: ApfCpu = ApfCpu::new();
-static NATIVE: AsyncPf<Native, Sched> = AsyncPf::new(Sched);
-static RUNTIME: AsyncPf<SimVcpu<'static, 1>, Sched> = AsyncPf::new(Sched);
-
-/// Stands for the rest of the kernel's page-fault handler.
-#[inline(never)]
-#[unsafe(no_mangle)]
-pub fn pv_apf_bench_handle_mm_fault(cr2: u64) -> u64 {
-    black_box(cr2).rotate_left(7) ^ 0x9e37_79b9
-}
-
-/// A fault handler without the hook.
-#[inline(never)]
-#[unsafe(no_mangle)]
-pub fn pv_apf_bench_fault_no_hook(_cpu: &ApfCpu, cr2: u64) -> u64 {
-    pv_apf_bench_handle_mm_fault(cr2)
-}
-
-/// The hook with a backend that is never a guest: must compile to nothing.
-#[inline(never)]
-#[unsafe(no_mangle)]
-pub fn pv_apf_bench_fault_native_hook(cpu: &ApfCpu, cr2: u64) -> u64 {
-    if NATIVE.handle_page_fault(cpu, cr2).is_handled() {
-        return 0;
-    }
-    pv_apf_bench_handle_mm_fault(cr2)
-}
-
-/// The hook with runtime detection: one load and one branch on the ordinary path.
-#[inline(never)]
-#[unsafe(no_mangle)]
-pub fn pv_apf_bench_fault_runtime_hook(cpu: &ApfCpu, cr2: u64) -> u64 {
-    if RUNTIME.handle_page_fault(cpu, cr2).is_handled() {
-        return 0;
-    }
-    pv_apf_bench_handle_mm_fault(cr2)
-}
+use support::*;
 
 /// Prints the three functions' code from this binary (the evidence for "zero cost").
 fn print_generated_code() {
