@@ -305,6 +305,10 @@ fn the_host_reports_each_violation_of_a_careless_guest() {
         Violations::SHARED_INFO_MAPPED,
         Violations::SHARED_INFO_IN_USE,
         Violations::GRANTS_MAPPED,
+        Violations::TASKS_RUNNING,
+        Violations::DEVICES_RUNNING,
+        Violations::XENBUS_RUNNING,
+        Violations::TIME_RUNNING,
     ] {
         assert!(v.contains(expected), "{:?} missing from {:?}", expected, v);
     }
