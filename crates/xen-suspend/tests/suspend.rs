@@ -305,6 +305,10 @@ fn the_host_reports_each_violation_of_a_careless_guest() {
         Violations::SHARED_INFO_MAPPED,
         Violations::SHARED_INFO_IN_USE,
         Violations::GRANTS_MAPPED,
+        Violations::TASKS_RUNNING,
+        Violations::DEVICES_RUNNING,
+        Violations::XENBUS_RUNNING,
+        Violations::TIME_RUNNING,
     ] {
         assert!(v.contains(expected), "{:?} missing from {:?}", expected, v);
     }
@@ -373,4 +377,49 @@ fn a_tiny_single_cpu_domain_in_fixed_storage_restores() {
         assert_eq!(host.send_ipi(ch.info(ipi).unwrap().port), Some(0));
     }
     assert_eq!(host.hypercall_violations(), Violations::NONE);
+}
+
+/// Host calls of one suspend + resume in a world of `CPUS` vCPUs (4 VIRQs and 4 IPIs each)
+/// and `roots` roots, half of them unpinned.
+fn calls_per_cycle<const CPUS: usize, const PORTS: usize>(roots: usize) -> [u32; 5] {
+    use oskit_xen_suspend::EventStorage;
+    use oskit_xen_suspend::sim::{SimConfig, SimXen};
+    let host = Box::new(SimXen::<CPUS, PORTS>::new(SimConfig::default()));
+    let mut events = Box::new(EventStorage::<CPUS, 256, PORTS>::new());
+    let mut hv = host.guest();
+    for cpu in 0..CPUS as u32 {
+        for v in 0..4 {
+            events.channels().bind_virq(&mut hv, v, cpu).unwrap();
+            events.channels().bind_ipi(&mut hv, v, cpu).unwrap();
+        }
+    }
+    let mut roots: Vec<RootState> = (0..roots)
+        .map(|i| RootState {
+            pinned: i % 2 == 0,
+            save_pinned: false,
+        })
+        .collect();
+    host.set_faults(&[]);
+    let guest = host.guest();
+    let mut pt = SimPageTables::new(guest, &mut roots);
+    assert_eq!(
+        pt.machine(guest).suspend(&mut events.channels()),
+        Ok(Outcome::Resumed)
+    );
+    [
+        Fault::Pin,
+        Fault::Unpin,
+        Fault::BindVirq,
+        Fault::BindIpi,
+        Fault::Unmask,
+    ]
+    .map(|f| host.calls(f))
+}
+
+#[test]
+fn twice_the_cpus_ports_and_roots_is_exactly_twice_the_hypervisor_work() {
+    let one = calls_per_cycle::<8, 256>(1000);
+    let two = calls_per_cycle::<16, 512>(2000);
+    assert_eq!(one, [500, 500, 32, 32, 64]);
+    assert_eq!(two, one.map(|n| 2 * n));
 }

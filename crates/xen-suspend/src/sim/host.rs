@@ -170,6 +170,14 @@ violations! {
     BINDING_STALE = 19;
     /// Audit: CPUs are still stopped or interrupts off.
     CPUS_STOPPED = 20;
+    /// Hypercall: tasks are not frozen.
+    TASKS_RUNNING = 21;
+    /// Hypercall: devices are not suspended.
+    DEVICES_RUNNING = 22;
+    /// Hypercall: xenbus is not suspended.
+    XENBUS_RUNNING = 23;
+    /// Hypercall: time keeping was not suspended.
+    TIME_RUNNING = 24;
 }
 
 impl Violations {
@@ -666,6 +674,18 @@ impl<const CPUS: usize, const PORTS: usize> State<CPUS, PORTS> {
         }
         if self.grants_mapped != 0 {
             v |= Violations::GRANTS_MAPPED;
+        }
+        if !self.frozen {
+            v |= Violations::TASKS_RUNNING;
+        }
+        if !self.devices_suspended {
+            v |= Violations::DEVICES_RUNNING;
+        }
+        if self.bus != Bus::Suspended {
+            v |= Violations::XENBUS_RUNNING;
+        }
+        if !self.time_stopped {
+            v |= Violations::TIME_RUNNING;
         }
         v
     }
