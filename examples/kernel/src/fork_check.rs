@@ -2,12 +2,20 @@
 //! forks with `oskit-pte-batch` on the real page tables; parent and child then write every
 //! page from ring 3 (the #PF handler breaks COW); each checks it sees its own data and the
 //! other's writes never reach it; the kernel inspects both spaces (entries, frames, data,
-//! reference and map counts, resident counts) after the fork and after the writes; both exit
-//! and the batched zap tears the spaces down; every frame comes back.
+//! reference and map counts, resident counts) after the fork and the parent's writes, and
+//! after the child's; both exit and the batched zap tears the spaces down; every frame comes
+//! back with no reference or map left.
 //!
 //! A second set of folios of the same orders is only read after the fork, so it stays shared
 //! copy-on-write until the end: the teardown zaps those in batches (once written, every page
 //! sits on its own order-0 copy, and a zap of those is one page per batch).
+//!
+//! A stale writable translation in the parent after the fork (a missing TLB flush) shows as
+//! parent writes the child sees, but only if nothing reloads CR3 between the fork and those
+//! writes: a timer tick that preempts the parent there (about half the time under TCG) hides
+//! it. So the step ends with a probe: rounds of a small fork (one order-4 folio) whose parent
+//! writes right after `fork()` returns and whose child then checks it still sees the old data;
+//! a missing flush fails a round unless every round is preempted at that point.
 //!
 //! Ring 3 and the kernel talk through a control page (a fixed, writable mapping of a kernel
 //! frame, which the fork shares rather than copies): the tasks report their progress in it and
@@ -45,6 +53,9 @@ const PARENT: u64 = 0;
 const CHILD: u64 = 1;
 const CHILD_PID: u64 = 2;
 const PHASE: u64 = 3;
+/// The probe's control words: the round its parent has written, and its result.
+const PROBE_WRITTEN: u64 = 4;
+const PROBE_RESULT: u64 = 5;
 /// Phases the kernel lets the tasks into (the parent writes right after the fork): the child
 /// checks it still sees the parent's pre-fork data, then writes; both check their data again,
 /// then exit.
@@ -86,11 +97,11 @@ fn ctl_set(word: u64, value: u64) {
     unsafe { ctl(word).write_volatile(value) }
 }
 
-/// Writes `tag`'s data into every word of every page of the set at `set` (ring 3), from the
-/// first page up, or from the last page down.
-fn u_fill(set: u64, tag: u64, down: bool) {
-    for i in 0..PAGES {
-        let page = if down { PAGES - 1 - i } else { i };
+/// Writes `tag`'s data into every word of the first `pages` pages of the set at `set`
+/// (ring 3), from the first page up, or from the last page down.
+fn u_fill_n(set: u64, pages: u64, tag: u64, down: bool) {
+    for i in 0..pages {
+        let page = if down { pages - 1 - i } else { i };
         let base = (set + page * PAGE) as *mut u64;
         for w in 0..WORDS {
             // SAFETY: inside this task's folio regions.
@@ -99,9 +110,19 @@ fn u_fill(set: u64, tag: u64, down: bool) {
     }
 }
 
+/// [`u_fill_n`] of every page of the set.
+fn u_fill(set: u64, tag: u64, down: bool) {
+    u_fill_n(set, PAGES, tag, down);
+}
+
 /// Whether every word of every page of the set at `set` holds `tag`'s data (ring 3).
 fn u_holds(set: u64, tag: u64) -> bool {
-    for page in 0..PAGES {
+    u_holds_n(set, PAGES, tag)
+}
+
+/// Whether every word of the first `pages` pages of the set at `set` holds `tag`'s data.
+fn u_holds_n(set: u64, pages: u64, tag: u64) -> bool {
+    for page in 0..pages {
         let base = (set + page * PAGE) as *const u64;
         for w in 0..WORDS {
             // SAFETY: inside this task's folio regions.
@@ -180,6 +201,50 @@ fn u_fork_parent(_: u64) -> i64 {
         (false, _) => 20,
         (true, c) => 10 + c,
     }
+}
+
+/// Rounds of the TLB probe, and its folio.
+const PROBE_ROUNDS: u64 = 8;
+const PROBE_ORDER: u32 = 4;
+const PROBE_PAGES: u64 = 1 << PROBE_ORDER;
+
+/// The TLB probe (ring 3): each round fills the folio (warming writable translations), forks,
+/// and overwrites it at once from the last page down; the child, once the parent is done,
+/// must still see the old data. Writes its result into the control page.
+fn u_tlb_probe(_: u64) -> i64 {
+    let result = u_probe_rounds();
+    ctl_set(PROBE_RESULT, result as u64);
+    result
+}
+
+fn u_probe_rounds() -> i64 {
+    for round in 0..PROBE_ROUNDS {
+        let (old, new) = (0x10 + round, 0x20 + round);
+        u_fill_n(FOLIO_BASE, PROBE_PAGES, old, false);
+        let pid = ulib::fork();
+        if pid < 0 {
+            return -100;
+        }
+        if pid == 0 {
+            while ctl_get(PROBE_WRITTEN) != round + 1 {
+                if ctl_get(PHASE) == ABORT {
+                    ulib::exit(9);
+                }
+                ulib::yield_now();
+            }
+            ulib::exit(i64::from(!u_holds_n(FOLIO_BASE, PROBE_PAGES, old)));
+        }
+        u_fill_n(FOLIO_BASE, PROBE_PAGES, new, true);
+        ctl_set(PROBE_WRITTEN, round + 1);
+        if !u_holds_n(FOLIO_BASE, PROBE_PAGES, new) {
+            return 200 + round as i64;
+        }
+        let child = ulib::wait(pid as u64);
+        if child != 0 {
+            return 100 * child + round as i64;
+        }
+    }
+    42
 }
 
 /// The kernel's view of the control page (through the identity map).
@@ -523,9 +588,16 @@ pub fn fork() -> Outcome {
     }
     let code = sched::join(task);
     // The child exits on its own (the parent waits for it unless it died): wait until every
-    // frame but the control page is back before freeing the control page.
+    // frame but the control page is back before going on.
     let returned = wait_for(|| frames::free_count() + 1 == free);
-    if returned {
+    let after = counters();
+    let probe = if phases.is_ok() && code == Some(42) && returned {
+        tlb_probe(&c, control)
+    } else {
+        Ok(())
+    };
+    // Free the control page only when no space can map it any more.
+    if frames::free_count() + 1 == free {
         frames::free(control, 0);
     }
     phases?;
@@ -540,7 +612,6 @@ pub fn fork() -> Outcome {
         free as i64 - frames::free_count() as i64 - 1
     );
     inspect_freed()?;
-    let after = counters();
     let d: [u64; 13] = core::array::from_fn(|i| after[i] - before[i]);
     let [
         ptes,
@@ -591,15 +662,69 @@ pub fn fork() -> Outcome {
         "  COW: {copies} copies, {reuses} reuses; teardown: {zapped} PTEs in {zap_batches} \
          batches, {zap_flushes} TLB flushes; all frames returned"
     );
+    probe?;
+    println!("  TLB probe: {PROBE_ROUNDS} forks, no parent write reached a child");
     crate::trace!(
         "fork",
         "done: fork {ptes} PTEs/{batches} batches/{flushes} TLB flushes, COW {copies} copies + \
          {reuses} reuses, zap {zapped} PTEs/{zap_batches} batches/{zap_flushes} TLB flushes"
     );
     checks::figures(format_args!(
-        "fork {ptes} PTEs/{batches} batches/{flushes} TLB flushes; COW {copies} copies \
-         {reuses} reuses; zap {zapped} PTEs/{zap_batches} batches/{zap_flushes} flushes"
+        "fork {ptes} PTEs/{batches} batches/{flushes} TLB flushes ({issued} issued); COW \
+         {copies} copies+{reuses} reuses; zap {zapped} PTEs/{zap_batches} batches/{zap_flushes} \
+         flushes"
     ));
+    Ok(())
+}
+
+/// Polls `done` a tick at a time for up to a minute.
+fn poll(mut done: impl FnMut() -> bool) -> bool {
+    let deadline = apic::now_us() + 60_000_000;
+    while !done() {
+        if apic::now_us() > deadline {
+            return false;
+        }
+        sched::sleep_ticks(1);
+    }
+    true
+}
+
+/// Runs the TLB probe in a task of its own (one order-4 folio and the control page); every
+/// frame it used comes back.
+fn tlb_probe(c: &Control, control: u64) -> Outcome {
+    let free = frames::free_count();
+    let task = usermode::spawn_with("tlb-probe", u_tlb_probe, 0, |space| {
+        let head = framemeta::alloc_folio(PROBE_ORDER).ok_or(vm::VmError::NoMemory)?;
+        if let Err(e) = vm::map_folio(space, FOLIO_BASE, head, PROBE_ORDER, true) {
+            framemeta::put_folio(head);
+            return Err(e);
+        }
+        vm::map_fixed(space, CONTROL, control, PAGE, true)
+    });
+    let Ok(task) = task else {
+        fail!("cannot start the TLB probe: {:?}", task.err())
+    };
+    let finished = poll(|| c.word(PROBE_RESULT).load(Ordering::Acquire) != 0);
+    if !finished {
+        c.set_phase(ABORT);
+    }
+    let code = sched::join(task);
+    let returned = poll(|| frames::free_count() == free);
+    crate::trace!(
+        "fork",
+        "TLB probe: {PROBE_ROUNDS} rounds, exit code {code:?}"
+    );
+    ensure!(finished, "the TLB probe timed out");
+    ensure!(
+        code == Some(42),
+        "TLB probe ended with {code:?} (100 + round: that round's child saw its parent's \
+         post-fork writes, a writable translation survived the fork)"
+    );
+    ensure!(
+        returned,
+        "the TLB probe left {} frames behind",
+        free as i64 - frames::free_count() as i64
+    );
     Ok(())
 }
 

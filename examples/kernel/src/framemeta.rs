@@ -140,15 +140,20 @@ fn refs_cover_maps(head: u64) -> bool {
 pub struct Folios;
 
 impl Folios {
-    fn add_maps(pfn: u64, nr: usize, delta: i32) {
+    /// One more map of each of the `nr` pages from `pfn`.
+    fn map_pages(pfn: u64, nr: usize) {
+        for i in 0..nr as u64 {
+            get((pfn + i) * FRAME_SIZE)
+                .mapcount
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// One map less of each of the `nr` pages from `pfn` (a page with none is a violation).
+    fn unmap_pages(pfn: u64, nr: usize) {
         for i in 0..nr as u64 {
             let meta = get((pfn + i) * FRAME_SIZE);
-            let old = if delta > 0 {
-                meta.mapcount.fetch_add(1, Ordering::Relaxed)
-            } else {
-                meta.mapcount.fetch_sub(1, Ordering::Relaxed)
-            };
-            if delta < 0 && old == 0 {
+            if meta.mapcount.fetch_sub(1, Ordering::Relaxed) == 0 {
                 VIOLATIONS.fetch_add(1, Ordering::Relaxed);
                 meta.mapcount.store(0, Ordering::Relaxed);
             }
@@ -188,18 +193,18 @@ impl FolioOps for Folios {
     }
 
     fn try_dup_anon_rmap(&mut self, folio: &Folio, pfn: u64, nr: usize) -> Result<(), MaybePinned> {
-        Self::add_maps(pfn, nr, 1);
+        Self::map_pages(pfn, nr);
         refs_cover_maps(folio.pfn * FRAME_SIZE);
         Ok(())
     }
 
     fn dup_file_rmap(&mut self, folio: &Folio, pfn: u64, nr: usize) {
-        Self::add_maps(pfn, nr, 1);
+        Self::map_pages(pfn, nr);
         refs_cover_maps(folio.pfn * FRAME_SIZE);
     }
 
     fn remove_rmap(&mut self, folio: &Folio, pfn: u64, nr: usize) {
-        Self::add_maps(pfn, nr, -1);
+        Self::unmap_pages(pfn, nr);
         refs_cover_maps(folio.pfn * FRAME_SIZE);
     }
 

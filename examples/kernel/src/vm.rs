@@ -692,6 +692,12 @@ pub fn destroy(space: SpaceId) {
     }
     frames::free(s.root, 0);
     spaces[space.0] = NO_SPACE;
+    // Its children no longer have a parent here (the slot may be reused).
+    for other in spaces.iter_mut() {
+        if other.forked_from == Some(space.0) {
+            other.forked_from = None;
+        }
+    }
 }
 
 /// The space's resident folio pages, as it accounts them (map, demand fault, fork, zap).
