@@ -6,8 +6,15 @@
 //! (how many user PTEs map it) and the folio's order, so the head of any frame is found by
 //! alignment ([`folio_head`]). User memory is allocated with [`alloc_folio`] and released with
 //! [`put_folio`], which frees the whole block when the last reference goes.
+//!
+//! [`Folios`] is the same metadata seen through `oskit-pte-batch`'s [`FolioOps`] (Linux's
+//! `struct page` array), for the batched fork and teardown in [`crate::vm`]. Every operation
+//! through it checks the folio's reference count against the sum of its pages' map counts (a
+//! reference count below it would free a mapped folio) and counts [`violations`].
 
-use core::sync::atomic::{AtomicPtr, AtomicU32, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+
+use oskit_pte_batch::{Error, Folio, FolioOps, MaybePinned, PageAlloc};
 
 use crate::frames::{self, FRAME_SIZE};
 
@@ -50,6 +57,12 @@ pub fn get(paddr: u64) -> &'static FrameMeta {
     unsafe { &*TABLE.load(Ordering::Acquire).add(frame) }
 }
 
+/// The metadata of the frame holding `paddr`, or `None` beyond the managed frames.
+pub fn try_get(paddr: u64) -> Option<&'static FrameMeta> {
+    let frame = usize::try_from(paddr / FRAME_SIZE).ok()?;
+    (frame < LEN.load(Ordering::Relaxed)).then(|| get(paddr))
+}
+
 /// The head frame of the folio holding `paddr`.
 pub fn folio_head(paddr: u64) -> u64 {
     let order = get(paddr).order.load(Ordering::Relaxed);
@@ -89,4 +102,147 @@ pub fn put_folio(paddr: u64) {
 /// References to the folio holding `paddr`.
 pub fn refcount(paddr: u64) -> u32 {
     get(folio_head(paddr)).refcount.load(Ordering::Acquire)
+}
+
+/// Operations through [`Folios`] after which a folio's reference count was below the sum of
+/// its pages' map counts (or a count would have gone below zero).
+static VIOLATIONS: AtomicU64 = AtomicU64::new(0);
+
+/// How many metadata invariant violations [`Folios`] has seen since boot (0 in a sound kernel).
+pub fn violations() -> u64 {
+    VIOLATIONS.load(Ordering::Relaxed)
+}
+
+/// The sum of the map counts of the folio's pages, compared with its reference count: false
+/// (and a counted violation) when the references are fewer than the mappings.
+fn refs_cover_maps(head: u64) -> bool {
+    let meta = get(head);
+    let pages = 1u64 << meta.order.load(Ordering::Relaxed);
+    let maps: u64 = (0..pages)
+        .map(|i| u64::from(get(head + i * FRAME_SIZE).mapcount.load(Ordering::Relaxed)))
+        .sum();
+    let ok = u64::from(meta.refcount.load(Ordering::Relaxed)) >= maps;
+    if !ok {
+        VIOLATIONS.fetch_add(1, Ordering::Relaxed);
+    }
+    ok
+}
+
+/// The kernel's frame metadata as `oskit-pte-batch` sees it: every frame the allocator manages
+/// belongs to a folio (order from its metadata); everything is anonymous memory (the kernel
+/// has no page cache); nothing is ever DMA-pinned, so an anon rmap duplication never fails.
+/// Frames the crate must not count (a space's fixed mappings of kernel frames) carry
+/// [`crate::vm::PTE_FIXED`], the x86 `_PAGE_SPECIAL` bit, and never reach these methods.
+///
+/// Callers hold the lock that serialises changes to user page tables (`vm`'s space table), so
+/// the counts seen here are stable between two operations.
+#[derive(Debug, Default)]
+pub struct Folios;
+
+impl Folios {
+    /// One more map of each of the `nr` pages from `pfn`.
+    fn map_pages(pfn: u64, nr: usize) {
+        for i in 0..nr as u64 {
+            get((pfn + i) * FRAME_SIZE)
+                .mapcount
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// One map less of each of the `nr` pages from `pfn` (a page with none is a violation).
+    fn unmap_pages(pfn: u64, nr: usize) {
+        for i in 0..nr as u64 {
+            let meta = get((pfn + i) * FRAME_SIZE);
+            if meta.mapcount.fetch_sub(1, Ordering::Relaxed) == 0 {
+                VIOLATIONS.fetch_add(1, Ordering::Relaxed);
+                meta.mapcount.store(0, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+impl FolioOps for Folios {
+    fn folio(&self, pfn: u64) -> Option<Folio> {
+        let paddr = pfn.checked_mul(FRAME_SIZE)?;
+        let order = try_get(paddr)?.order.load(Ordering::Relaxed);
+        Some(Folio {
+            pfn: folio_head(paddr) / FRAME_SIZE,
+            nr_pages: 1 << order,
+            anon: true,
+        })
+    }
+
+    fn ref_add(&mut self, folio: &Folio, nr: usize) {
+        let head = folio.pfn * FRAME_SIZE;
+        get(head).refcount.fetch_add(nr as u32, Ordering::Relaxed);
+        refs_cover_maps(head);
+    }
+
+    fn ref_sub(&mut self, folio: &Folio, nr: usize) {
+        let head = folio.pfn * FRAME_SIZE;
+        let meta = get(head);
+        let old = meta.refcount.fetch_sub(nr as u32, Ordering::AcqRel);
+        if old < nr as u32 {
+            VIOLATIONS.fetch_add(1, Ordering::Relaxed);
+            meta.refcount.store(0, Ordering::Relaxed);
+            return; // never free a folio whose count went wrong: leak it, the check says so
+        }
+        if refs_cover_maps(head) && old == nr as u32 {
+            frames::free(head, meta.order.load(Ordering::Relaxed));
+        }
+    }
+
+    fn try_dup_anon_rmap(&mut self, folio: &Folio, pfn: u64, nr: usize) -> Result<(), MaybePinned> {
+        Self::map_pages(pfn, nr);
+        refs_cover_maps(folio.pfn * FRAME_SIZE);
+        Ok(())
+    }
+
+    fn dup_file_rmap(&mut self, folio: &Folio, pfn: u64, nr: usize) {
+        Self::map_pages(pfn, nr);
+        refs_cover_maps(folio.pfn * FRAME_SIZE);
+    }
+
+    fn remove_rmap(&mut self, folio: &Folio, pfn: u64, nr: usize) {
+        Self::unmap_pages(pfn, nr);
+        refs_cover_maps(folio.pfn * FRAME_SIZE);
+    }
+
+    fn add_new_anon_rmap(&mut self, pfn: u64) {
+        get(pfn * FRAME_SIZE).mapcount.store(1, Ordering::Relaxed);
+        refs_cover_maps(pfn * FRAME_SIZE);
+    }
+
+    fn mapcount(&self, pfn: u64) -> usize {
+        try_get(pfn.saturating_mul(FRAME_SIZE))
+            .map_or(0, |m| m.mapcount.load(Ordering::Relaxed) as usize)
+    }
+
+    fn is_anon_exclusive(&self, _pfn: u64) -> bool {
+        // Exclusivity only matters for pinned pages, and nothing pins user memory here.
+        false
+    }
+}
+
+impl PageAlloc for Folios {
+    fn alloc_page(&mut self) -> Option<u64> {
+        alloc_folio(0).map(|paddr| paddr / FRAME_SIZE)
+    }
+
+    fn free_page(&mut self, pfn: u64) {
+        put_folio(pfn * FRAME_SIZE);
+    }
+
+    fn copy_page(&mut self, dst: u64, src: u64) -> Result<(), Error> {
+        // SAFETY: `dst` is a frame from `alloc_page`, `src` a mapped (so live) user frame; both
+        // below 4 GiB and identity-mapped, and distinct.
+        unsafe {
+            core::ptr::copy_nonoverlapping(
+                (src * FRAME_SIZE) as *const u8,
+                (dst * FRAME_SIZE) as *mut u8,
+                FRAME_SIZE as usize,
+            )
+        };
+        Ok(())
+    }
 }

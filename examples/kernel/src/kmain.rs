@@ -275,6 +275,10 @@ const CHECKS: &[Check] = &[
         name: "fault-hook",
         run: user_checks::fault_hook,
     },
+    Check {
+        name: "fork",
+        run: crate::fork_check::fork,
+    },
 ];
 
 fn deliberate_failure() -> Outcome {

@@ -20,6 +20,8 @@ mod checks;
 #[cfg(target_os = "none")]
 mod fault;
 #[cfg(target_os = "none")]
+mod fork_check;
+#[cfg(target_os = "none")]
 mod framemeta;
 #[cfg(target_os = "none")]
 mod frames;
@@ -31,6 +33,8 @@ mod idt;
 mod kmain;
 #[cfg(target_os = "none")]
 mod percpu;
+#[cfg(target_os = "none")]
+mod ptbatch;
 #[cfg(target_os = "none")]
 mod pvh;
 #[cfg(target_os = "none")]

@@ -15,11 +15,18 @@
 //! first touch ([`handle_fault`]: demand paging); *fixed* ones map frames the kernel owns
 //! (e.g. a buffer shared read-only with ring 3), which the space never frees.
 //!
-//! **Copy-on-write.** [`fork`] copies the user page tables PTE by PTE ([`copy_pte_table`], the
-//! loop the `oskit-pte-batch` crate can replace), write-protecting every writable private page
-//! in both spaces and tagging it with the software bit [`PTE_COW`]; a write fault on such a page
-//! copies the frame, or just makes it writable again when the folio's reference count says
-//! this mapping is its only user. References and map counts live in [`crate::framemeta`].
+//! **Copy-on-write.** [`fork`] copies the user page tables with `oskit-pte-batch` on the real
+//! tables ([`crate::ptbatch`]): a run of PTEs mapping consecutive pages of one large folio is
+//! one batch (one reference add, one map-count duplication, one write-protect of the parent's
+//! range, one `set_ptes` into the child), and the parent's write-protected range is flushed
+//! once per page table. Private writable regions are copy-on-write: both sides end up
+//! read-only, and (as in Linux) a write fault on a present read-only page of a writable
+//! anonymous region is a COW fault: it copies the frame, or just makes it writable again when
+//! the folio's reference count says this mapping is its only user. Fixed regions are shared
+//! mappings (the child maps the same kernel frames, unchanged). Teardown ([`destroy`]) zaps
+//! each region with the crate's batched zap (one clear, one map-count drop and, after one TLB
+//! flush, one reference drop per batch). References and map counts live in
+//! [`crate::framemeta`]; each space counts its resident folio pages ([`rss`]).
 //!
 //! **TLBs.** Only one task uses a space, and a CPU's scheduler loop always switches back to the
 //! kernel page tables, so a space is loaded on at most one CPU, and only while its task runs
@@ -27,9 +34,12 @@
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
+use oskit_pte_batch::{Fork, PageTable, VmFlags, Vma, Zap};
+
 use crate::{
     framemeta,
     frames::{self, FRAME_SIZE},
+    ptbatch,
     spin::SpinLock,
 };
 
@@ -45,10 +55,11 @@ const PTE_PWT: u64 = 1 << 3;
 const PTE_PCD: u64 = 1 << 4;
 /// Large page (in a PD or PDPT entry).
 const PTE_PS: u64 = 1 << 7;
-/// Software bit: a private page write-protected for copy-on-write.
-pub const PTE_COW: u64 = 1 << 9;
-/// Software bit: the frame is not the space's (never refcounted or freed by it).
-pub const PTE_FIXED: u64 = 1 << 10;
+/// Software bit 9: the frame is not the space's (never refcounted or freed by it). This is
+/// the bit `oskit-pte-batch` reads as x86 `_PAGE_SPECIAL` ("no `struct page`"), so the crate
+/// copies and zaps such entries without touching any folio. (Bits 10 and 11 are its uffd-wp
+/// and soft-dirty bits: the kernel uses neither.)
+pub const PTE_FIXED: u64 = 1 << 9;
 /// No-execute (only set when EFER.NXE is on).
 const PTE_NX: u64 = 1 << 63;
 /// The physical-address bits of an entry.
@@ -61,7 +72,7 @@ pub const USER_END: u64 = 0x0000_8000_0000_0000;
 
 /// The most address spaces alive at once.
 pub const MAX_SPACES: usize = 32;
-const MAX_REGIONS: usize = 8;
+const MAX_REGIONS: usize = 16;
 
 unsafe extern "C" {
     static boot_pml4: u8;
@@ -80,6 +91,18 @@ pub static COW_COPIES: AtomicU64 = AtomicU64::new(0);
 pub static COW_REUSES: AtomicU64 = AtomicU64::new(0);
 /// PTEs copied by [`fork`].
 pub static PTES_COPIED: AtomicU64 = AtomicU64::new(0);
+/// Batches [`fork`] copied them in (a batch of one for a single page).
+pub static FORK_BATCHES: AtomicU64 = AtomicU64::new(0);
+/// Parent TLB range flushes [`fork`] asked for (once per page table it write-protected in).
+pub static FORK_TLB_FLUSHES: AtomicU64 = AtomicU64::new(0);
+/// PTEs cleared by [`destroy`].
+pub static ZAP_PTES: AtomicU64 = AtomicU64::new(0);
+/// Batches [`destroy`] cleared them in.
+pub static ZAP_BATCHES: AtomicU64 = AtomicU64::new(0);
+/// TLB range flushes (each followed by the gathered reference drops) of [`destroy`].
+pub static ZAP_TLB_FLUSHES: AtomicU64 = AtomicU64::new(0);
+/// Spaces destroyed with a resident-page count that the zap did not bring back to zero.
+pub static RSS_MISMATCHES: AtomicU64 = AtomicU64::new(0);
 
 /// A user address space (an index into the kernel's table of spaces).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,16 +131,54 @@ struct Region {
     kind: Kind,
 }
 
+impl Region {
+    /// The region as the crate's VMA: an anonymous writable region is a private writable
+    /// mapping (copy-on-write at fork); a fixed one is a shared mapping of kernel frames.
+    fn vma(&self) -> Vma {
+        let mut flags = VmFlags::empty();
+        if self.writable {
+            flags |= VmFlags::WRITE | VmFlags::MAYWRITE;
+        }
+        if self.kind == Kind::Fixed {
+            flags |= VmFlags::SHARED;
+        }
+        Vma::new(flags, PTE_P | PTE_U | NX.load(Ordering::Relaxed))
+    }
+}
+
+/// What [`fork`] did for one region of the child it made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RegionCopy {
+    /// The region.
+    pub start: u64,
+    /// Its end.
+    pub end: u64,
+    /// PTEs copied.
+    pub ptes: u64,
+    /// Batches they were copied in.
+    pub batches: u64,
+    /// Parent TLB range flushes asked for.
+    pub tlb_flushes: u64,
+}
+
 #[derive(Clone, Copy)]
 struct Space {
     /// PML4 physical address; 0 when the slot is free.
     root: u64,
     regions: [Option<Region>; MAX_REGIONS],
+    /// Folio pages mapped (anonymous RSS; fixed pages are not the space's).
+    rss: i64,
+    /// The space this one was forked from (slot), and what that copy did per region.
+    forked_from: Option<usize>,
+    copied: [Option<RegionCopy>; MAX_REGIONS],
 }
 
 const NO_SPACE: Space = Space {
     root: 0,
     regions: [None; MAX_REGIONS],
+    rss: 0,
+    forked_from: None,
+    copied: [None; MAX_REGIONS],
 };
 
 static SPACES: SpinLock<[Space; MAX_SPACES]> = SpinLock::new([NO_SPACE; MAX_SPACES]);
@@ -381,6 +442,7 @@ pub fn map_folio(
         framemeta::get(frame).mapcount.store(1, Ordering::Relaxed);
         *pte =
             frame | PTE_P | PTE_U | NX.load(Ordering::Relaxed) | if writable { PTE_W } else { 0 };
+        s.rss += 1;
     }
     Ok(())
 }
@@ -416,15 +478,16 @@ unsafe fn walk_with(root: u64, vaddr: u64, create: bool, extra: u64) -> Option<&
 }
 
 /// Resolves a page fault at `vaddr` with error code `error` in `space`: demand paging of an
-/// anonymous region or copy-on-write. Returns false when the access is not allowed (the caller
+/// anonymous region or copy-on-write (a write to a present, read-only, owned page of a
+/// writable anonymous region). Returns false when the access is not allowed (the caller
 /// then kills the task, or reports a kernel bug). The space must be the one loaded here.
 pub fn handle_fault(space: SpaceId, vaddr: u64, error: u64) -> bool {
     const ERR_PRESENT: u64 = 1 << 0;
     const ERR_WRITE: u64 = 1 << 1;
     const ERR_FETCH: u64 = 1 << 4;
     let page = vaddr & !(FRAME_SIZE - 1);
-    let spaces = SPACES.lock();
-    let s = &spaces[space.0];
+    let mut spaces = SPACES.lock();
+    let s = &mut spaces[space.0];
     let Some(region) = s
         .regions
         .iter()
@@ -455,17 +518,30 @@ pub fn handle_fault(space: SpaceId, vaddr: u64, error: u64) -> bool {
             | PTE_U
             | NX.load(Ordering::Relaxed)
             | if region.writable { PTE_W } else { 0 };
+        s.rss += 1;
         DEMAND_FAULTS.fetch_add(1, Ordering::Relaxed);
         return true;
     }
-    if error & ERR_WRITE == 0 || *pte & PTE_COW == 0 {
+    let cow =
+        error & ERR_WRITE != 0 && region.kind == Kind::Anonymous && *pte & (PTE_W | PTE_FIXED) == 0;
+    if !cow {
         return false;
     }
     let old = *pte & PTE_ADDR;
-    let flags = (*pte & !PTE_ADDR & !PTE_COW) | PTE_W;
-    if framemeta::refcount(old) == 1 {
+    let flags = (*pte & !PTE_ADDR) | PTE_W;
+    let refs = framemeta::refcount(old);
+    let order = framemeta::get(old).order.load(Ordering::Relaxed);
+    // One event per folio broken (its first page), not per page: the trace is shared.
+    let traced = framemeta::folio_head(old) == old;
+    if refs == 1 {
         *pte = old | flags;
         COW_REUSES.fetch_add(1, Ordering::Relaxed);
+        if traced {
+            crate::trace!(
+                "fork",
+                "COW reuse {page:#x}: last reference to order-{order} folio {old:#x}"
+            );
+        }
     } else {
         let Some(new) = framemeta::alloc_folio(0) else {
             return false;
@@ -479,87 +555,73 @@ pub fn handle_fault(space: SpaceId, vaddr: u64, error: u64) -> bool {
         *pte = new | flags;
         framemeta::put_folio(old);
         COW_COPIES.fetch_add(1, Ordering::Relaxed);
+        if traced {
+            crate::trace!(
+                "fork",
+                "COW copy {page:#x}: page {old:#x} of order-{order} folio ({refs} refs) -> {new:#x}"
+            );
+        }
     }
     invlpg(page);
     true
 }
 
-/// Copies one page table of private user pages for fork: every present page is shared, and a
-/// writable (or already copy-on-write) one becomes read-only + [`PTE_COW`] in both tables.
-/// This is the per-PTE loop a batched implementation (`oskit-pte-batch`) replaces.
-pub fn copy_pte_table(src: &mut [u64; 512], dst: &mut [u64; 512]) {
-    for (s, d) in src.iter_mut().zip(dst.iter_mut()) {
-        if *s & PTE_P == 0 {
-            continue;
-        }
-        if *s & PTE_FIXED == 0 {
-            let frame = *s & PTE_ADDR;
-            framemeta::get_folio(frame);
-            framemeta::get(frame)
-                .mapcount
-                .fetch_add(1, Ordering::Relaxed);
-            if *s & (PTE_W | PTE_COW) != 0 {
-                *s = (*s & !PTE_W) | PTE_COW;
-            }
-        }
-        *d = *s;
-        PTES_COPIED.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
-/// Copies the upper-level table `src` (at `level`: 3 = PDPT, 2 = PD, 1 = page table) into the
-/// fresh table `dst`.
-///
-/// # Safety
-/// The SPACES lock is held; `src` belongs to a live space, `dst` is a new zeroed table.
-unsafe fn copy_level(src: u64, dst: u64, level: u32) -> Result<(), VmError> {
-    // SAFETY: by the contract.
-    let (s, d) = unsafe { (table(src), table(dst)) };
-    if level == 1 {
-        copy_pte_table(s, d);
-        return Ok(());
-    }
-    for i in 0..512 {
-        if s[i] & PTE_P == 0 {
-            continue;
-        }
-        let child = zeroed_frame().ok_or(VmError::NoMemory)?;
-        d[i] = child | (s[i] & !PTE_ADDR);
-        // SAFETY: by the contract, one level down.
-        unsafe { copy_level(s[i] & PTE_ADDR, child, level - 1)? };
-    }
-    Ok(())
-}
-
-/// A copy of `parent` for fork: same regions, private pages shared copy-on-write. Flushes the
-/// parent's TLB entries (it must be the space loaded here, or not loaded at all).
+/// A copy of `parent` for fork, made with `oskit-pte-batch` on the real page tables: same
+/// regions; private writable pages shared copy-on-write (read-only in both), fixed pages
+/// shared as they are. The crate flushes the parent's write-protected ranges from this CPU's
+/// TLB (it must be the space loaded here, or not loaded at all).
 pub fn fork(parent: SpaceId) -> Result<SpaceId, VmError> {
     let child = create()?;
     let mut spaces = SPACES.lock();
     let (p, c) = (spaces[parent.0], spaces[child.0]);
-    spaces[child.0].regions = p.regions;
+    // SAFETY: the SPACES lock is held, so nobody else changes either space's tables; the
+    // parent is loaded on this CPU at most (its task is the caller), the child nowhere.
+    let (mut src, mut dst) =
+        unsafe { (ptbatch::space_tables(p.root), ptbatch::child_tables(c.root)) };
+    let mut folios = framemeta::Folios;
+    let mut copied = [None; MAX_REGIONS];
+    let mut rss = 0;
     let mut result = Ok(());
-    for i in 1..256 {
-        // SAFETY: the SPACES lock is held; both roots are live spaces' PML4s.
-        let (src, dst) = unsafe { (table(p.root), table(c.root)) };
-        if src[i] & PTE_P == 0 {
-            continue;
+    for (slot, region) in p.regions.iter().enumerate() {
+        let Some(region) = region else { continue };
+        let vma = region.vma();
+        let mut fork = Fork::new(&mut folios, vma, vma);
+        let done = fork.copy_range(&mut dst, &mut src, region.start, region.end);
+        let stats = fork.stats();
+        rss += fork.rss().anon + fork.rss().file;
+        drop(fork);
+        PTES_COPIED.fetch_add(stats.present, Ordering::Relaxed);
+        FORK_BATCHES.fetch_add(stats.batches, Ordering::Relaxed);
+        FORK_TLB_FLUSHES.fetch_add(stats.tlb_flushes, Ordering::Relaxed);
+        copied[slot] = Some(RegionCopy {
+            start: region.start,
+            end: region.end,
+            ptes: stats.present,
+            batches: stats.batches,
+            tlb_flushes: stats.tlb_flushes,
+        });
+        if stats.present > 0 {
+            crate::trace!(
+                "fork",
+                "copied {:#x}..{:#x}: {} PTEs in {} batches, {} parent TLB flushes",
+                region.start,
+                region.end,
+                stats.present,
+                stats.batches,
+                stats.tlb_flushes
+            );
         }
-        let Some(pdpt) = zeroed_frame() else {
+        if done.is_err() {
             result = Err(VmError::NoMemory);
             break;
-        };
-        dst[i] = pdpt | (src[i] & !PTE_ADDR);
-        // SAFETY: as above.
-        if let Err(e) = unsafe { copy_level(src[i] & PTE_ADDR, pdpt, 3) } {
-            result = Err(e);
-            break;
         }
     }
+    let c = &mut spaces[child.0];
+    c.regions = p.regions;
+    c.rss = rss;
+    c.forked_from = Some(parent.0);
+    c.copied = copied;
     drop(spaces);
-    if read_cr3() & PTE_ADDR == p.root {
-        write_cr3(p.root);
-    }
     match result {
         Ok(()) => Ok(child),
         Err(e) => {
@@ -569,23 +631,8 @@ pub fn fork(parent: SpaceId) -> Result<SpaceId, VmError> {
     }
 }
 
-/// Unmaps every page of one page table at teardown: each private page drops its map count and
-/// its folio reference (the folio is freed with its last one); fixed pages are left alone.
-/// This is the per-PTE loop a batched zap (`oskit-pte-batch`) replaces.
-pub fn zap_pte_table(t: &mut [u64; 512]) {
-    for entry in t.iter_mut().filter(|e| **e & PTE_P != 0) {
-        if *entry & PTE_FIXED == 0 {
-            let frame = *entry & PTE_ADDR;
-            framemeta::get(frame)
-                .mapcount
-                .fetch_sub(1, Ordering::Relaxed);
-            framemeta::put_folio(frame);
-        }
-        *entry = 0;
-    }
-}
-
-/// Frees the tables under `tbl` (at `level`) and drops the space's pages.
+/// Frees the tables under `tbl` (at `level`: 3 = PDPT, 2 = PD, 1 = page table), which the zap
+/// has emptied.
 ///
 /// # Safety
 /// The SPACES lock is held and `tbl` belongs to a space being destroyed.
@@ -593,7 +640,10 @@ unsafe fn free_level(tbl: u64, level: u32) {
     // SAFETY: by the contract.
     let t = unsafe { table(tbl) };
     if level == 1 {
-        zap_pte_table(t);
+        assert!(
+            t.iter().all(|&e| e == 0),
+            "a user page table at {tbl:#x} still maps a page outside every region at teardown"
+        );
     } else {
         for &entry in t.iter().filter(|e| *e & PTE_P != 0) {
             // SAFETY: one level down, same space.
@@ -603,23 +653,101 @@ unsafe fn free_level(tbl: u64, level: u32) {
     frames::free(tbl & PTE_ADDR, 0);
 }
 
-/// Destroys `space`: unmaps everything, drops its pages, frees its tables. It must not be
-/// loaded on any CPU.
+/// Destroys `space`: zaps every region with `oskit-pte-batch`'s batched zap (folio pages drop
+/// their map counts and, after the TLB flush, their references: a folio is freed with its
+/// last one; fixed pages are only unmapped), then frees its tables. It must not be loaded on
+/// any CPU.
 pub fn destroy(space: SpaceId) {
     let mut spaces = SPACES.lock();
-    let root = spaces[space.0].root;
-    assert!(root != 0, "destroying a free address space");
-    assert!(read_cr3() & PTE_ADDR != root, "destroying the loaded space");
-    // SAFETY: the SPACES lock is held; the space is ours to tear down.
-    let pml4 = unsafe { table(root) };
+    let s = spaces[space.0];
+    assert!(s.root != 0, "destroying a free address space");
+    assert!(
+        read_cr3() & PTE_ADDR != s.root,
+        "destroying the loaded space"
+    );
+    // SAFETY: the SPACES lock is held; the space is loaded nowhere and is ours to tear down.
+    let mut tables = unsafe { ptbatch::space_tables(s.root) };
+    let mut folios = framemeta::Folios;
+    let mut rss = s.rss;
+    for region in s.regions.iter().flatten() {
+        let mut zap = Zap::new(&mut folios, region.vma());
+        let done = zap.zap_range(&mut tables, region.start, region.end);
+        assert!(done.is_ok(), "zap of region {region:?}: {done:?}");
+        let stats = zap.stats();
+        rss += zap.rss().anon + zap.rss().file;
+        ZAP_PTES.fetch_add(stats.present, Ordering::Relaxed);
+        ZAP_BATCHES.fetch_add(stats.batches, Ordering::Relaxed);
+        ZAP_TLB_FLUSHES.fetch_add(stats.tlb_flushes, Ordering::Relaxed);
+    }
+    if rss != 0 {
+        RSS_MISMATCHES.fetch_add(1, Ordering::Relaxed);
+    }
+    // SAFETY: as above.
+    let pml4 = unsafe { table(s.root) };
     for &entry in &pml4[1..256] {
         if entry & PTE_P != 0 {
             // SAFETY: as above.
             unsafe { free_level(entry & PTE_ADDR, 3) };
         }
     }
-    frames::free(root, 0);
+    frames::free(s.root, 0);
     spaces[space.0] = NO_SPACE;
+    // Its children no longer have a parent here (the slot may be reused).
+    for other in spaces.iter_mut() {
+        if other.forked_from == Some(space.0) {
+            other.forked_from = None;
+        }
+    }
+}
+
+/// The space's resident folio pages, as it accounts them (map, demand fault, fork, zap).
+pub fn rss(space: SpaceId) -> i64 {
+    SPACES.lock()[space.0].rss
+}
+
+/// The owned (non-fixed) present pages actually mapped in `space`'s regions, counted from its
+/// page tables: what [`rss`] must equal.
+pub fn resident_pages(space: SpaceId) -> u64 {
+    let spaces = SPACES.lock();
+    let s = &spaces[space.0];
+    // SAFETY: the SPACES lock is held; nothing is changed through these tables.
+    let tables = unsafe { ptbatch::space_tables(s.root) };
+    let mut pages = 0;
+    for region in s.regions.iter().flatten() {
+        let mut addr = region.start;
+        while addr < region.end {
+            if !tables.has_table(addr) {
+                addr = (addr | ((512 * FRAME_SIZE) - 1)) + 1;
+                continue;
+            }
+            let pte = tables.get(addr);
+            pages += u64::from(pte & PTE_P != 0 && pte & PTE_FIXED == 0);
+            addr += FRAME_SIZE;
+        }
+    }
+    pages
+}
+
+/// The entry mapping `vaddr` in `space` (0 if there is no page table for it).
+pub fn pte(space: SpaceId, vaddr: u64) -> u64 {
+    let spaces = SPACES.lock();
+    // SAFETY: the SPACES lock is held; nothing is changed through these tables.
+    unsafe { ptbatch::space_tables(spaces[space.0].root) }.get(vaddr & !(FRAME_SIZE - 1))
+}
+
+/// The one live space forked from `parent`, and what the fork copied per region; `None` if
+/// there is none, or more than one.
+pub fn forked_child(parent: SpaceId) -> Option<(SpaceId, [Option<RegionCopy>; MAX_REGIONS])> {
+    let spaces = SPACES.lock();
+    let mut children = spaces
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.root != 0 && s.forked_from == Some(parent.0));
+    let (slot, child) = children.next()?;
+    children
+        .next()
+        .is_none()
+        .then_some((SpaceId(slot), child.copied))
 }
 
 /// Whether ring 3 of `space` may access `[addr, addr + len)` (write access if `write`): inside
