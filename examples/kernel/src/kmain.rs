@@ -275,6 +275,14 @@ const CHECKS: &[Check] = &[
         name: "fault-hook",
         run: user_checks::fault_hook,
     },
+    Check {
+        name: "bts",
+        run: crate::bts_step::bts,
+    },
+    Check {
+        name: "xen",
+        run: crate::xen_step::xen_suspend,
+    },
 ];
 
 fn deliberate_failure() -> Outcome {

@@ -16,6 +16,8 @@
 #[cfg(target_os = "none")]
 mod apic;
 #[cfg(target_os = "none")]
+mod bts_step;
+#[cfg(target_os = "none")]
 mod checks;
 #[cfg(target_os = "none")]
 mod fault;
@@ -61,6 +63,8 @@ mod usermode;
 mod vm;
 #[cfg(target_os = "none")]
 mod workqueue;
+#[cfg(target_os = "none")]
+mod xen_step;
 
 #[cfg(not(target_os = "none"))]
 fn main() {
