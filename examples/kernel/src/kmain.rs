@@ -280,6 +280,10 @@ const CHECKS: &[Check] = &[
         run: crate::bts_step::bts,
     },
     Check {
+        name: "apf",
+        run: crate::apf_step::apf,
+    },
+    Check {
         name: "xen",
         run: crate::xen_step::xen_suspend,
     },

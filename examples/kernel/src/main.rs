@@ -14,6 +14,8 @@
 #![allow(clippy::result_large_err)]
 
 #[cfg(target_os = "none")]
+mod apf_step;
+#[cfg(target_os = "none")]
 mod apic;
 #[cfg(target_os = "none")]
 mod bts_step;
