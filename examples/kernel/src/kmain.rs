@@ -278,6 +278,16 @@ const CHECKS: &[Check] = &[
     Check {
         name: "fork",
         run: crate::fork_check::fork,
+        name: "bts",
+        run: crate::bts_step::bts,
+    },
+    Check {
+        name: "apf",
+        run: crate::apf_step::apf,
+    },
+    Check {
+        name: "xen",
+        run: crate::xen_step::xen_suspend,
     },
 ];
 

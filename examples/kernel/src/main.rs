@@ -14,7 +14,11 @@
 #![allow(clippy::result_large_err)]
 
 #[cfg(target_os = "none")]
+mod apf_step;
+#[cfg(target_os = "none")]
 mod apic;
+#[cfg(target_os = "none")]
+mod bts_step;
 #[cfg(target_os = "none")]
 mod checks;
 #[cfg(target_os = "none")]
@@ -65,6 +69,8 @@ mod usermode;
 mod vm;
 #[cfg(target_os = "none")]
 mod workqueue;
+#[cfg(target_os = "none")]
+mod xen_step;
 
 #[cfg(not(target_os = "none"))]
 fn main() {
