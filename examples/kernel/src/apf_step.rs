@@ -29,7 +29,7 @@ use core::{
 };
 
 use oskit_pv_apf::{
-    ApfCpu, AsyncEvent, AsyncPf, Config, KvmFeatures, PfOutcome, Protocol, Scheduler, Wake,
+    ApfCpu, AsyncEvent, AsyncPf, Config, KvmFeatures, Protocol, Scheduler, Wake,
     sim::{Inject, SimHost, SimVcpu},
 };
 
@@ -215,13 +215,13 @@ fn touch_rip() -> u64 {
 fn apf_hook(frame: &mut TrapFrame, cr2: u64) -> Handled {
     let cpu = percpu::cpu_id();
     let outcome = match MODE.load(Ordering::Acquire) {
-        REAL => APF_REAL.handle_page_fault(&APF_CPU[cpu], cr2),
-        SIM => APF_SIM.handle_page_fault(&APF_CPU[cpu], cr2),
-        _ => PfOutcome::NotAsyncPf,
+        REAL => APF_REAL.handle_page_fault_event(&APF_CPU[cpu], cr2),
+        SIM => APF_SIM.handle_page_fault_event(&APF_CPU[cpu], cr2),
+        _ => None,
     };
     let ours = frame.rip == touch_rip();
     match outcome {
-        PfOutcome::Handled(event) => {
+        Some(event) => {
             record(event, cr2 as u32);
             if ours {
                 let seq = ((cr2 as u32) >> 12) as usize;
@@ -239,13 +239,13 @@ fn apf_hook(frame: &mut TrapFrame, cr2: u64) -> Handled {
             }
             Handled::Yes
         }
-        PfOutcome::NotAsyncPf if ours => {
+        None if ours => {
             // The model's not-present was not seen: skip the access rather than die.
             UNCLAIMED.fetch_add(1, Ordering::Relaxed);
             frame.rip = &raw const oskit_apf_touch_end as u64;
             Handled::Yes
         }
-        PfOutcome::NotAsyncPf => Handled::No,
+        None => Handled::No,
     }
 }
 

@@ -278,6 +278,8 @@ const CHECKS: &[Check] = &[
     Check {
         name: "fork",
         run: crate::fork_check::fork,
+    },
+    Check {
         name: "bts",
         run: crate::bts_step::bts,
     },
