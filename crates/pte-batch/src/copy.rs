@@ -111,7 +111,9 @@ impl<'m, M: FolioOps + PageAlloc> Fork<'m, M> {
         Ok(())
     }
 
-    /// Copies `[addr, end)`, which must lie in one last-level table (`copy_pte_range`).
+    /// Copies `[addr, end)`, which must lie in one last-level table (`copy_pte_range`). The
+    /// child's table must exist ([`PageTable::prepare`]; [`copy_range`](Self::copy_range) does
+    /// that).
     ///
     /// Every 32 units of progress (a none entry is 1, any other entry 8) `need_resched` is asked
     /// whether to stop so the caller can reschedule; [`Progress::Yield`] tells where to resume.
