@@ -248,15 +248,18 @@ fn batched_copy_and_zap_equal_reference_one_table() {
             again + s.again,
         );
     }
-    // The scenarios exercise what they claim to: real batches, pinned copies, retries.
-    assert!(
-        batches * 2 < present,
-        "{batches} batches for {present} entries"
-    );
-    assert!(
-        copies > 10 && again > copies,
-        "{copies} copies, {again} retries"
-    );
+    // The scenarios exercise what they claim to: real batches, pinned copies, retries. (Miri
+    // runs a single scenario, too few for these totals.)
+    if !cfg!(miri) {
+        assert!(
+            batches * 2 < present,
+            "{batches} batches for {present} entries"
+        );
+        assert!(
+            copies > 10 && again > copies,
+            "{copies} copies, {again} retries"
+        );
+    }
 }
 
 #[test]
