@@ -111,7 +111,9 @@ impl<'m, M: FolioOps + PageAlloc> Fork<'m, M> {
         Ok(())
     }
 
-    /// Copies `[addr, end)`, which must lie in one last-level table (`copy_pte_range`).
+    /// Copies `[addr, end)`, which must lie in one last-level table (`copy_pte_range`). The
+    /// child's table must exist ([`PageTable::prepare`]; [`copy_range`](Self::copy_range) does
+    /// that).
     ///
     /// Every 32 units of progress (a none entry is 1, any other entry 8) `need_resched` is asked
     /// whether to stop so the caller can reschedule; [`Progress::Yield`] tells where to resume.
@@ -124,7 +126,7 @@ impl<'m, M: FolioOps + PageAlloc> Fork<'m, M> {
         src: &mut S,
         addr: u64,
         end: u64,
-        need_resched: &mut dyn FnMut() -> bool,
+        need_resched: &mut impl FnMut() -> bool,
     ) -> Result<Progress, Error>
     where
         D: PageTable,
@@ -230,6 +232,7 @@ impl<'m, M: FolioOps + PageAlloc> Fork<'m, M> {
         }
     }
 
+    #[inline]
     fn copy_present_inner<D, S>(
         &mut self,
         dst: &mut D,
@@ -329,6 +332,7 @@ impl<'m, M: FolioOps + PageAlloc> Fork<'m, M> {
     }
 
     /// `__copy_present_ptes`: write-protect a COW parent, derive the child's entry, map it.
+    #[inline]
     fn set_child<D, S>(
         &mut self,
         dst: &mut D,
@@ -343,6 +347,8 @@ impl<'m, M: FolioOps + PageAlloc> Fork<'m, M> {
     {
         let mut pte = pte;
         if self.src.is_cow() && D::Format::is_writable(pte) {
+            // Always the backend's write-protect: on real hardware it is atomic, so a dirty
+            // bit the MMU sets meanwhile is not lost.
             src.wrprotect_ptes(addr, nr);
             wp.add(addr, nr);
             pte = D::Format::wrprotect(pte);
@@ -354,7 +360,13 @@ impl<'m, M: FolioOps + PageAlloc> Fork<'m, M> {
         if !self.dst.uffd_wp() {
             pte = D::Format::clear_uffd_wp(pte);
         }
-        dst.set_ptes(addr, pte, nr);
+        // The child is not live yet; one entry (the common small-folio case) takes the plain
+        // accessor.
+        if nr == 1 {
+            dst.set(addr, pte);
+        } else {
+            dst.set_ptes(addr, pte, nr);
+        }
         self.stats.present += nr as u64;
         self.stats.batches += 1;
     }
@@ -387,6 +399,7 @@ struct WrprotectRange {
 }
 
 impl WrprotectRange {
+    #[inline]
     fn add(&mut self, addr: u64, nr: usize) {
         let e = addr + nr as u64 * PAGE_SIZE;
         if self.start == self.end {

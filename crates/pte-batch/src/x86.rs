@@ -61,7 +61,11 @@ unsafe impl PhysWindow for DirectMap {
         if !va.is_multiple_of(PAGE_SIZE) {
             return None;
         }
-        NonNull::new(usize::try_from(va).ok()? as *mut u64)
+        // The direct map is an integer offset by nature: take the provenance the kernel exposed
+        // when it set the map up.
+        NonNull::new(core::ptr::with_exposed_provenance_mut::<u64>(
+            usize::try_from(va).ok()?,
+        ))
     }
 }
 

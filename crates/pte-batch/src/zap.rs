@@ -169,12 +169,15 @@ impl<'m, M: FolioOps> Zap<'m, M> {
         } else {
             1
         };
+        let gathered = if nr == 1 {
+            table.get_and_clear(addr)
+        } else {
+            table.get_and_clear_ptes(addr, nr)
+        };
         if folio.anon {
             // Anon pages need no up-to-date dirty/accessed state.
-            table.get_and_clear_ptes(addr, nr);
             self.rss.anon -= nr as i64;
         } else {
-            let gathered = table.get_and_clear_ptes(addr, nr);
             if T::Format::is_dirty(gathered) {
                 self.mem.mark_dirty(&folio);
             }

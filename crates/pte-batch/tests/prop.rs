@@ -239,7 +239,7 @@ fn expected_zap_rss(w: &World, child: bool, s: usize, e: usize) -> Rss {
 #[test]
 fn batched_copy_and_zap_equal_reference_one_table() {
     let (mut present, mut batches, mut copies, mut again) = (0, 0, 0, 0);
-    for seed in 0..if cfg!(miri) { 4 } else { 300 } {
+    for seed in 0..if cfg!(miri) { 1 } else { 300 } {
         let s = check_scenario(seed, 1);
         (present, batches, copies, again) = (
             present + s.present,
@@ -248,20 +248,23 @@ fn batched_copy_and_zap_equal_reference_one_table() {
             again + s.again,
         );
     }
-    // The scenarios exercise what they claim to: real batches, pinned copies, retries.
-    assert!(
-        batches * 2 < present,
-        "{batches} batches for {present} entries"
-    );
-    assert!(
-        copies > 10 && again > copies,
-        "{copies} copies, {again} retries"
-    );
+    // The scenarios exercise what they claim to: real batches, pinned copies, retries. (Miri
+    // runs a single scenario, too few for these totals.)
+    if !cfg!(miri) {
+        assert!(
+            batches * 2 < present,
+            "{batches} batches for {present} entries"
+        );
+        assert!(
+            copies > 10 && again > copies,
+            "{copies} copies, {again} retries"
+        );
+    }
 }
 
 #[test]
 fn batched_copy_and_zap_equal_reference_four_tables() {
-    for seed in 1000..if cfg!(miri) { 1002 } else { 1100 } {
+    for seed in 1000..if cfg!(miri) { 1001 } else { 1100 } {
         check_scenario(seed, 4);
     }
 }
@@ -272,6 +275,7 @@ fn batched_copy_and_zap_equal_reference_four_tables() {
 fn garbage_tables_never_panic() {
     use oskit_pte_batch::sim::{ContSpace, SimFolios, SimPage, SimSpace};
     use oskit_pte_batch::{Arm64Pte, FolioOps, Fork, PageTable, VmFlags, Vma, Zap};
+    const SPAN: u64 = 1024 * 4096;
     for seed in 0..if cfg!(miri) { 2 } else { 200 } {
         let mut rng = Rng::new(seed + 7777);
         let mut pages = vec![SimPage::default(); 512 + 64];
@@ -307,6 +311,21 @@ fn garbage_tables_never_panic() {
                 Arm64Pte::pfn(*e)
             } else {
                 X86Pte::pfn(*e)
+        let mut entries = vec![0u64; 1024];
+            let r = rng.next();
+            // Half of them point into the metadata's frames so folios are involved.
+            *e = if rng.chance(50) {
+                (r & !(0xff_ffff_ffffu64 << 12)) | ((BASE_PFN + rng.below(512)) << 12)
+                r
+            let (present, p) = if arm {
+                (
+                    Arm64Pte::is_present(*e) && !Arm64Pte::is_special(*e),
+                    Arm64Pte::pfn(*e),
+                )
+                (
+                    X86Pte::is_present(*e) && !X86Pte::is_special(*e),
+                    X86Pte::pfn(*e),
+                )
             };
             if present {
                 if f.folio(p).is_none() && f.page(p).is_some() {
@@ -334,6 +353,10 @@ fn garbage_tables_never_panic() {
             for t in [&mut c, &mut p] {
                 Zap::new(&mut f, vma)
                     .zap_range(t, BASE, BASE + 1024 * 4096)
+            let mut p = ContSpace::new(BASE, &mut entries);
+            let mut c = ContSpace::new(BASE, &mut child);
+            let _ = fork.copy_range(&mut c, &mut p, BASE, BASE + SPAN);
+                    .zap_range(t, BASE, BASE + SPAN)
                     .unwrap();
                 assert!(
                     (0..1024u64).all(|i| t.get(BASE + i * 4096) == 0),
@@ -352,6 +375,10 @@ fn garbage_tables_never_panic() {
             for t in [&mut c, &mut p] {
                 Zap::new(&mut f, vma)
                     .zap_range(t, BASE, BASE + 1024 * 4096)
+            let mut p = SimSpace::<X86Pte>::new(BASE, &mut entries);
+            let mut c = SimSpace::<X86Pte>::new(BASE, &mut child);
+            let _ = fork.copy_range(&mut c, &mut p, BASE, BASE + SPAN);
+                    .zap_range(t, BASE, BASE + SPAN)
                     .unwrap();
                 assert!(t.entries().iter().all(|&e| e == 0), "seed {seed}");
             }

@@ -79,12 +79,14 @@ impl<'a> SimFolios<'a> {
         }
     }
 
+    #[inline]
     fn idx(&self, pfn: u64) -> Option<usize> {
         let i = usize::try_from(pfn.checked_sub(self.base_pfn)?).ok()?;
         (i < self.pages.len()).then_some(i)
     }
 
     /// The metadata of frame `pfn`.
+    #[inline]
     pub fn page(&self, pfn: u64) -> Option<&SimPage> {
         self.idx(pfn).map(|i| &self.pages[i])
     }
@@ -169,11 +171,13 @@ impl<'a> SimFolios<'a> {
         self.pages
     }
 
+    #[inline]
     fn head(&self, folio: &Folio) -> Option<usize> {
         let h = self.idx(folio.pfn)?;
         (self.pages[h].used && self.pages[h].head == folio.pfn).then_some(h)
     }
 
+    #[inline]
     fn check(&mut self, h: usize) {
         let p = &self.pages[h];
         if p.refcount < p.total_mapcount || p.total_mapcount < 0 || p.refcount < 0 {
@@ -182,6 +186,7 @@ impl<'a> SimFolios<'a> {
     }
 
     /// The page range `[pfn, pfn + nr)` if it lies in the store.
+    #[inline]
     fn range(&self, pfn: u64, nr: usize) -> Option<core::ops::Range<usize>> {
         let s = self.idx(pfn)?;
         let e = s.checked_add(nr)?;
@@ -190,6 +195,7 @@ impl<'a> SimFolios<'a> {
 }
 
 impl FolioOps for SimFolios<'_> {
+    #[inline]
     fn folio(&self, pfn: u64) -> Option<Folio> {
         let p = self.page(pfn)?;
         if !p.used {
@@ -203,12 +209,14 @@ impl FolioOps for SimFolios<'_> {
         })
     }
 
+    #[inline]
     fn ref_add(&mut self, folio: &Folio, nr: usize) {
         let Some(h) = self.head(folio) else { return };
         self.pages[h].refcount += nr as i64;
         self.check(h);
     }
 
+    #[inline]
     fn ref_sub(&mut self, folio: &Folio, nr: usize) {
         let Some(h) = self.head(folio) else { return };
         self.pages[h].refcount -= nr as i64;
@@ -220,6 +228,7 @@ impl FolioOps for SimFolios<'_> {
         }
     }
 
+    #[inline]
     fn try_dup_anon_rmap(&mut self, folio: &Folio, pfn: u64, nr: usize) -> Result<(), MaybePinned> {
         let (Some(h), Some(r)) = (self.head(folio), self.range(pfn, nr)) else {
             return Ok(());
@@ -236,6 +245,7 @@ impl FolioOps for SimFolios<'_> {
         Ok(())
     }
 
+    #[inline]
     fn dup_file_rmap(&mut self, folio: &Folio, pfn: u64, nr: usize) {
         let (Some(h), Some(r)) = (self.head(folio), self.range(pfn, nr)) else {
             return;
@@ -247,6 +257,7 @@ impl FolioOps for SimFolios<'_> {
         self.check(h);
     }
 
+    #[inline]
     fn remove_rmap(&mut self, folio: &Folio, pfn: u64, nr: usize) {
         let (Some(h), Some(r)) = (self.head(folio), self.range(pfn, nr)) else {
             return;

@@ -75,6 +75,7 @@ impl<F: PteFormat> PageTable for SimSpace<'_, F> {
         }
     }
 
+    #[inline]
     fn set_ptes(&mut self, addr: u64, pte: u64, nr: usize) {
         let Some(i) = self.index(addr) else { return };
         let end = i.saturating_add(nr).min(self.entries.len());
@@ -86,8 +87,18 @@ impl<F: PteFormat> PageTable for SimSpace<'_, F> {
         self.stats.writes += (end - i) as u64;
     }
 
+    #[inline]
     fn wrprotect_ptes(&mut self, addr: u64, nr: usize) {
         let Some(i) = self.index(addr) else { return };
+        if nr == 1 {
+            let e = self.entries[i];
+            if F::is_writable(e) {
+                self.entries[i] = F::wrprotect(e);
+                self.stats.writes += 1;
+                self.stats.wrprotects += 1;
+            }
+            return;
+        }
         let end = i.saturating_add(nr).min(self.entries.len());
         for slot in &mut self.entries[i..end] {
             if F::is_writable(*slot) {
@@ -95,6 +106,17 @@ impl<F: PteFormat> PageTable for SimSpace<'_, F> {
                 self.stats.writes += 1;
                 self.stats.wrprotects += 1;
             }
+        }
+    }
+
+    #[inline]
+    fn get_and_clear(&mut self, addr: u64) -> u64 {
+        match self.index(addr) {
+            Some(i) => {
+                self.stats.writes += 1;
+                core::mem::take(&mut self.entries[i])
+            }
+            None => 0,
         }
     }
 
