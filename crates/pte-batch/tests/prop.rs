@@ -289,39 +289,22 @@ fn garbage_tables_never_panic() {
             f.add_folio(pfn, order, rng.chance(50));
             pfn += 1 << order;
         }
-        let mut entries: Vec<u64> = (0..1024)
-            .map(|_| {
-                let r = rng.next();
-                // Half of them point into the metadata's frames so folios are involved.
-                if rng.chance(50) {
-                    (r & !(0xff_ffff_ffffu64 << 12)) | ((BASE_PFN + rng.below(512)) << 12)
-                } else {
-                    r
-                }
-            })
-            .collect();
         let arm = seed % 2 == 1;
-        for e in &mut entries {
-            let present = if arm {
-                Arm64Pte::is_present(*e) && !Arm64Pte::is_special(*e)
-            } else {
-                X86Pte::is_present(*e) && !X86Pte::is_special(*e)
-            };
-            let p = if arm {
-                Arm64Pte::pfn(*e)
-            } else {
-                X86Pte::pfn(*e)
         let mut entries = vec![0u64; 1024];
+        for e in &mut entries {
             let r = rng.next();
             // Half of them point into the metadata's frames so folios are involved.
             *e = if rng.chance(50) {
                 (r & !(0xff_ffff_ffffu64 << 12)) | ((BASE_PFN + rng.below(512)) << 12)
+            } else {
                 r
+            };
             let (present, p) = if arm {
                 (
                     Arm64Pte::is_present(*e) && !Arm64Pte::is_special(*e),
                     Arm64Pte::pfn(*e),
                 )
+            } else {
                 (
                     X86Pte::is_present(*e) && !X86Pte::is_special(*e),
                     X86Pte::pfn(*e),
@@ -343,19 +326,13 @@ fn garbage_tables_never_panic() {
         let mut child = vec![0u64; 1024];
         if arm {
             let vma = Vma::new(flags, Arm64Pte::USER_READONLY);
-            let (mut p, mut c) = (
-                ContSpace::new(BASE, &mut entries),
-                ContSpace::new(BASE, &mut child),
-            );
+            let mut p = ContSpace::new(BASE, &mut entries);
+            let mut c = ContSpace::new(BASE, &mut child);
             let mut fork = Fork::new(&mut f, vma, vma);
-            let _ = fork.copy_range(&mut c, &mut p, BASE, BASE + 1024 * 4096);
+            let _ = fork.copy_range(&mut c, &mut p, BASE, BASE + SPAN);
             drop(fork);
             for t in [&mut c, &mut p] {
                 Zap::new(&mut f, vma)
-                    .zap_range(t, BASE, BASE + 1024 * 4096)
-            let mut p = ContSpace::new(BASE, &mut entries);
-            let mut c = ContSpace::new(BASE, &mut child);
-            let _ = fork.copy_range(&mut c, &mut p, BASE, BASE + SPAN);
                     .zap_range(t, BASE, BASE + SPAN)
                     .unwrap();
                 assert!(
@@ -365,19 +342,13 @@ fn garbage_tables_never_panic() {
             }
         } else {
             let vma = Vma::new(flags, X86Pte::USER_READONLY);
-            let (mut p, mut c) = (
-                SimSpace::<X86Pte>::new(BASE, &mut entries),
-                SimSpace::<X86Pte>::new(BASE, &mut child),
-            );
+            let mut p = SimSpace::<X86Pte>::new(BASE, &mut entries);
+            let mut c = SimSpace::<X86Pte>::new(BASE, &mut child);
             let mut fork = Fork::new(&mut f, vma, vma);
-            let _ = fork.copy_range(&mut c, &mut p, BASE, BASE + 1024 * 4096);
+            let _ = fork.copy_range(&mut c, &mut p, BASE, BASE + SPAN);
             drop(fork);
             for t in [&mut c, &mut p] {
                 Zap::new(&mut f, vma)
-                    .zap_range(t, BASE, BASE + 1024 * 4096)
-            let mut p = SimSpace::<X86Pte>::new(BASE, &mut entries);
-            let mut c = SimSpace::<X86Pte>::new(BASE, &mut child);
-            let _ = fork.copy_range(&mut c, &mut p, BASE, BASE + SPAN);
                     .zap_range(t, BASE, BASE + SPAN)
                     .unwrap();
                 assert!(t.entries().iter().all(|&e| e == 0), "seed {seed}");
