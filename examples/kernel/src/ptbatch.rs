@@ -27,9 +27,11 @@ pub static TLB_FLUSHES_ISSUED: AtomicU64 = AtomicU64::new(0);
 pub static INVLPG_PAGES: AtomicU64 = AtomicU64::new(0);
 /// Issued flushes done with a CR3 reload (ranges above `X86Tlb::INVLPG_MAX` pages).
 pub static CR3_RELOADS: AtomicU64 = AtomicU64::new(0);
-/// `set_ptes` calls seen at the child's page tables: one per batch the copy made.
+/// `set_ptes` and single-entry `set` calls seen at the child's page tables: one per batch the
+/// copy made (the crate writes a batch of one with a plain `set`).
 pub static SET_PTES_CALLS: AtomicU64 = AtomicU64::new(0);
-/// `get_and_clear_ptes` calls seen at torn-down page tables: one per folio batch zapped.
+/// `get_and_clear_ptes` and single-entry `get_and_clear` calls seen at torn-down page tables:
+/// one per folio batch zapped.
 pub static CLEAR_PTES_CALLS: AtomicU64 = AtomicU64::new(0);
 /// Page-table frames allocated for children.
 pub static TABLES_ALLOCATED: AtomicU64 = AtomicU64::new(0);
@@ -79,6 +81,7 @@ impl<P: PageTable> PageTable for Observed<P> {
         self.0.get(addr)
     }
     fn set(&mut self, addr: u64, pte: u64) {
+        SET_PTES_CALLS.fetch_add(1, Ordering::Relaxed);
         self.0.set(addr, pte)
     }
     fn set_ptes(&mut self, addr: u64, pte: u64, nr: usize) {
@@ -101,6 +104,7 @@ impl<P: PageTable> PageTable for Observed<P> {
         self.0.wrprotect_ptes(addr, nr)
     }
     fn get_and_clear(&mut self, addr: u64) -> u64 {
+        CLEAR_PTES_CALLS.fetch_add(1, Ordering::Relaxed);
         self.0.get_and_clear(addr)
     }
     fn get_and_clear_ptes(&mut self, addr: u64, nr: usize) -> u64 {
