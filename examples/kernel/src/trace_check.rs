@@ -111,6 +111,34 @@ fn reader(cpu: u64) -> i64 {
     events as i64
 }
 
+/// Ring 3: maps CPU 0's buffer and writes to its meta page, which must kill it.
+fn writer(_: u64) -> i64 {
+    let len = ulib::syscall3(nr::MAP_TRACE_BUFFER, 0, MAP_AT, 0);
+    if len < 0 {
+        return len;
+    }
+    // SAFETY: MAP_AT is mapped for this task, read-only: the write faults by design and the
+    // kernel kills the task; no memory changes.
+    unsafe { (MAP_AT as *mut u64).write_volatile(0) };
+    0
+}
+
+/// The mapping is read-only: a ring-3 write to it is killed, and the ring unmaps afterwards.
+fn write_to_mapping() -> Outcome {
+    let Ok(task) = usermode::spawn("trace-writer", writer, 0) else {
+        fail!("cannot start the ring-3 writer")
+    };
+    let code = sched::join(task);
+    let was_mapped = trace_map::release(0);
+    ensure!(
+        code == Some(sched::EXIT_KILLED),
+        "a ring-3 write to the trace mapping was not killed (exit {code:?})"
+    );
+    ensure!(was_mapped, "the ring-3 writer did not map the buffer");
+    println!("  a ring-3 write to the read-only mapping was killed");
+    Ok(())
+}
+
 /// Logs one event on the CPU it runs on (an IPI from `on_each_cpu`).
 fn mark(cpu: usize) {
     crate::trace!("trace", "cpu {cpu} marks its ring before the mapping");
@@ -172,11 +200,17 @@ pub fn check() -> Outcome {
         fail!("no frame for the report page")
     };
     println!("TRACE-DUMP-BEGIN cpus={}", rb.cpus());
+    trace_map::set_dump(true);
     let outcome = read_every_cpu(rb, frame);
+    trace_map::set_dump(false);
     println!("TRACE-DUMP-END");
+    let read_only = outcome.is_ok().then(write_to_mapping);
     frames::free(frame, 0);
     rb.record_enable();
     let totals = outcome?;
+    if let Some(Err(why)) = read_only {
+        return Err(why);
+    }
     let refused = trace::missed() - refused;
     let seen = &totals.seen;
 

@@ -16,7 +16,10 @@
 //! buffer's: the space never frees them (`PTE_FIXED`), and the ring is unmapped (`rb.unmap`)
 //! only after the task, and with it its address space, is gone ([`release`]).
 
-use core::fmt;
+use core::{
+    fmt,
+    sync::atomic::{AtomicBool, Ordering},
+};
 
 use oskit_ring_buffer::{
     MapPage,
@@ -50,6 +53,14 @@ struct Mapped {
 }
 
 static MAPPED: SpinLock<[Option<Mapped>; MAX_CPUS]> = SpinLock::new([None; MAX_CPUS]);
+
+/// Whether the mapping and get-reader calls write `TRACE-DUMP` lines.
+static DUMP: AtomicBool = AtomicBool::new(false);
+
+/// Turns the `TRACE-DUMP` lines on or off (the check brackets its readers with them).
+pub fn set_dump(on: bool) {
+    DUMP.store(on, Ordering::Relaxed);
+}
 
 /// Installs the map-trace-buffer and get-reader system calls.
 pub fn install() {
@@ -226,6 +237,9 @@ fn copy_page(src: *const u8, dst: &mut [u8]) {
 /// Writes one step of what the mapped consumer of `cpu` is shown: the reader sub-buffer when
 /// it changed since the last step, then the meta page.
 fn dump_step(rb: &TraceBuffer, cpu: usize) {
+    if !DUMP.load(Ordering::Relaxed) {
+        return;
+    }
     let Ok(Some(meta_page)) = rb.map_page(cpu, MapPage::Meta) else {
         return;
     };
