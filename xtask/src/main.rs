@@ -14,6 +14,7 @@ mod qemu;
 mod report;
 mod setup;
 mod suite;
+mod tracedump;
 
 use std::process::ExitCode;
 

@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{cmd, setup};
+use crate::{cmd, setup, tracedump};
 
 /// QEMU's exit status when the kernel writes 0x10 to `isa-debug-exit`: `(0x10 << 1) | 1`.
 const EXIT_SUCCESS: i32 = 33;
@@ -102,6 +102,8 @@ pub struct Boot {
     pub failure: Option<String>,
     /// How long the guest ran.
     pub elapsed: Duration,
+    /// The kernel's trace dump, decoded (`None` when the run wrote none).
+    pub trace: Option<Vec<tracedump::CpuEvents>>,
 }
 
 /// `cargo xtask run`: set up, build, boot with the serial log streamed, report.
@@ -110,6 +112,10 @@ pub fn run(opts: &RunOptions) -> Result<(), String> {
     let kernel = build_kernel()?;
     let boot = boot(&kernel, opts, true)?;
     println!();
+    if let Some(trace) = &boot.trace {
+        tracedump::print(trace, 10);
+        println!();
+    }
     match &boot.failure {
         None => {
             println!(
@@ -244,7 +250,8 @@ pub fn boot(kernel: &PathBuf, opts: &RunOptions, stream: bool) -> Result<Boot, S
     loop {
         match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
             Ok(line) => {
-                if stream {
+                // The trace dump is decoded after the run, not shown.
+                if stream && !line.starts_with(tracedump::PREFIX) {
                     println!("{line}");
                 }
                 log.push_str(&line);
@@ -261,13 +268,14 @@ pub fn boot(kernel: &PathBuf, opts: &RunOptions, stream: bool) -> Result<Boot, S
     let status = child.wait().map_err(|e| format!("waiting for QEMU: {e}"))?;
     let elapsed = start.elapsed();
     let code = status.code();
+    let trace = tracedump::decode(&log);
     let failure = if timed_out {
         Some(format!(
             "the guest hung: killed after {} s",
             opts.timeout.as_secs()
         ))
     } else if code == Some(EXIT_SUCCESS) && log.contains("oskit-kernel: PASS") {
-        None
+        trace.as_ref().err().cloned()
     } else {
         Some(explain(&log, code))
     };
@@ -277,6 +285,7 @@ pub fn boot(kernel: &PathBuf, opts: &RunOptions, stream: bool) -> Result<Boot, S
         failure,
         log,
         elapsed,
+        trace: trace.ok().flatten(),
     })
 }
 

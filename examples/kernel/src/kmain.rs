@@ -14,7 +14,7 @@ use crate::{
     qemu::{self, Exit},
     sched, sched_checks, serial, smp,
     spin::SpinLock,
-    syscall, trace,
+    syscall, trace, trace_check,
     trap::{self, Handled, TrapFrame},
     user_checks, usermode, vm, workqueue,
 };
@@ -290,6 +290,11 @@ const CHECKS: &[Check] = &[
     Check {
         name: "xen",
         run: crate::xen_step::xen_suspend,
+    },
+    // Last: it reads the events every step before it logged.
+    Check {
+        name: "trace",
+        run: trace_check::check,
     },
 ];
 

@@ -58,6 +58,10 @@ mod syscall;
 #[cfg(target_os = "none")]
 mod trace;
 #[cfg(target_os = "none")]
+mod trace_check;
+#[cfg(target_os = "none")]
+mod trace_map;
+#[cfg(target_os = "none")]
 mod trap;
 #[cfg(target_os = "none")]
 mod ulib;

@@ -4,13 +4,17 @@
 //!
 //! Writers are lockless and may run in any context (task, interrupt, fault): [`record`] turns
 //! interrupts off for the write, so the event lands in the ring of the CPU it was made on.
+//!
+//! [`record`] also keeps a tally per step name (events written, events refused), which the
+//! `trace` check compares with what a ring-3 reader finds in the buffer
+//! (see [`crate::trace_check`]).
 
 use core::{
     cell::UnsafeCell,
     fmt::{self, Write},
     mem::MaybeUninit,
     ptr::NonNull,
-    sync::atomic::{AtomicU8, AtomicU64, Ordering},
+    sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering},
 };
 
 use oskit_ring_buffer::{Config, Error, LocalCpu, Mode, RingBuffer, hal::PageAlloc, x86::Tsc};
@@ -111,10 +115,113 @@ impl Write for Line {
     }
 }
 
+/// Longest step name the tally keeps (longer ones are cut, as a reader cuts them).
+pub const STEP_NAME: usize = 24;
+/// Most step names the tally keeps; events of further steps count under none.
+pub const MAX_STEPS: usize = 32;
+
+const SLOT_FREE: u8 = 0;
+const SLOT_CLAIMED: u8 = 1;
+const SLOT_READY: u8 = 2;
+
+/// One step name of the tally and its counts.
+struct StepSlot {
+    state: AtomicU8,
+    len: AtomicUsize,
+    name: UnsafeCell<[u8; STEP_NAME]>,
+    written: AtomicU64,
+    refused: AtomicU64,
+}
+
+// SAFETY: `name` is written once by the CPU that moved `state` from FREE to CLAIMED, before it
+// stores READY (Release); it is only read after READY is seen (Acquire).
+unsafe impl Sync for StepSlot {}
+
+static STEPS: [StepSlot; MAX_STEPS] = [const {
+    StepSlot {
+        state: AtomicU8::new(SLOT_FREE),
+        len: AtomicUsize::new(0),
+        name: UnsafeCell::new([0; STEP_NAME]),
+        written: AtomicU64::new(0),
+        refused: AtomicU64::new(0),
+    }
+}; MAX_STEPS];
+
+impl StepSlot {
+    /// The name, once READY.
+    fn name(&'static self) -> Option<&'static [u8]> {
+        if self.state.load(Ordering::Acquire) != SLOT_READY {
+            return None;
+        }
+        // SAFETY: READY: the name is written and never changes again.
+        let name = unsafe { &*self.name.get() };
+        Some(&name[..self.len.load(Ordering::Relaxed)])
+    }
+}
+
+/// Counts one event of `step`, written or refused. Call with interrupts off: a slot being
+/// claimed is waited for, and its claimer must not be an interrupted code path of this CPU.
+fn tally(step: &str, written: bool) {
+    let name = &step.as_bytes()[..step.len().min(STEP_NAME)];
+    for slot in &STEPS {
+        loop {
+            if let Some(n) = slot.name() {
+                if n != name {
+                    break;
+                }
+                let counter = if written {
+                    &slot.written
+                } else {
+                    &slot.refused
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            if slot
+                .state
+                .compare_exchange(
+                    SLOT_FREE,
+                    SLOT_CLAIMED,
+                    Ordering::Acquire,
+                    Ordering::Acquire,
+                )
+                .is_ok()
+            {
+                // SAFETY: CLAIMED makes this the only writer of the name; no reader looks
+                // before READY.
+                unsafe { (&mut *slot.name.get())[..name.len()].copy_from_slice(name) };
+                slot.len.store(name.len(), Ordering::Relaxed);
+                slot.state.store(SLOT_READY, Ordering::Release);
+                continue;
+            }
+            // Another CPU is writing this slot's name: it finishes in a few instructions.
+            core::hint::spin_loop();
+        }
+    }
+}
+
+/// Calls `f(step, written, refused)` for every step name that logged since boot: events its
+/// [`record`] calls wrote into the buffer, and events refused (no buffer yet, recording
+/// disabled, or the ring refused them).
+pub fn steps(mut f: impl FnMut(&'static [u8], u64, u64)) {
+    for slot in &STEPS {
+        if let Some(name) = slot.name() {
+            f(
+                name,
+                slot.written.load(Ordering::Relaxed),
+                slot.refused.load(Ordering::Relaxed),
+            );
+        }
+    }
+}
+
 /// Records `"<step>: <message>"` in this CPU's ring.
 pub fn record(step: &str, message: fmt::Arguments<'_>) {
     let Some(rb) = buffer() else {
         MISSED.fetch_add(1, Ordering::Relaxed);
+        let enabled = spin::irq_save();
+        tally(step, false);
+        spin::irq_restore(enabled);
         return;
     };
     let mut line = Line {
@@ -127,6 +234,7 @@ pub fn record(step: &str, message: fmt::Arguments<'_>) {
     // any writer interrupting it (an NMI) finishes before it resumes.
     let cpu = unsafe { LocalCpu::new(percpu::cpu_id()) };
     let result = rb.write(cpu, &line.buf[..line.len]);
+    tally(step, result.is_ok());
     spin::irq_restore(enabled);
     if result.is_err() {
         MISSED.fetch_add(1, Ordering::Relaxed);
