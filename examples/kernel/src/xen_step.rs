@@ -227,7 +227,7 @@ impl P2m for Traced<'_> {
             .translations
             .set(self.stats.translations.get() + 1);
         let mfn = self.guest.pfn_to_mfn(pfn);
-        crate::trace!("xen", "p2m: pfn {pfn:#x} -> mfn {mfn:#x?}");
+        crate::trace!("xen", "p2m: pfn {pfn:#x} -> mfn {mfn:x?}");
         mfn
     }
     fn mfn_to_pfn(&self, mfn: u64) -> Option<u64> {
@@ -235,7 +235,7 @@ impl P2m for Traced<'_> {
             .translations
             .set(self.stats.translations.get() + 1);
         let pfn = self.guest.mfn_to_pfn(mfn);
-        crate::trace!("xen", "p2m: mfn {mfn:#x} -> pfn {pfn:#x?}");
+        crate::trace!("xen", "p2m: mfn {mfn:#x} -> pfn {pfn:x?}");
         pfn
     }
 }
