@@ -99,6 +99,16 @@ pub fn figures(args: fmt::Arguments<'_>) {
     TABLE.lock().current = Some(Failure::new(args));
 }
 
+/// Whether a check named `name` already ran in this boot (passed or not).
+pub fn ran(name: &str) -> bool {
+    TABLE
+        .lock()
+        .rows
+        .iter()
+        .flatten()
+        .any(|row| row.name == name)
+}
+
 /// Runs `checks` in order, printing one result line each (after any detail the check prints),
 /// then the table of results and key figures.
 pub fn run<'a>(checks: impl IntoIterator<Item = &'a Check>) -> Tally {

@@ -249,6 +249,13 @@ pub fn check() -> Outcome {
             "no {required} event reached the ring-3 reader"
         );
     }
+    // The scenario steps log into the trace buffer: each one that ran must have been read.
+    for step in ["fork", "bts", "apf", "xen"] {
+        ensure!(
+            !checks::ran(step) || seen.count(step.as_bytes()) > 0,
+            "step {step} ran but none of its events reached the ring-3 reader"
+        );
+    }
     let per_cpu = PerCpu(totals.per_cpu, rb.cpus());
     checks::figures(format_args!(
         "{per_cpu} = {} read in ring 3 = entries {} - overrun {}; {} steps; dumped for the host",
