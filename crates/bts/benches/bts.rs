@@ -15,7 +15,7 @@ fn drain(c: &mut Criterion) {
     g.throughput(criterion::Throughput::Bytes((RECORDS * RECORD_SIZE) as u64));
     let (bts, task, mut cpu) = traced(Flags::TRACE, RECORDS);
     let mut out = vec![Record::Invalid; RECORDS];
-    g.bench_function("bts_drain", |b| {
+    g.bench_function("oskit-drain", |b| {
         b.iter_batched(
             || fill(&bts, &task, &mut cpu, RECORDS),
             |()| assert_eq!(bts.drain(&task, black_box(&mut out)), Ok(RECORDS)),
@@ -34,10 +34,10 @@ fn read(c: &mut Criterion) {
     let mut g = c.benchmark_group("read_index");
     let (bts, task, mut cpu) = traced(Flags::TRACE, RECORDS);
     fill(&bts, &task, &mut cpu, RECORDS + 100); // wrapped
-    g.bench_function("newest", |b| {
+    g.bench_function("oskit-read-newest", |b| {
         b.iter(|| bts.read(&task, black_box(0)).unwrap())
     });
-    g.bench_function("oldest", |b| {
+    g.bench_function("oskit-read-oldest", |b| {
         b.iter(|| bts.read(&task, black_box(RECORDS - 1)).unwrap())
     });
     g.finish();
@@ -49,7 +49,7 @@ fn switch(c: &mut Criterion) {
     let bts: Tracer = Bts::new(Alloc, Work);
     let mut cpu = BtsCpu::new(SoftCpu::default());
     let other = Task(2);
-    g.bench_function("no_contexts", |b| {
+    g.bench_function("oskit-no-contexts", |b| {
         b.iter(|| {
             bts.switch_out(&mut cpu, 0);
             bts.switch_in(&mut cpu, black_box(&other), 0);
@@ -77,13 +77,13 @@ fn switch(c: &mut Criterion) {
         };
         bts.config(&task, &Space, cfg).unwrap();
         let mut cpu = BtsCpu::new(SoftCpu::default());
-        g.bench_function(name, |b| {
+        g.bench_function(format!("oskit-{name}"), |b| {
             b.iter(|| {
                 bts.switch_out(&mut cpu, 1);
                 bts.switch_in(&mut cpu, black_box(&task), 2);
             })
         });
-        g.bench_function(format!("untraced_task_{name}_table"), |b| {
+        g.bench_function(format!("oskit-untraced-task-{name}-table"), |b| {
             b.iter(|| {
                 bts.switch_out(&mut cpu, 1);
                 bts.switch_in(&mut cpu, black_box(&other), 2);

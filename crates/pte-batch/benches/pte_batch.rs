@@ -113,10 +113,10 @@ fn bench_copy(c: &mut Criterion) {
         let (parent, pages) = world::<X86Pte>(order, x86_flags());
         for (label, f) in [
             (
-                "batched",
+                "oskit-batched",
                 copy_batched as fn(&mut [u64], &mut [SimPage], &mut [u64]) -> Rss,
             ),
-            ("per_pte", copy_reference),
+            ("per-pte-reference", copy_reference),
         ] {
             let (mut p, mut pg, mut ch) = (parent.clone(), pages.clone(), vec![0u64; N]);
             g.bench_with_input(BenchmarkId::new(label, name), &order, |b, _| {
@@ -145,10 +145,10 @@ fn bench_zap(c: &mut Criterion) {
         let (parent, pages) = world::<X86Pte>(order, x86_flags());
         for (label, f) in [
             (
-                "batched",
+                "oskit-batched",
                 zap_batched as fn(&mut [u64], &mut [SimPage]) -> Rss,
             ),
-            ("per_pte", zap_reference),
+            ("per-pte-reference", zap_reference),
         ] {
             let (mut p, mut pg, mut ch) = (parent.clone(), pages.clone(), vec![0u64; N]);
             g.bench_with_input(BenchmarkId::new(label, name), &order, |b, _| {

@@ -83,13 +83,13 @@ fn fault_hook(c: &mut Criterion) {
     g.bench_function("no_hook", |b| {
         b.iter(|| pv_apf_bench_fault_no_hook(black_box(&CPU_OFF), black_box(0x1000)))
     });
-    g.bench_function("native_hook", |b| {
+    g.bench_function("oskit-native-hook", |b| {
         b.iter(|| pv_apf_bench_fault_native_hook(black_box(&CPU_OFF), black_box(0x1000)))
     });
-    g.bench_function("runtime_hook_disabled", |b| {
+    g.bench_function("oskit-runtime-hook-off", |b| {
         b.iter(|| pv_apf_bench_fault_runtime_hook(black_box(&CPU_OFF), black_box(0x1000)))
     });
-    g.bench_function("runtime_hook_enabled", |b| {
+    g.bench_function("oskit-runtime-hook-on", |b| {
         b.iter(|| pv_apf_bench_fault_runtime_hook(black_box(&CPU_ON), black_box(0x1000)))
     });
     g.finish();
@@ -100,7 +100,7 @@ fn wait_wake(c: &mut Criterion) {
     g.throughput(Throughput::Elements(1));
     // The wake comes first: a dummy is left and consumed (two bucket-lock round trips).
     let mut token = 0u32;
-    g.bench_function("wake_then_wait", |b| {
+    g.bench_function("oskit-wake-then-wait", |b| {
         b.iter(|| {
             token = token.wrapping_add(1) & 0x7fff_ffff;
             RUNTIME.wake(token);
@@ -108,7 +108,7 @@ fn wait_wake(c: &mut Criterion) {
         })
     });
     // A task really sleeps and another thread wakes it (park/unpark: the scheduler's cost).
-    g.bench_function("sleep_then_wake_2_threads", |b| {
+    g.bench_function("oskit-sleep-then-wake-2-threads", |b| {
         b.iter_custom(|iters| {
             let done = AtomicU64::new(0);
             thread::scope(|s| {
@@ -178,10 +178,12 @@ fn wake_burst<const B: usize>(iters: u64) -> Duration {
 fn wake_throughput(c: &mut Criterion) {
     let mut g = c.benchmark_group("wake_throughput");
     g.throughput(Throughput::Elements(2 * PER_THREAD as u64));
-    g.bench_function("256_buckets_2_threads", |b| {
+    g.bench_function("oskit-256-buckets-2-threads", |b| {
         b.iter_custom(wake_burst::<256>)
     });
-    g.bench_function("1_bucket_2_threads", |b| b.iter_custom(wake_burst::<1>));
+    g.bench_function("oskit-1-bucket-2-threads", |b| {
+        b.iter_custom(wake_burst::<1>)
+    });
     g.finish();
 }
 

@@ -6,7 +6,7 @@
 use std::hint::black_box;
 use std::time::Duration;
 
-use criterion::{Criterion, criterion_group, criterion_main};
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use oskit_xen_suspend::EventStorage;
 use oskit_xen_suspend::abi::virq;
 use oskit_xen_suspend::events::NR_IPIS;
@@ -105,21 +105,26 @@ fn bench(c: &mut Criterion) {
         .warm_up_time(Duration::from_secs(1));
 
     let mut w1 = world::<64, 1024, 4096>(10_000);
-    g.bench_function("model/64vcpu-1024ports-10000roots", |b| {
-        b.iter(|| cycle(&mut w1))
-    });
+    g.bench_function(
+        BenchmarkId::new("oskit", "64vcpu-1024ports-10000roots"),
+        |b| b.iter(|| cycle(&mut w1)),
+    );
     let mut w2 = world::<128, 2048, 8192>(20_000);
-    g.bench_function("model/128vcpu-2048ports-20000roots", |b| {
-        b.iter(|| cycle(&mut w2))
-    });
+    g.bench_function(
+        BenchmarkId::new("oskit", "128vcpu-2048ports-20000roots"),
+        |b| b.iter(|| cycle(&mut w2)),
+    );
 
-    g.bench_function("floor/64vcpu-1024ports-10000roots", |b| {
-        b.iter_batched_ref(
-            || world::<64, 1024, 4096>(10_000),
-            floor,
-            criterion::BatchSize::LargeInput,
-        )
-    });
+    g.bench_function(
+        BenchmarkId::new("floor-host-calls-only", "64vcpu-1024ports-10000roots"),
+        |b| {
+            b.iter_batched_ref(
+                || world::<64, 1024, 4096>(10_000),
+                floor,
+                criterion::BatchSize::LargeInput,
+            )
+        },
+    );
     g.finish();
 }
 
