@@ -165,7 +165,7 @@ pub fn ops(data: &[u8]) {
             }
             _ => match arg % 4 {
                 0 => {
-                    rb.reset(0).unwrap();
+                    rb.reset(cpu).unwrap();
                     model.clear();
                 }
                 1 => {

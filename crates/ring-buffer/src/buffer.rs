@@ -9,7 +9,7 @@ use crate::{
     hal::{Clock, LocalCpu, NoWaiter, PageAlloc, Waiter},
     mem::PageArray,
     reader::Reader,
-    sync::{AtomicU32, AtomicU64, Ordering, spin_hint},
+    sync::{AtomicU32, AtomicU64, Ordering},
 };
 
 /// What the writer does when the ring is full.
@@ -205,7 +205,7 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
     pub fn reserve(&self, cpu: LocalCpu, len: usize) -> Result<Reservation<'_>, Error> {
         let cb = self.cpu(cpu.id())?;
         let nested = cb.begin();
-        let res = if self.record_disabled.load(Ordering::SeqCst) != 0 {
+        let res = if self.record_disabled.load(Ordering::Relaxed) != 0 {
             Err(Error::Disabled)
         } else {
             cb.reserve(&self.clock, len, nested)
@@ -306,38 +306,41 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
         Ok(())
     }
 
-    /// Empties `cpu`'s buffer and zeroes its counters (Linux's `ring_buffer_reset_cpu`).
+    /// Empties `cpu`'s buffer and zeroes its counters (Linux's `ring_buffer_reset_cpu`), from
+    /// that CPU: `Busy` if this interrupted a writer of the CPU (an open reservation).
+    pub fn reset(&self, cpu: LocalCpu) -> Result<(), Error> {
+        // SAFETY: we run on `cpu` (the token says so), so every writer of it either finished
+        // before this call, is interrupted by it (seen in `nest`: `Busy`), or runs after it.
+        unsafe { self.reset_quiesced(cpu.id()) }
+    }
+
+    /// [`RingBuffer::reset`] from any CPU.
     ///
-    /// Recording on `cpu` is paused meanwhile; if a writer of `cpu` stays inside its critical
-    /// section (this is called from an interrupt that interrupted it), gives up with `Busy`.
-    pub fn reset(&self, cpu: usize) -> Result<(), Error> {
+    /// # Safety
+    ///
+    /// No writer of `cpu` runs during the call: e.g. recording on it was disabled
+    /// ([`RingBuffer::record_disable_cpu`]) and every CPU has since passed a point where it
+    /// was outside any writer (Linux waits for an RCU grace period). Writers keep their
+    /// bookkeeping CPU-local without barriers, so a plain flag cannot stop them remotely.
+    pub unsafe fn reset_quiesced(&self, cpu: usize) -> Result<(), Error> {
         let cb = self.cpu(cpu)?;
         cb.disabled.fetch_add(1, Ordering::SeqCst);
         let mut st = cb.reader.lock();
-        let mut spins = 0u32;
-        while cb.writers_active() {
-            spins += 1;
-            if spins > RESET_SPINS {
-                cb.disabled.fetch_sub(1, Ordering::SeqCst);
-                return Err(Error::Busy);
+        let res = if cb.writers_active() {
+            Err(Error::Busy)
+        } else {
+            cb.init_ring(&mut st);
+            if st.map_count > 0 {
+                crate::map::refresh_ids(cb, &st);
+                crate::map::update_meta(cb, &st);
             }
-            spin_hint();
-        }
-        cb.init_ring(&mut st);
-        if st.map_count > 0 {
-            crate::map::refresh_ids(cb, &st);
-            crate::map::update_meta(cb, &st);
-        }
+            Ok(())
+        };
         drop(st);
         cb.disabled.fetch_sub(1, Ordering::SeqCst);
-        Ok(())
+        res
     }
 }
-
-#[cfg(not(any(loom, miri)))]
-const RESET_SPINS: u32 = 1 << 24;
-#[cfg(any(loom, miri))]
-const RESET_SPINS: u32 = 4;
 
 fn new_page_desc(mem: NonNull<u8>) -> PageDesc {
     PageDesc {

@@ -297,9 +297,7 @@ impl CpuBuffer {
 
     /// Enters a writer section; returns whether it interrupted another writer.
     pub(crate) fn begin(&self) -> bool {
-        // Locked (a full barrier): `reset` relies on it to see writers (Dekker with
-        // `disabled`). The other writer updates are CPU-local.
-        let prev = self.nest.0.fetch_add(NEST_ONE, Ordering::SeqCst);
+        let prev = self.nest.fetch_add(NEST_ONE);
         prev as u32 != 0
     }
 
@@ -311,7 +309,7 @@ impl CpuBuffer {
         len: usize,
         nested: bool,
     ) -> Result<Slot, Error> {
-        if self.disabled.load(Ordering::SeqCst) != 0 {
+        if self.disabled.load(Ordering::Relaxed) != 0 {
             return Err(Error::Disabled);
         }
         if len > format::max_payload(self.subbuf_size) {
@@ -387,8 +385,9 @@ impl CpuBuffer {
                     pd.put(event_off + 4, a0);
                 }
                 let payload = pd.data().add(event_off + payload_off);
-                // Zero the padding to 4 bytes so the stored payload is deterministic.
-                core::ptr::write_bytes(payload.add(len), 0, stored - len);
+                // Zero the last word, so the padding to 4 bytes is deterministic whatever the
+                // caller fills in.
+                payload.add(stored - 4).cast::<u32>().write(0);
                 payload
             };
             self.last_stamp.store(ts, Ordering::Relaxed);
@@ -537,9 +536,9 @@ impl CpuBuffer {
         }
     }
 
-    /// Whether a writer section is open (used by `reset` to wait for writers).
+    /// Whether a writer section is open; exact only on the writers' own CPU.
     pub(crate) fn writers_active(&self) -> bool {
-        self.nest.load(Ordering::SeqCst) as u32 != 0
+        self.nest.load(Ordering::Relaxed) as u32 != 0
     }
 
     /// Fill level in percent of the ring, for `buffer_percent` wake-ups.

@@ -283,7 +283,7 @@ fn reset_empties_and_zeroes() {
         rb.write(cpu0(), &i.to_le_bytes()).unwrap();
     }
     rb.reader(0).unwrap().next_event().unwrap();
-    rb.reset(0).unwrap();
+    rb.reset(cpu0()).unwrap();
     assert_eq!(rb.stats(0).unwrap(), Default::default());
     assert!(rb.reader(0).unwrap().next_event().is_none());
     clock.advance(1);
@@ -294,7 +294,7 @@ fn reset_empties_and_zeroes() {
     // A writer inside its critical section makes reset give up instead of deadlocking.
     drop(r);
     let open = rb.reserve(cpu0(), 4).unwrap();
-    assert_eq!(rb.reset(0), Err(Error::Busy));
+    assert_eq!(rb.reset(cpu0()), Err(Error::Busy));
     open.commit();
     assert_eq!(rb.is_recording(0), Ok(true));
 }
