@@ -140,10 +140,10 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
                 Ok(CpuBuffer::new(cpu, pages, subbuf_size, overwrite))
             },
             |cb: &CpuBuffer| {
-                cb.pages.iter().for_each(free_subbuf);
+                cb.pages().iter().for_each(free_subbuf);
                 // SAFETY: the page array came from `alloc`; `CpuBuffer` has no drop glue
                 // that frees it, so this bitwise copy is its only owner.
-                unsafe { core::ptr::read(&cb.pages).free(&alloc) };
+                unsafe { core::ptr::read(cb.pages()).free(&alloc) };
             },
         )?;
         Ok(Self {
@@ -342,6 +342,50 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
     }
 }
 
+impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
+    /// Exchanges `cpu`'s buffer (sub-buffers, events, counters) with `other`'s (Linux's
+    /// `ring_buffer_swap_cpu`, used for snapshots). `InvalidArgument` unless both have the same
+    /// geometry; `Busy` if either is mapped or has a writer inside a reservation.
+    ///
+    /// # Safety
+    ///
+    /// No writer of `cpu` runs on either buffer during the call (as for
+    /// [`RingBuffer::reset_quiesced`]), and both buffers allocate from the same memory (the
+    /// same [`PageAlloc`]), since they keep each other's sub-buffers afterwards.
+    pub unsafe fn swap_cpu<C2: Clock, W2: Waiter>(
+        &self,
+        other: &RingBuffer<A, C2, W2>,
+        cpu: usize,
+    ) -> Result<(), Error> {
+        let a = self.cpu(cpu)?;
+        let b = other.cpu(cpu)?;
+        if core::ptr::eq(a, b) {
+            return Ok(());
+        }
+        if a.subbuf_size != b.subbuf_size || a.ring_len != b.ring_len {
+            return Err(Error::InvalidArgument);
+        }
+        // Lock in address order so two opposite swaps cannot deadlock.
+        let (first, second) = if (a as *const CpuBuffer) < (b as *const CpuBuffer) {
+            (a, b)
+        } else {
+            (b, a)
+        };
+        let mut s1 = first.reader.lock();
+        let mut s2 = second.reader.lock();
+        if s1.map_count > 0 || s2.map_count > 0 {
+            return Err(Error::Busy);
+        }
+        if first.writers_active() || second.writers_active() {
+            return Err(Error::Busy);
+        }
+        // SAFETY: writers quiesced and same allocator by our contract; both reader locks held;
+        // neither mapped.
+        unsafe { first.swap_with(second, &mut s1, &mut s2) };
+        Ok(())
+    }
+}
+
 fn new_page_desc(mem: NonNull<u8>) -> PageDesc {
     PageDesc {
         mem,
@@ -366,7 +410,7 @@ impl<A: PageAlloc, C: Clock, W: Waiter> Drop for RingBuffer<A, C, W> {
                 // so no mapping is used any more.
                 unsafe { self.alloc.free_pages(meta, 0) };
             }
-            for p in cb.pages.iter() {
+            for p in cb.pages().iter() {
                 // SAFETY: every sub-buffer came from `alloc_pages(subbuf_order)`.
                 unsafe { self.alloc.free_pages(p.mem, self.subbuf_order) };
             }
@@ -375,7 +419,7 @@ impl<A: PageAlloc, C: Clock, W: Waiter> Drop for RingBuffer<A, C, W> {
         // bitwise copies are the only owners, each freed once; `self.cpus` is not used again.
         unsafe {
             for cb in self.cpus.iter() {
-                core::ptr::read(&cb.pages).free(&self.alloc);
+                core::ptr::read(cb.pages()).free(&self.alloc);
             }
             core::ptr::read(&self.cpus).free(&self.alloc);
         }
