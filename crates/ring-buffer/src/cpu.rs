@@ -207,7 +207,7 @@ impl CpuBuffer {
         ost: &mut ReaderState,
     ) {
         // SAFETY: exclusive by the contract.
-        unsafe { core::mem::swap(&mut *self.pages.get(), &mut *other.pages.get()) };
+        unsafe { core::ptr::swap(self.pages.get(), other.pages.get()) };
         core::mem::swap(st, ost);
         let swap64 = |a: &AtomicU64, b: &AtomicU64| {
             let t = a.load(Ordering::Relaxed);
