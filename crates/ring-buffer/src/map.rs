@@ -280,7 +280,8 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
         // sub-buffers hold no data events, only padding or discarded events); the meta page and
         // the sub-buffer header show the total, and they count as delivered once the
         // sub-buffer's events are accounted as read.
-        for _ in 0..=cb.ring_len + 1 {
+        // Each turn consumes or swaps; at most every sub-buffer is swapped in once.
+        for _ in 0..2 * (cb.ring_len + 2) {
             // The commit page first: once it has moved on, the reader page's size is final.
             let commit_page = cb.commit_page.load(Ordering::Acquire);
             let pd = &cb.pages()[st.reader_page as usize];
