@@ -80,6 +80,19 @@ fn timed(iters: u64, mut write: impl FnMut() -> bool, mut drain: impl FnMut()) -
     total
 }
 
+/// Copies `src` to offset `at` of the concatenation `a ++ b` (a ring's two free slices).
+fn split_copy(a: &mut [u8], b: &mut [u8], at: usize, src: &[u8]) {
+    if at >= a.len() {
+        b[at - a.len()..at - a.len() + src.len()].copy_from_slice(src);
+    } else if at + src.len() <= a.len() {
+        a[at..at + src.len()].copy_from_slice(src);
+    } else {
+        let n = a.len() - at;
+        a[at..].copy_from_slice(&src[..n]);
+        b[..src.len() - n].copy_from_slice(&src[n..]);
+    }
+}
+
 #[derive(Clone, Copy)]
 struct Rec<const N: usize> {
     len: u32,
@@ -113,7 +126,7 @@ fn write_group(c: &mut Criterion) {
                             Err(Error::Full) => false,
                             Err(e) => panic!("{e}"),
                         },
-                        || rb.reset(0).unwrap(),
+                        || rb.reset(cpu0()).unwrap(),
                     )
                 })
             },
@@ -129,13 +142,8 @@ fn write_group(c: &mut Criterion) {
                             return false;
                         };
                         let (a, bb) = chunk.as_mut_slices();
-                        let rec = (size as u32)
-                            .to_le_bytes()
-                            .into_iter()
-                            .chain(black_box(&payload).iter().copied());
-                        for (d, s) in a.iter_mut().chain(bb.iter_mut()).zip(rec) {
-                            *d = s;
-                        }
+                        split_copy(a, bb, 0, &(size as u32).to_le_bytes());
+                        split_copy(a, bb, 4, black_box(&payload));
                         chunk.commit_all();
                         true
                     },

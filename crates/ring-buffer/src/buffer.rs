@@ -9,7 +9,7 @@ use crate::{
     hal::{Clock, LocalCpu, NoWaiter, PageAlloc, Waiter},
     mem::PageArray,
     reader::Reader,
-    sync::{AtomicU32, AtomicU64, Ordering, spin_hint},
+    sync::{AtomicU32, AtomicU64, Ordering},
 };
 
 /// What the writer does when the ring is full.
@@ -140,10 +140,10 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
                 Ok(CpuBuffer::new(cpu, pages, subbuf_size, overwrite))
             },
             |cb: &CpuBuffer| {
-                cb.pages.iter().for_each(free_subbuf);
+                cb.pages().iter().for_each(free_subbuf);
                 // SAFETY: the page array came from `alloc`; `CpuBuffer` has no drop glue
                 // that frees it, so this bitwise copy is its only owner.
-                unsafe { core::ptr::read(&cb.pages).free(&alloc) };
+                unsafe { core::ptr::read(cb.pages()).free(&alloc) };
             },
         )?;
         Ok(Self {
@@ -205,7 +205,7 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
     pub fn reserve(&self, cpu: LocalCpu, len: usize) -> Result<Reservation<'_>, Error> {
         let cb = self.cpu(cpu.id())?;
         let nested = cb.begin();
-        let res = if self.record_disabled.load(Ordering::SeqCst) != 0 {
+        let res = if self.record_disabled.load(Ordering::Relaxed) != 0 {
             Err(Error::Disabled)
         } else {
             cb.reserve(&self.clock, len, nested)
@@ -306,38 +306,85 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
         Ok(())
     }
 
-    /// Empties `cpu`'s buffer and zeroes its counters (Linux's `ring_buffer_reset_cpu`).
+    /// Empties `cpu`'s buffer and zeroes its counters (Linux's `ring_buffer_reset_cpu`), from
+    /// that CPU: `Busy` if this interrupted a writer of the CPU (an open reservation).
+    pub fn reset(&self, cpu: LocalCpu) -> Result<(), Error> {
+        // SAFETY: we run on `cpu` (the token says so), so every writer of it either finished
+        // before this call, is interrupted by it (seen in `nest`: `Busy`), or runs after it.
+        unsafe { self.reset_quiesced(cpu.id()) }
+    }
+
+    /// [`RingBuffer::reset`] from any CPU.
     ///
-    /// Recording on `cpu` is paused meanwhile; if a writer of `cpu` stays inside its critical
-    /// section (this is called from an interrupt that interrupted it), gives up with `Busy`.
-    pub fn reset(&self, cpu: usize) -> Result<(), Error> {
+    /// # Safety
+    ///
+    /// No writer of `cpu` runs during the call: e.g. recording on it was disabled
+    /// ([`RingBuffer::record_disable_cpu`]) and every CPU has since passed a point where it
+    /// was outside any writer (Linux waits for an RCU grace period). Writers keep their
+    /// bookkeeping CPU-local without barriers, so a plain flag cannot stop them remotely.
+    pub unsafe fn reset_quiesced(&self, cpu: usize) -> Result<(), Error> {
         let cb = self.cpu(cpu)?;
         cb.disabled.fetch_add(1, Ordering::SeqCst);
         let mut st = cb.reader.lock();
-        let mut spins = 0u32;
-        while cb.writers_active() {
-            spins += 1;
-            if spins > RESET_SPINS {
-                cb.disabled.fetch_sub(1, Ordering::SeqCst);
-                return Err(Error::Busy);
+        let res = if cb.writers_active() {
+            Err(Error::Busy)
+        } else {
+            cb.init_ring(&mut st);
+            if st.map_count > 0 {
+                crate::map::refresh_ids(cb, &st);
+                crate::map::update_meta(cb, &st);
             }
-            spin_hint();
-        }
-        cb.init_ring(&mut st);
-        if st.map_count > 0 {
-            crate::map::refresh_ids(cb, &st);
-            crate::map::update_meta(cb, &st);
-        }
+            Ok(())
+        };
         drop(st);
         cb.disabled.fetch_sub(1, Ordering::SeqCst);
-        Ok(())
+        res
     }
 }
 
-#[cfg(not(any(loom, miri)))]
-const RESET_SPINS: u32 = 1 << 24;
-#[cfg(any(loom, miri))]
-const RESET_SPINS: u32 = 4;
+impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
+    /// Exchanges `cpu`'s buffer (sub-buffers, events, counters) with `other`'s (Linux's
+    /// `ring_buffer_swap_cpu`, used for snapshots). `InvalidArgument` unless both have the same
+    /// geometry; `Busy` if either is mapped or has a writer inside a reservation.
+    ///
+    /// # Safety
+    ///
+    /// No writer of `cpu` runs on either buffer during the call (as for
+    /// [`RingBuffer::reset_quiesced`]), and both buffers allocate from the same memory (the
+    /// same [`PageAlloc`]), since they keep each other's sub-buffers afterwards.
+    pub unsafe fn swap_cpu<C2: Clock, W2: Waiter>(
+        &self,
+        other: &RingBuffer<A, C2, W2>,
+        cpu: usize,
+    ) -> Result<(), Error> {
+        let a = self.cpu(cpu)?;
+        let b = other.cpu(cpu)?;
+        if core::ptr::eq(a, b) {
+            return Ok(());
+        }
+        if a.subbuf_size != b.subbuf_size || a.ring_len != b.ring_len {
+            return Err(Error::InvalidArgument);
+        }
+        // Lock in address order so two opposite swaps cannot deadlock.
+        let (first, second) = if (a as *const CpuBuffer) < (b as *const CpuBuffer) {
+            (a, b)
+        } else {
+            (b, a)
+        };
+        let mut s1 = first.reader.lock();
+        let mut s2 = second.reader.lock();
+        if s1.map_count > 0 || s2.map_count > 0 {
+            return Err(Error::Busy);
+        }
+        if first.writers_active() || second.writers_active() {
+            return Err(Error::Busy);
+        }
+        // SAFETY: writers quiesced and same allocator by our contract; both reader locks held;
+        // neither mapped.
+        unsafe { first.swap_with(second, &mut s1, &mut s2) };
+        Ok(())
+    }
+}
 
 fn new_page_desc(mem: NonNull<u8>) -> PageDesc {
     PageDesc {
@@ -363,7 +410,7 @@ impl<A: PageAlloc, C: Clock, W: Waiter> Drop for RingBuffer<A, C, W> {
                 // so no mapping is used any more.
                 unsafe { self.alloc.free_pages(meta, 0) };
             }
-            for p in cb.pages.iter() {
+            for p in cb.pages().iter() {
                 // SAFETY: every sub-buffer came from `alloc_pages(subbuf_order)`.
                 unsafe { self.alloc.free_pages(p.mem, self.subbuf_order) };
             }
@@ -372,7 +419,7 @@ impl<A: PageAlloc, C: Clock, W: Waiter> Drop for RingBuffer<A, C, W> {
         // bitwise copies are the only owners, each freed once; `self.cpus` is not used again.
         unsafe {
             for cb in self.cpus.iter() {
-                core::ptr::read(&cb.pages).free(&self.alloc);
+                core::ptr::read(cb.pages()).free(&self.alloc);
             }
             core::ptr::read(&self.cpus).free(&self.alloc);
         }

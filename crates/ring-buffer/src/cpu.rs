@@ -10,7 +10,7 @@
 //! generation) moved by compare-and-swap, so an interrupted writer simply retries. Only the
 //! outermost writer publishes `commit`, after every nested one is done (commit counting).
 
-use core::ptr::NonNull;
+use core::{cell::UnsafeCell, ptr::NonNull};
 
 use crate::{
     error::Error,
@@ -159,7 +159,9 @@ unsafe impl Send for ReaderState {}
 /// One CPU's buffer.
 pub(crate) struct CpuBuffer {
     pub(crate) cpu: usize,
-    pub(crate) pages: PageArray<PageDesc>,
+    /// The sub-buffers; only `swap_cpu` replaces them, with writers quiesced and the reader
+    /// lock held.
+    pages: UnsafeCell<PageArray<PageDesc>>,
     /// Pages in the ring (the reader page excluded).
     pub(crate) ring_len: u32,
     pub(crate) subbuf_size: usize,
@@ -179,6 +181,59 @@ pub(crate) struct CpuBuffer {
     pub(crate) disabled: AtomicU32,
     pub(crate) wake_armed: AtomicBool,
     pub(crate) reader: SpinLock<ReaderState>,
+}
+
+// SAFETY: the only non-`Sync` part is `pages`, which is mutated only by `swap_cpu`, whose
+// contract excludes every other access to the CPU buffer for its duration.
+unsafe impl Sync for CpuBuffer {}
+
+impl CpuBuffer {
+    /// The sub-buffers (ring pages, then the initial reader page).
+    pub(crate) fn pages(&self) -> &PageArray<PageDesc> {
+        // SAFETY: see the `Sync` impl: no mutation while anyone can hold this reference.
+        unsafe { &*self.pages.get() }
+    }
+
+    /// Exchanges the sub-buffers and all state with `other` (same geometry).
+    ///
+    /// # Safety
+    ///
+    /// No writer of either runs, both reader locks are held (their states are passed in),
+    /// neither is mapped, and the two buffers share one page allocator.
+    pub(crate) unsafe fn swap_with(
+        &self,
+        other: &CpuBuffer,
+        st: &mut ReaderState,
+        ost: &mut ReaderState,
+    ) {
+        // SAFETY: exclusive by the contract.
+        unsafe { core::ptr::swap(self.pages.get(), other.pages.get()) };
+        core::mem::swap(st, ost);
+        let swap64 = |a: &AtomicU64, b: &AtomicU64| {
+            let t = a.load(Ordering::Relaxed);
+            a.store(b.load(Ordering::Relaxed), Ordering::Relaxed);
+            b.store(t, Ordering::Relaxed);
+        };
+        for (a, b) in [
+            (&self.tail.0, &other.tail.0),
+            (&self.nest.0, &other.nest.0),
+            (&self.last_stamp, &other.last_stamp),
+            (&self.stamp_pos, &other.stamp_pos),
+            (&self.entries.0, &other.entries.0),
+            (&self.overrun.0, &other.overrun.0),
+            (&self.pushes.0, &other.pushes.0),
+            (&self.dropped.0, &other.dropped.0),
+            (&self.read, &other.read),
+            (&self.pages_touched.0, &other.pages_touched.0),
+            (&self.pages_read, &other.pages_read),
+        ] {
+            swap64(a, b);
+        }
+        let t = self.commit_page.load(Ordering::Relaxed);
+        self.commit_page
+            .store(other.commit_page.load(Ordering::Relaxed), Ordering::Release);
+        other.commit_page.store(t, Ordering::Release);
+    }
 }
 
 /// Where a reservation landed.
@@ -209,7 +264,7 @@ impl CpuBuffer {
         let ring_len = (pages.len() - 1) as u32;
         let cb = Self {
             cpu,
-            pages,
+            pages: UnsafeCell::new(pages),
             ring_len,
             subbuf_size,
             overwrite: AtomicBool::new(overwrite),
@@ -249,7 +304,7 @@ impl CpuBuffer {
     /// Writers must be quiescent.
     pub(crate) fn init_ring(&self, st: &mut ReaderState) {
         let n = self.ring_len;
-        for (i, p) in self.pages.iter().enumerate() {
+        for (i, p) in self.pages().iter().enumerate() {
             let i = i as u32;
             let next = if i + 1 >= n { 0 } else { i + 1 };
             let flag = if i == n - 1 { LINK_HEAD } else { 0 };
@@ -292,14 +347,12 @@ impl CpuBuffer {
     }
 
     fn page(&self, i: u32) -> &PageDesc {
-        &self.pages[i as usize]
+        &self.pages()[i as usize]
     }
 
     /// Enters a writer section; returns whether it interrupted another writer.
     pub(crate) fn begin(&self) -> bool {
-        // Locked (a full barrier): `reset` relies on it to see writers (Dekker with
-        // `disabled`). The other writer updates are CPU-local.
-        let prev = self.nest.0.fetch_add(NEST_ONE, Ordering::SeqCst);
+        let prev = self.nest.fetch_add(NEST_ONE);
         prev as u32 != 0
     }
 
@@ -311,7 +364,7 @@ impl CpuBuffer {
         len: usize,
         nested: bool,
     ) -> Result<Slot, Error> {
-        if self.disabled.load(Ordering::SeqCst) != 0 {
+        if self.disabled.load(Ordering::Relaxed) != 0 {
             return Err(Error::Disabled);
         }
         if len > format::max_payload(self.subbuf_size) {
@@ -387,8 +440,9 @@ impl CpuBuffer {
                     pd.put(event_off + 4, a0);
                 }
                 let payload = pd.data().add(event_off + payload_off);
-                // Zero the padding to 4 bytes so the stored payload is deterministic.
-                core::ptr::write_bytes(payload.add(len), 0, stored - len);
+                // Zero the last word, so the padding to 4 bytes is deterministic whatever the
+                // caller fills in.
+                payload.add(stored - 4).cast::<u32>().write(0);
                 payload
             };
             self.last_stamp.store(ts, Ordering::Relaxed);
@@ -537,9 +591,9 @@ impl CpuBuffer {
         }
     }
 
-    /// Whether a writer section is open (used by `reset` to wait for writers).
+    /// Whether a writer section is open; exact only on the writers' own CPU.
     pub(crate) fn writers_active(&self) -> bool {
-        self.nest.load(Ordering::SeqCst) as u32 != 0
+        self.nest.load(Ordering::Relaxed) as u32 != 0
     }
 
     /// Fill level in percent of the ring, for `buffer_percent` wake-ups.

@@ -411,6 +411,18 @@ mod tests {
     }
 
     #[test]
+    fn event_line_is_the_examples_format() {
+        extern crate std;
+        use std::format;
+        let line = EventLine {
+            cpu: 3,
+            ts: 1_000_000_007,
+            payload: &[0xde, 0xad, 0x00, 0x01],
+        };
+        assert_eq!(format!("{line}"), "cpu=3 ts=1000000007 len=4 data=dead0001");
+    }
+
+    #[test]
     fn abs_ts_fix_keeps_top_bits_and_carries() {
         assert_eq!(fix_abs_ts(5, 3), 5);
         let prev = (0x08 << 56) | 100;

@@ -143,14 +143,14 @@ pub(crate) fn refresh_ids(cb: &CpuBuffer, st: &ReaderState) -> bool {
         return false;
     };
     let set = |page: u32, id: u32| {
-        cb.pages[page as usize].id.store(id, Ordering::Relaxed);
-        cb.pages[id as usize].by_id.store(page, Ordering::Relaxed);
+        cb.pages()[page as usize].id.store(id, Ordering::Relaxed);
+        cb.pages()[id as usize].by_id.store(page, Ordering::Relaxed);
     };
     set(st.reader_page, 0);
     let mut p = head;
     for id in 1..=cb.ring_len {
         set(p, id);
-        p = link_next(cb.pages[p as usize].link.load(Ordering::Acquire));
+        p = link_next(cb.pages()[p as usize].link.load(Ordering::Acquire));
     }
     true
 }
@@ -165,7 +165,9 @@ pub(crate) fn update_meta(cb: &CpuBuffer, st: &ReaderState) {
         nr_subbufs: cb.ring_len + 1,
         reader: ReaderMeta {
             lost_events: st.meta_lost,
-            id: cb.pages[st.reader_page as usize].id.load(Ordering::Relaxed),
+            id: cb.pages()[st.reader_page as usize]
+                .id
+                .load(Ordering::Relaxed),
             read: st.read as u32,
         },
         flags: 0,
@@ -255,8 +257,8 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
                 if id > cb.ring_len || page as usize >= 1 << self.subbuf_order {
                     return Err(Error::InvalidArgument);
                 }
-                let idx = cb.pages[id as usize].by_id.load(Ordering::Relaxed);
-                let mem = cb.pages[idx as usize].mem;
+                let idx = cb.pages()[id as usize].by_id.load(Ordering::Relaxed);
+                let mem = cb.pages()[idx as usize].mem;
                 // SAFETY: `page` is inside the sub-buffer.
                 Ok(Some(unsafe { mem.add(page as usize * PAGE_SIZE) }))
             }
@@ -278,10 +280,11 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
         // sub-buffers hold no data events, only padding or discarded events); the meta page and
         // the sub-buffer header show the total, and they count as delivered once the
         // sub-buffer's events are accounted as read.
-        for _ in 0..=cb.ring_len + 1 {
+        // Each turn consumes or swaps; at most every sub-buffer is swapped in once.
+        for _ in 0..2 * (cb.ring_len + 2) {
             // The commit page first: once it has moved on, the reader page's size is final.
             let commit_page = cb.commit_page.load(Ordering::Acquire);
-            let pd = &cb.pages[st.reader_page as usize];
+            let pd = &cb.pages()[st.reader_page as usize];
             if st.read < pd.size() {
                 // Only padding left (the writer closed the page): look further, unlike Linux,
                 // which makes the consumer call again.
@@ -318,7 +321,7 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
 
 /// Flags lost events in the new reader sub-buffer once the writer has left it.
 fn mark_missed(cb: &CpuBuffer, st: &ReaderState) {
-    let pd = &cb.pages[st.reader_page as usize];
+    let pd = &cb.pages()[st.reader_page as usize];
     if st.reader_page == cb.commit_page.load(Ordering::Acquire) {
         return;
     }

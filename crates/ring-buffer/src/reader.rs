@@ -31,7 +31,7 @@ impl CpuBuffer {
             let mut p = st.head_hint;
             let mut busy = false;
             for _ in 0..=self.ring_len {
-                let l = self.pages[p as usize].link.load(Ordering::Acquire);
+                let l = self.pages()[p as usize].link.load(Ordering::Acquire);
                 match link_flag(l) {
                     LINK_HEAD => return Some((p, link_next(l))),
                     LINK_UPDATE => {
@@ -58,11 +58,11 @@ impl CpuBuffer {
             let Some((prev, head)) = self.find_head(st) else {
                 return false;
             };
-            let hn = link_next(self.pages[head as usize].link.load(Ordering::Acquire));
-            self.pages[rp as usize]
+            let hn = link_next(self.pages()[head as usize].link.load(Ordering::Acquire));
+            self.pages()[rp as usize]
                 .link
                 .store(link(hn, LINK_HEAD), Ordering::Relaxed);
-            if self.pages[prev as usize]
+            if self.pages()[prev as usize]
                 .link
                 .compare_exchange(
                     link(head, LINK_HEAD),
@@ -75,7 +75,7 @@ impl CpuBuffer {
                 // Exact lost count: the CAS read the link state that made `head` the head.
                 // Either a writer push did (it stored the overrun total and its push number
                 // in the page before the flag), or our previous swap did (no push since).
-                let pd = &self.pages[head as usize];
+                let pd = &self.pages()[head as usize];
                 let seq = pd.push_seq.load(Ordering::Acquire);
                 let overrun = if head == st.next_head && seq <= st.last_push_seq {
                     st.last_overrun
@@ -101,7 +101,7 @@ impl CpuBuffer {
         for _ in 0..=self.ring_len + 1 {
             let rp = st.reader_page;
             let cp = self.commit_page.load(Ordering::Acquire);
-            let size = self.pages[rp as usize].size();
+            let size = self.pages()[rp as usize].size();
             if st.read < size {
                 return true;
             }
@@ -122,7 +122,7 @@ impl CpuBuffer {
             if !self.reader_ready(st) {
                 return None;
             }
-            let pd = &self.pages[st.reader_page as usize];
+            let pd = &self.pages()[st.reader_page as usize];
             let size = pd.size();
             if st.read == 0 {
                 st.read_stamp = pd.time_stamp();
@@ -164,7 +164,7 @@ impl CpuBuffer {
 
     /// Consumes every committed event left on the reader page; returns how many.
     pub(crate) fn consume_reader_page(&self, st: &mut ReaderState) -> u64 {
-        let pd = &self.pages[st.reader_page as usize];
+        let pd = &self.pages()[st.reader_page as usize];
         let size = pd.size();
         // SAFETY: as in `next_event`.
         let data = unsafe { core::slice::from_raw_parts(pd.data(), size) };

@@ -283,7 +283,7 @@ fn reset_empties_and_zeroes() {
         rb.write(cpu0(), &i.to_le_bytes()).unwrap();
     }
     rb.reader(0).unwrap().next_event().unwrap();
-    rb.reset(0).unwrap();
+    rb.reset(cpu0()).unwrap();
     assert_eq!(rb.stats(0).unwrap(), Default::default());
     assert!(rb.reader(0).unwrap().next_event().is_none());
     clock.advance(1);
@@ -294,7 +294,7 @@ fn reset_empties_and_zeroes() {
     // A writer inside its critical section makes reset give up instead of deadlocking.
     drop(r);
     let open = rb.reserve(cpu0(), 4).unwrap();
-    assert_eq!(rb.reset(0), Err(Error::Busy));
+    assert_eq!(rb.reset(cpu0()), Err(Error::Busy));
     open.commit();
     assert_eq!(rb.is_recording(0), Ok(true));
 }
@@ -382,4 +382,47 @@ fn mode_switch_and_producer_consumer_counts() {
     assert!(st.overrun > 0);
     assert_eq!(st.unread(), st.entries - st.overrun);
     let _ = format::PAGE_SIZE;
+}
+
+#[test]
+fn swap_cpu_exchanges_buffers() {
+    let alloc = HeapPages::default();
+    let clock = ManualClock::new(0);
+    {
+        let a = RingBuffer::new(Config::new(1, 3), &alloc, &clock).unwrap();
+        let b = RingBuffer::new(Config::new(1, 3), &alloc, &clock).unwrap();
+        let odd = RingBuffer::new(Config::new(1, 4), &alloc, &clock).unwrap();
+        for i in 0..300u32 {
+            clock.advance(1);
+            a.write(cpu0(), &i.to_le_bytes()).unwrap();
+        }
+        b.write(cpu0(), b"bbbb").unwrap();
+        let (sa, sb) = (a.stats(0).unwrap(), b.stats(0).unwrap());
+        // SAFETY: this thread is the only writer and is not writing.
+        unsafe {
+            assert_eq!(a.swap_cpu(&odd, 0), Err(Error::InvalidArgument));
+            b.map(0).unwrap();
+            assert_eq!(a.swap_cpu(&b, 0), Err(Error::Busy));
+            b.unmap(0).unwrap();
+            a.swap_cpu(&b, 0).unwrap();
+        }
+        assert_eq!((a.stats(0).unwrap(), b.stats(0).unwrap()), (sb, sa));
+        assert_eq!(a.reader(0).unwrap().next_event().unwrap().payload, b"bbbb");
+        let mut r = b.reader(0).unwrap();
+        let mut n = 0u32;
+        while let Some(e) = r.next_event() {
+            assert_eq!(e.payload, n.to_le_bytes());
+            n += 1;
+        }
+        assert_eq!(n, 300);
+        drop(r);
+        // Both keep working after the exchange.
+        a.write(cpu0(), b"more").unwrap();
+        assert_eq!(a.reader(0).unwrap().next_event().unwrap().payload, b"more");
+    }
+    assert_eq!(
+        alloc.outstanding.load(Ordering::Relaxed),
+        0,
+        "pages leaked or double-freed"
+    );
 }
