@@ -22,7 +22,7 @@ use oskit_ring_buffer::{Config, Error, LocalCpu, Mode, RingBuffer, hal::PageAllo
 use crate::{frames, percpu, spin};
 
 /// Sub-buffers of 4 KiB in each CPU's ring (the reader's spare comes on top).
-pub const SUBBUFS_PER_CPU: usize = 8;
+pub const SUBBUFS_PER_CPU: usize = 32;
 /// Longest event text; longer messages are cut.
 const MAX_EVENT: usize = 200;
 
