@@ -5,8 +5,8 @@
 //! around them, and the tests below replay every committed corpus input on stable, so a fuzz
 //! finding that was fixed stays fixed.
 
-pub mod pte_batch;
 pub mod bts;
+pub mod pte_batch;
 pub mod pv_apf;
 pub mod ring_buffer;
 pub mod xen_suspend;
