@@ -279,12 +279,24 @@ impl<'a> EventChannels<'a> {
             .ok_or(Error::OutOfRange)
     }
 
+    /// The lowest free IRQ.
+    ///
+    /// Nothing frees an IRQ and every allocation takes the lowest free one, so the used IRQs
+    /// are a prefix of the table: a binary search finds the first free one, and binding every
+    /// VIRQ and IPI of every CPU costs O(n log n) instead of the O(n²) of a scan per bind.
     fn alloc_irq(&self) -> Result<Irq, Error> {
-        self.irqs
-            .iter()
-            .position(|i| i.kind == IrqKind::Free)
-            .map(|i| i as Irq)
-            .ok_or(Error::NoIrq)
+        let free = |i: &IrqInfo| i.kind == IrqKind::Free;
+        let first = self.irqs.partition_point(|i| !free(i));
+        debug_assert_eq!(
+            Some(first),
+            self.irqs.iter().position(free).or(Some(self.irqs.len())),
+            "the used IRQs are a prefix of the table"
+        );
+        if first < self.irqs.len() {
+            Ok(first as Irq)
+        } else {
+            Err(Error::NoIrq)
+        }
     }
 
     /// Records `port` (untrusted: it came from the hypervisor) for `irq` and unmasks it.
