@@ -73,16 +73,19 @@ pub fn folio_pte_batch<T: PageTable + ?Sized>(
     let limit = (folio.end_pfn() - pfn).min(max_nr as u64) as usize;
     let mut expected = batch_key::<T::Format>(T::Format::advance_pfn(pte, 1), flags);
     let mut nr = 1;
-    let mut a = addr;
-    while nr < limit {
-        a += PAGE_SIZE;
-        let next = table.get(a);
-        if batch_key::<T::Format>(next, flags) != expected {
-            break;
+    // Entries are read a chunk at a time (one copy for a table in plain memory), then compared.
+    let mut buf = [0u64; 16];
+    'outer: while nr < limit {
+        let chunk = &mut buf[..(limit - nr).min(16)];
+        table.get_many(addr + nr as u64 * PAGE_SIZE, chunk);
+        for &next in chunk.iter() {
+            if batch_key::<T::Format>(next, flags) != expected {
+                break 'outer;
+            }
+            any_writable |= T::Format::is_writable(next);
+            expected = T::Format::advance_pfn(expected, 1);
+            nr += 1;
         }
-        any_writable |= T::Format::is_writable(next);
-        expected = T::Format::advance_pfn(expected, 1);
-        nr += 1;
     }
     Batch { nr, any_writable }
 }

@@ -117,6 +117,13 @@ pub trait PageTable {
     /// Writes the entry mapping `addr` (`set_pte_at`).
     fn set(&mut self, addr: u64, pte: u64);
 
+    /// Reads the `out.len()` entries from `addr` on into `out` (`ptep_get` of each; the caller
+    /// keeps them in one table). A backend over plain memory overrides it with one copy.
+    fn get_many(&self, addr: u64, out: &mut [u64]) {
+        for (i, e) in out.iter_mut().enumerate() {
+            *e = self.get(addr + i as u64 * PAGE_SIZE);
+        }
+    }
     /// Maps `nr` consecutive pages: entry `i` is `pte` advanced by `i` frames (`set_ptes`). The
     /// caller guarantees the frames belong to one folio.
     fn set_ptes(&mut self, addr: u64, pte: u64, nr: usize) {
@@ -184,6 +191,9 @@ impl<T: PageTable + ?Sized> PageTable for &mut T {
     }
     fn set(&mut self, addr: u64, pte: u64) {
         (**self).set(addr, pte)
+    }
+    fn get_many(&self, addr: u64, out: &mut [u64]) {
+        (**self).get_many(addr, out)
     }
     fn set_ptes(&mut self, addr: u64, pte: u64, nr: usize) {
         (**self).set_ptes(addr, pte, nr)

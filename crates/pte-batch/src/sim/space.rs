@@ -68,6 +68,17 @@ impl<F: PteFormat> PageTable for SimSpace<'_, F> {
     }
 
     #[inline]
+    fn get_many(&self, addr: u64, out: &mut [u64]) {
+        let Some(i) = self.index(addr) else {
+            out.fill(0);
+            return;
+        };
+        let n = out.len().min(self.entries.len() - i);
+        out[..n].copy_from_slice(&self.entries[i..i + n]);
+        out[n..].fill(0);
+    }
+
+    #[inline]
     fn set(&mut self, addr: u64, pte: u64) {
         if let Some(i) = self.index(addr) {
             self.entries[i] = pte;
