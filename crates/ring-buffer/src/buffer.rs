@@ -202,6 +202,7 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
     /// [`Error::Full`] (producer/consumer mode, or the ring wrapped onto data an interrupted
     /// writer has not committed), [`Error::Busy`] (a nested writer found the interrupted one
     /// moving the head). Full and Busy count the event as dropped.
+    #[inline(always)]
     pub fn reserve(&self, cpu: LocalCpu, len: usize) -> Result<Reservation<'_>, Error> {
         let cb = self.cpu(cpu.id())?;
         let nested = cb.begin();
@@ -230,6 +231,7 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
     }
 
     /// Writes one event (reserve, copy, commit).
+    #[inline]
     pub fn write(&self, cpu: LocalCpu, data: &[u8]) -> Result<(), Error> {
         let mut r = self.reserve(cpu, data.len())?;
         r.payload_mut()[..data.len()].copy_from_slice(data);
@@ -446,6 +448,7 @@ impl Reservation<'_> {
     }
 
     /// Publishes the event (when the outermost writer of the CPU finishes).
+    #[inline]
     pub fn commit(self) {
         let cb = self.cb;
         let waiter = self.waiter;

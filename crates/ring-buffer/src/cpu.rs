@@ -358,6 +358,7 @@ impl CpuBuffer {
 
     /// Reserves room for a `len`-byte payload. The caller did [`CpuBuffer::begin`] and will call
     /// [`CpuBuffer::end`] whatever happens.
+    #[inline]
     pub(crate) fn reserve(
         &self,
         clock: &impl Clock,
@@ -370,7 +371,14 @@ impl CpuBuffer {
         if len > format::max_payload(self.subbuf_size) {
             return Err(Error::EventTooLarge);
         }
-        let event_len = format::event_len(len);
+        // The event's shape, once: `stored_len` payload bytes behind a one-word header, or
+        // behind a header and a length word for payloads above `MAX_SMALL_DATA` (the same
+        // values as `format::event_len` and `format::data_header`, without recomputing them).
+        let stored = format::stored_len(len);
+        let large = len > format::MAX_SMALL_DATA;
+        let payload_off = if large { 8 } else { 4 };
+        let event_len = stored + payload_off;
+        debug_assert_eq!(event_len, format::event_len(len));
         let data_size = self.data_size();
         loop {
             let t = self.tail.load(Ordering::Acquire);
@@ -431,18 +439,21 @@ impl CpuBuffer {
                     (off + TIME_EXTEND_SIZE, 0)
                 }
             };
-            let (h, a0, payload_off) = format::data_header(len, delta);
-            let stored = format::stored_len(len);
             // SAFETY: the event lies in the reserved bytes.
             let payload = unsafe {
-                pd.put(event_off, h);
-                if let Some(a0) = a0 {
-                    pd.put(event_off + 4, a0);
+                if large {
+                    pd.put(event_off, format::header(0, delta));
+                    pd.put(event_off + 4, stored as u32 + 4);
+                } else {
+                    pd.put(event_off, format::header((stored / 4) as u32, delta));
                 }
                 let payload = pd.data().add(event_off + payload_off);
-                // Zero the last word, so the padding to 4 bytes is deterministic whatever the
-                // caller fills in.
-                payload.add(stored - 4).cast::<u32>().write(0);
+                // Zero the last word when it has padding, so the padding to 4 bytes is
+                // deterministic whatever the caller fills in (the caller owns all `len`
+                // bytes, so a payload without padding needs no store).
+                if stored != len {
+                    payload.add(stored - 4).cast::<u32>().write(0);
+                }
                 payload
             };
             self.last_stamp.store(ts, Ordering::Relaxed);
@@ -458,6 +469,8 @@ impl CpuBuffer {
 
     /// Moves the tail off the full page of tail word `t`, pushing the head in overwrite mode.
     /// `Ok` means "look at the tail again".
+    #[cold]
+    #[inline(never)]
     fn move_tail(&self, t: u64) -> Result<(), Error> {
         let page = tail_page(t);
         let off = tail_off(t);
@@ -553,6 +566,7 @@ impl CpuBuffer {
     }
 
     /// Leaves a writer section; the outermost one publishes everything written so far.
+    #[inline(always)]
     pub(crate) fn end(&self) {
         loop {
             let v = self.nest.load(Ordering::Relaxed);
@@ -570,6 +584,7 @@ impl CpuBuffer {
     }
 
     /// Sets the commit of every page from the commit page up to the tail.
+    #[inline(always)]
     fn publish(&self) {
         loop {
             let t = self.tail.load(Ordering::Acquire);
