@@ -74,8 +74,12 @@ pub fn alloc(order: u32) -> Option<u64> {
     if order > MAX_ORDER {
         return None;
     }
-    let count = 1usize << order;
-    let mut map = FRAMES.lock();
+    take_run(&mut FRAMES.lock(), 1 << order, 1 << order)
+}
+
+/// Marks the first free run of `count` frames starting on a multiple of `align` as used;
+/// returns its physical address.
+fn take_run(map: &mut Bitmap, count: usize, align: usize) -> Option<u64> {
     let mut start = 0;
     while start + count <= map.end {
         match (start..start + count).find(|&f| !map.is_free(f)) {
@@ -84,8 +88,8 @@ pub fn alloc(order: u32) -> Option<u64> {
                 map.free -= count;
                 return Some(start as u64 * FRAME_SIZE);
             }
-            // Skip to the next aligned block past the frame in use.
-            Some(used) => start = (used / count + 1) * count,
+            // Skip to the next aligned start past the frame in use.
+            Some(used) => start = (used / align + 1) * align,
         }
     }
     None
@@ -108,19 +112,7 @@ pub fn free(paddr: u64, order: u32) {
 /// Allocates `count` contiguous frames (any count, frame-aligned), for boot-time tables larger
 /// than a [`MAX_ORDER`] block. Returns the physical address of the first.
 pub fn alloc_contiguous(count: usize) -> Option<u64> {
-    let mut map = FRAMES.lock();
-    let mut start = 0;
-    while start + count <= map.end {
-        match (start..start + count).find(|&f| !map.is_free(f)) {
-            None => {
-                (start..start + count).for_each(|f| map.set(f, true));
-                map.free -= count;
-                return Some(start as u64 * FRAME_SIZE);
-            }
-            Some(used) => start = used + 1,
-        }
-    }
-    None
+    take_run(&mut FRAMES.lock(), count, 1)
 }
 
 /// One past the highest frame number the allocator manages.
