@@ -1,42 +1,11 @@
 //! The in-kernel test runner: named checks, each printed as `check NAME ... ok|FAILED: why`.
 
-use core::fmt::{self, Write};
+use core::fmt;
 
-/// Why a check failed, formatted into a fixed buffer (the kernel has no heap).
-pub struct Failure {
-    buf: [u8; 160],
-    len: usize,
-}
+use crate::text::Text;
 
-impl Failure {
-    /// A failure reading `args` (cut at 160 bytes).
-    pub fn new(args: fmt::Arguments<'_>) -> Self {
-        let mut f = Self {
-            buf: [0; 160],
-            len: 0,
-        };
-        let _ = f.write_fmt(args);
-        f
-    }
-
-    fn as_str(&self) -> &str {
-        // Only whole `str`s are copied in, and a cut falls back to a char boundary.
-        core::str::from_utf8(&self.buf[..self.len]).unwrap_or("<message not UTF-8>")
-    }
-}
-
-impl Write for Failure {
-    fn write_str(&mut self, s: &str) -> fmt::Result {
-        let room = self.buf.len() - self.len;
-        let mut take = s.len().min(room);
-        while !s.is_char_boundary(take) {
-            take -= 1;
-        }
-        self.buf[self.len..self.len + take].copy_from_slice(&s.as_bytes()[..take]);
-        self.len += take;
-        Ok(())
-    }
-}
+/// Why a check failed (cut at 160 bytes).
+pub type Failure = Text<160>;
 
 /// A check's outcome.
 pub type Outcome = Result<(), Failure>;
@@ -77,12 +46,12 @@ const MAX_ROWS: usize = 48;
 struct Row {
     name: &'static str,
     passed: bool,
-    figures: Failure,
+    figures: Text<160>,
 }
 
 /// Key figures of the check running now, and the rows of those that ran.
 struct Table {
-    current: Option<Failure>,
+    current: Option<Text<160>>,
     rows: [Option<Row>; MAX_ROWS],
     len: usize,
 }
@@ -96,7 +65,7 @@ static TABLE: crate::spin::SpinLock<Table> = crate::spin::SpinLock::new(Table {
 /// Sets the key figures of the running check, shown in the closing table
 /// (`checks::figures(format_args!("{n} PTEs, {b} batches"))`); the last call wins.
 pub fn figures(args: fmt::Arguments<'_>) {
-    TABLE.lock().current = Some(Failure::new(args));
+    TABLE.lock().current = Some(Text::new(args));
 }
 
 /// Whether a check named `name` already ran in this boot (passed or not).
@@ -130,7 +99,7 @@ pub fn run<'a>(checks: impl IntoIterator<Item = &'a Check>) -> Tally {
         let figures = table
             .current
             .take()
-            .unwrap_or_else(|| Failure::new(format_args!("")));
+            .unwrap_or_else(|| Text::new(format_args!("")));
         let len = table.len;
         if len < MAX_ROWS {
             table.rows[len] = Some(Row {

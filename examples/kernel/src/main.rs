@@ -56,6 +56,8 @@ mod spin;
 #[cfg(target_os = "none")]
 mod syscall;
 #[cfg(target_os = "none")]
+mod text;
+#[cfg(target_os = "none")]
 mod trace;
 #[cfg(target_os = "none")]
 mod trace_check;

@@ -11,7 +11,7 @@
 
 use core::{
     cell::UnsafeCell,
-    fmt::{self, Write},
+    fmt,
     mem::MaybeUninit,
     ptr::NonNull,
     sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering},
@@ -19,7 +19,7 @@ use core::{
 
 use oskit_ring_buffer::{Config, Error, LocalCpu, Mode, RingBuffer, hal::PageAlloc, x86::Tsc};
 
-use crate::{frames, percpu, spin};
+use crate::{frames, percpu, spin, text::Text};
 
 /// Sub-buffers of 4 KiB in each CPU's ring (the reader's spare comes on top).
 pub const SUBBUFS_PER_CPU: usize = 32;
@@ -99,20 +99,6 @@ pub fn buffer() -> Option<&'static TraceBuffer> {
 /// How many events were lost before reaching the buffer.
 pub fn missed() -> u64 {
     MISSED.load(Ordering::Relaxed)
-}
-
-struct Line {
-    buf: [u8; MAX_EVENT],
-    len: usize,
-}
-
-impl Write for Line {
-    fn write_str(&mut self, s: &str) -> fmt::Result {
-        let take = s.len().min(MAX_EVENT - self.len);
-        self.buf[self.len..self.len + take].copy_from_slice(&s.as_bytes()[..take]);
-        self.len += take;
-        Ok(())
-    }
 }
 
 /// Longest step name the tally keeps (longer ones are cut, as a reader cuts them).
@@ -224,16 +210,12 @@ pub fn record(step: &str, message: fmt::Arguments<'_>) {
         spin::irq_restore(enabled);
         return;
     };
-    let mut line = Line {
-        buf: [0; MAX_EVENT],
-        len: 0,
-    };
-    let _ = write!(line, "{step}: {message}");
+    let line = Text::<MAX_EVENT>::new(format_args!("{step}: {message}"));
     let enabled = spin::irq_save();
     // SAFETY: interrupts are off, so this code stays on this CPU until the write is done, and
     // any writer interrupting it (an NMI) finishes before it resumes.
     let cpu = unsafe { LocalCpu::new(percpu::cpu_id()) };
-    let result = rb.write(cpu, &line.buf[..line.len]);
+    let result = rb.write(cpu, line.as_bytes());
     tally(step, result.is_ok());
     spin::irq_restore(enabled);
     if result.is_err() {
