@@ -10,43 +10,14 @@ use std::time::{Duration, Instant};
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use oskit_pte_batch::hal::PAGE_SIZE;
 use oskit_pte_batch::sim::{ContSpace, SimFolios, SimPage, SimSpace, TableStats};
-use oskit_pte_batch::{
-    Arm64Pte, Fork, PteFormat, Rss, VmFlags, Vma, X86Flags, X86Pte, Zap, reference,
-};
+use oskit_pte_batch::{Arm64Pte, Fork, PteFormat, Rss, X86Pte, Zap, reference};
+
+mod support;
+
+use support::{BASE, PFN, vma, world, x86_flags};
 
 const N: usize = 65_536;
-const BASE: u64 = 0x7f00_0000_0000;
-const PFN: u64 = 0x10_0000;
 const SIZES: [(&str, u8); 4] = [("4K", 0), ("16K", 2), ("64K", 4), ("2M", 9)];
-
-fn vma(page_prot: u64) -> Vma {
-    Vma::new(VmFlags::MAYWRITE | VmFlags::WRITE, page_prot)
-}
-
-/// A parent mapping all N pages writable, dirty and young, anon folios of `order`.
-fn world<F: PteFormat>(order: u8, flags: u64) -> (Vec<u64>, Vec<SimPage>) {
-    let mut pages = vec![SimPage::default(); N];
-    let mut f = SimFolios::new(PFN, &mut pages);
-    let mut parent = vec![0u64; N];
-    for k in (0..N as u64).step_by(1 << order) {
-        f.add_folio(PFN + k, order, true).unwrap();
-    }
-    for (k, e) in parent.iter_mut().enumerate() {
-        *e = F::with_pfn(flags, PFN + k as u64);
-        f.account_mapping(PFN + k as u64);
-    }
-    (parent, pages)
-}
-
-fn x86_flags() -> u64 {
-    (X86Flags::PRESENT
-        | X86Flags::RW
-        | X86Flags::USER
-        | X86Flags::ACCESSED
-        | X86Flags::DIRTY
-        | X86Flags::NX)
-        .bits()
-}
 
 fn end() -> u64 {
     BASE + (N as u64) * PAGE_SIZE
@@ -110,7 +81,7 @@ fn bench_copy(c: &mut Criterion) {
         .warm_up_time(Duration::from_millis(300))
         .measurement_time(Duration::from_secs(1));
     for (name, order) in SIZES {
-        let (parent, pages) = world::<X86Pte>(order, x86_flags());
+        let (parent, pages) = world::<X86Pte>(N, order, x86_flags());
         for (label, f) in [
             (
                 "oskit-batched",
@@ -142,7 +113,7 @@ fn bench_zap(c: &mut Criterion) {
         .warm_up_time(Duration::from_millis(300))
         .measurement_time(Duration::from_secs(1));
     for (name, order) in SIZES {
-        let (parent, pages) = world::<X86Pte>(order, x86_flags());
+        let (parent, pages) = world::<X86Pte>(N, order, x86_flags());
         for (label, f) in [
             (
                 "oskit-batched",
@@ -172,7 +143,7 @@ fn bench_zap(c: &mut Criterion) {
 /// parent was populated with `set_ptes` (so large folios are folded).
 fn arm64_ops(order: u8, batched: bool) -> (TableStats, TableStats) {
     let flags = Arm64Pte::USER_READONLY | Arm64Pte::DBM;
-    let (raw, mut pages) = world::<Arm64Pte>(order, flags & !Arm64Pte::RDONLY);
+    let (raw, mut pages) = world::<Arm64Pte>(N, order, flags & !Arm64Pte::RDONLY);
     let mut parent = vec![0u64; N];
     let mut child = vec![0u64; N];
     let mut p = ContSpace::new(BASE, &mut parent);
@@ -195,7 +166,7 @@ fn arm64_ops(order: u8, batched: bool) -> (TableStats, TableStats) {
 }
 
 fn x86_ops(order: u8, batched: bool) -> TableStats {
-    let (mut parent, mut pages) = world::<X86Pte>(order, x86_flags());
+    let (mut parent, mut pages) = world::<X86Pte>(N, order, x86_flags());
     let mut child = vec![0u64; N];
     let mut f = SimFolios::from_pages(PFN, &mut pages);
     let mut p = SimSpace::<X86Pte>::new(BASE, &mut parent);
@@ -220,7 +191,7 @@ fn report_min_times() {
         if std::env::var("PTE_BATCH_ONLY").is_ok_and(|only| only != name) {
             continue;
         }
-        let (parent, pages) = world::<X86Pte>(order, x86_flags());
+        let (parent, pages) = world::<X86Pte>(N, order, x86_flags());
         let mut best = [f64::MAX; 4];
         let (mut p, mut pg, mut ch) = (parent.clone(), pages.clone(), vec![0u64; N]);
         for rep in 0..REPS {

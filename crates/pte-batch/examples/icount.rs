@@ -6,36 +6,13 @@
 //! - `copy_4k`: small folios (order 0): every PTE takes the single-PTE path.
 //! - `copy_4k_reference`: the per-PTE reference (Linux before batching) on the same table.
 
+#[path = "../benches/support/mod.rs"]
+mod support;
+
 use oskit_pte_batch::hal::PAGE_SIZE;
 use oskit_pte_batch::sim::{SimFolios, SimPage, SimSpace};
-use oskit_pte_batch::{Fork, PteFormat, Rss, VmFlags, Vma, X86Flags, X86Pte, reference};
-
-const BASE: u64 = 0x7f00_0000_0000;
-const PFN: u64 = 0x10_0000;
-
-/// A parent mapping `n` pages writable, dirty and young, in anon folios of `order`.
-fn world(n: usize, order: u8) -> (Vec<u64>, Vec<SimPage>) {
-    let flags = (X86Flags::PRESENT
-        | X86Flags::RW
-        | X86Flags::USER
-        | X86Flags::ACCESSED
-        | X86Flags::DIRTY
-        | X86Flags::NX)
-        .bits();
-    let folio = 1usize << order;
-    let pages_needed = n.div_ceil(folio) * folio;
-    let mut pages = vec![SimPage::default(); pages_needed];
-    let mut f = SimFolios::new(PFN, &mut pages);
-    for k in (0..pages_needed as u64).step_by(folio) {
-        f.add_folio(PFN + k, order, true).expect("folio fits");
-    }
-    let mut parent = vec![0u64; n];
-    for (k, e) in parent.iter_mut().enumerate() {
-        *e = X86Pte::with_pfn(flags, PFN + k as u64);
-        f.account_mapping(PFN + k as u64);
-    }
-    (parent, pages)
-}
+use oskit_pte_batch::{Fork, PteFormat, Rss, X86Pte, reference};
+use support::{BASE, PFN, vma, world, x86_flags};
 
 /// Forks the `parent.len()` PTEs into `child` (a COW mapping).
 #[inline(never)]
@@ -44,7 +21,7 @@ fn copy(parent: &mut [u64], pages: &mut [SimPage], child: &mut [u64]) {
     let mut f = SimFolios::from_pages(PFN, pages);
     let mut p = SimSpace::<X86Pte>::new(BASE, parent);
     let mut c = SimSpace::<X86Pte>::new(BASE, child);
-    let vma = Vma::new(VmFlags::MAYWRITE | VmFlags::WRITE, X86Pte::USER_READONLY);
+    let vma = vma(X86Pte::USER_READONLY);
     let mut fork = Fork::new(&mut f, vma, vma);
     fork.copy_range(&mut c, &mut p, BASE, end)
         .expect("copy succeeds");
@@ -58,7 +35,7 @@ pub fn icount_copy_4k_reference(parent: &mut [u64], pages: &mut [SimPage], child
     let mut f = SimFolios::from_pages(PFN, pages);
     let mut p = SimSpace::<X86Pte>::new(BASE, parent);
     let mut c = SimSpace::<X86Pte>::new(BASE, child);
-    let vma = Vma::new(VmFlags::MAYWRITE | VmFlags::WRITE, X86Pte::USER_READONLY);
+    let vma = vma(X86Pte::USER_READONLY);
     let mut rss = Rss::default();
     reference::copy_range(&mut c, &mut p, &mut f, vma, vma, BASE, end, &mut rss)
         .expect("copy succeeds");
@@ -94,7 +71,7 @@ fn main() {
         "copy_4k" | "copy_4k_reference" => 0,
         other => panic!("unknown probe {other}"),
     };
-    let (mut parent, mut pages) = world(iters, order);
+    let (mut parent, mut pages) = world::<X86Pte>(iters, order, x86_flags());
     let mut child = vec![0u64; iters];
     match probe {
         "copy_64k" => icount_copy_64k(&mut parent, &mut pages, &mut child),
