@@ -22,10 +22,10 @@ mod support;
 
 use support::*;
 
-/// Prints the three functions' code from this binary (the evidence for "zero cost").
+/// Prints the handler variants' code from this binary (the evidence for "zero cost").
 fn print_generated_code() {
     type Handler = fn(&ApfCpu, u64) -> u64;
-    let handlers: [(&str, Handler); 3] = [
+    let handlers: [(&str, Handler); 6] = [
         ("pv_apf_bench_fault_no_hook", pv_apf_bench_fault_no_hook),
         (
             "pv_apf_bench_fault_native_hook",
@@ -35,12 +35,24 @@ fn print_generated_code() {
             "pv_apf_bench_fault_runtime_hook",
             pv_apf_bench_fault_runtime_hook,
         ),
+        ("pv_apf_bench_tail_no_hook", pv_apf_bench_tail_no_hook),
+        (
+            "pv_apf_bench_tail_native_hook",
+            pv_apf_bench_tail_native_hook,
+        ),
+        (
+            "pv_apf_bench_tail_runtime_hook",
+            pv_apf_bench_tail_runtime_hook,
+        ),
     ];
     for (sym, f) in handlers {
         println!("{sym} at {:#x}", f as usize);
     }
-    if handlers[0].1 as usize == handlers[1].1 as usize {
-        println!("no_hook and native_hook are one function: identical machine code, merged");
+    for pair in [[0, 1], [3, 4]] {
+        let [(no, a), (native, b)] = pair.map(|i| handlers[i]);
+        if a as usize == b as usize {
+            println!("{no} and {native} are one function: identical machine code, merged");
+        }
     }
     let Ok(exe) = std::env::current_exe() else {
         return;

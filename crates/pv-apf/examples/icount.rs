@@ -1,7 +1,9 @@
 //! Instruction-count probes of the page-fault hook, for `cargo xtask budgets` (callgrind counts
 //! the instructions inside each `icount_*` function): `icount PROBE ITERS`. Each probe runs an
-//! ordinary (not async) fault through one of the three handler variants `iters` times; the
-//! budgets bound the hooked variants' cost minus the unhooked one's.
+//! ordinary (not async) fault through one of the handler variants `iters` times; the budgets
+//! bound the hooked variants' cost minus the unhooked one's, for two handler shapes: `fault_*`
+//! (a kernel handler with a stack frame, like Linux's `exc_page_fault`) and `tail_*` (a handler
+//! that is only a tail call, the one shape where the hook can cost a frame).
 
 #[path = "../benches/support/mod.rs"]
 mod support;
@@ -11,7 +13,8 @@ use std::hint::black_box;
 use oskit_pv_apf::ApfCpu;
 use support::{
     CPU_OFF, pv_apf_bench_fault_native_hook, pv_apf_bench_fault_no_hook,
-    pv_apf_bench_fault_runtime_hook,
+    pv_apf_bench_fault_runtime_hook, pv_apf_bench_tail_native_hook, pv_apf_bench_tail_no_hook,
+    pv_apf_bench_tail_runtime_hook,
 };
 
 /// The three variants take the same arguments; calling them through an opaque pointer makes the
@@ -41,6 +44,9 @@ macro_rules! probe {
 probe!(icount_fault_no_hook, pv_apf_bench_fault_no_hook);
 probe!(icount_fault_native_hook, pv_apf_bench_fault_native_hook);
 probe!(icount_fault_runtime_hook, pv_apf_bench_fault_runtime_hook);
+probe!(icount_tail_no_hook, pv_apf_bench_tail_no_hook);
+probe!(icount_tail_native_hook, pv_apf_bench_tail_native_hook);
+probe!(icount_tail_runtime_hook, pv_apf_bench_tail_runtime_hook);
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -55,6 +61,9 @@ fn main() {
         "fault_no_hook" => icount_fault_no_hook(iters),
         "fault_native_hook" => icount_fault_native_hook(iters),
         "fault_runtime_hook" => icount_fault_runtime_hook(iters),
+        "tail_no_hook" => icount_tail_no_hook(iters),
+        "tail_native_hook" => icount_tail_native_hook(iters),
+        "tail_runtime_hook" => icount_tail_runtime_hook(iters),
         other => panic!("unknown probe {other}"),
     }
 }

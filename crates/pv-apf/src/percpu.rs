@@ -97,9 +97,37 @@ impl ApfCpu {
 
     /// Whether the host has written `flags`/`reason` (an async-PF #PF may be in progress):
     /// the one load the ordinary fault pays.
+    ///
+    /// On x86-64 this is exactly `cmp dword ptr [flags], 0` and a `jne` to the caller's slow
+    /// path. LLVM does not fold an atomic load into a compare (a `Relaxed` load costs `mov`,
+    /// `test`, `jne`), and a volatile read would fold but races with the writers in the Rust
+    /// memory model, so the compare is written by hand: one aligned 4-byte read, single-copy
+    /// atomic on x86, which is all a `Relaxed` load promises. Elsewhere (and under Miri) it is
+    /// a `Relaxed` load.
     #[inline(always)]
     pub fn event_pending(&self) -> bool {
-        self.area.flags.load(Ordering::Relaxed) != 0
+        #[cfg(all(target_arch = "x86_64", not(miri)))]
+        {
+            // SAFETY: the asm reads the 4 bytes of `self.area.flags`, a live, 4-byte aligned
+            // `AtomicU32` borrowed for the whole statement, with one aligned `cmp` (an atomic
+            // read on x86, like the `Relaxed` load it stands for); it writes no memory
+            // (`readonly`), uses no stack (`nostack`) and changes only the arithmetic flags
+            // (no `preserves_flags`). The `label` block is an ordinary Rust jump target.
+            unsafe {
+                core::arch::asm!(
+                    "cmp dword ptr [{flags}], 0",
+                    "jne {pending}",
+                    flags = in(reg) self.area.flags.as_ptr(),
+                    pending = label { return true; },
+                    options(nostack, readonly),
+                );
+            }
+            false
+        }
+        #[cfg(not(all(target_arch = "x86_64", not(miri))))]
+        {
+            self.area.flags.load(Ordering::Relaxed) != 0
+        }
     }
 
     /// The top of the page-fault handler: reads and clears `flags`/`reason` before anything
