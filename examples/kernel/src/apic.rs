@@ -52,7 +52,8 @@ pub const MAX_TICK_HOOKS: usize = 4;
 static TICK_HOOKS: [AtomicUsize; MAX_TICK_HOOKS] = [const { AtomicUsize::new(0) }; MAX_TICK_HOOKS];
 
 /// What [`add_tick_hook`] installs: called on every tick of every CPU, in interrupt context
-/// (interrupts off), with the CPU's index.
+/// (interrupts off), with the index of the CPU it runs on (the interrupted task may sleep in a
+/// hook and resume elsewhere, so the index is read again for each hook).
 pub type TickHook = fn(cpu: usize);
 
 fn read(reg: u64) -> u32 {
@@ -189,15 +190,16 @@ pub fn timer_counts_per_tick() -> u64 {
 
 fn on_timer(frame: &mut TrapFrame) -> Handled {
     eoi();
-    let cpu = percpu::this_cpu();
-    cpu.ticks.fetch_add(1, Ordering::Relaxed);
+    percpu::this_cpu().ticks.fetch_add(1, Ordering::Relaxed);
     for slot in &TICK_HOOKS {
         let hook = slot.load(Ordering::Acquire);
         if hook != 0 {
             // SAFETY: only `add_tick_hook` stores non-zero values into TICK_HOOKS, and it
             // stores `TickHook` values.
             let hook: TickHook = unsafe { core::mem::transmute::<usize, TickHook>(hook) };
-            hook(cpu.id.load(Ordering::Relaxed));
+            // Read afresh for each hook: one that makes the task sleep (the apf host model
+            // raises a not-present fault) can resume it on another CPU.
+            hook(percpu::cpu_id());
         }
     }
     crate::sched::preempt(frame);

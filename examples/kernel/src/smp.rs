@@ -250,6 +250,7 @@ fn on_call(_frame: &mut TrapFrame) -> Handled {
 /// that waits with interrupts off (for instance for another `on_each_cpu`) could not take the
 /// IPI. Per-CPU set-up such as enabling a paravirtual feature's MSR on every CPU uses it.
 pub fn on_each_cpu(f: fn(usize)) {
+    take_call_slot();
     let others = call_others(f);
     f(percpu::cpu_id());
     while CALL_PENDING.load(Ordering::Acquire) != 0 {
@@ -259,14 +260,18 @@ pub fn on_each_cpu(f: fn(usize)) {
     CALL_BUSY.store(false, Ordering::Release);
 }
 
-/// Takes the call slot, sends `f` to every other online CPU; returns how many.
-fn call_others(f: fn(usize)) -> usize {
+/// Waits for and takes the call slot (released by the caller when every CPU has run the call).
+fn take_call_slot() {
     while CALL_BUSY
         .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
         .is_err()
     {
         core::hint::spin_loop();
     }
+}
+
+/// With the call slot held, sends `f` to every other online CPU; returns how many.
+fn call_others(f: fn(usize)) -> usize {
     CALL_FN.store(f as usize, Ordering::Release);
     let irq = spin::irq_save(); // stay on this CPU while choosing the others
     let me = percpu::cpu_id();
@@ -300,6 +305,8 @@ fn park(_cpu: usize) {
 /// off (Linux's stop_machine, e.g. for a suspend). Task context with interrupts on, as
 /// [`on_each_cpu`].
 pub fn stop_machine(f: fn()) {
+    // Only with the slot held: an earlier stop_machine's CPUs may still be leaving `park`.
+    take_call_slot();
     RELEASE.store(false, Ordering::Release);
     let others = call_others(park);
     let irq = spin::irq_save();
