@@ -567,7 +567,6 @@ where
     type F<D> = <D as PageTable>::Format;
     let (mut a, mut done) = (*addr, *progress);
     let (cow, shared, keep_uffd_wp) = (hot.cow, hot.shared, hot.keep_uffd_wp);
-    let (mut anon, mut file) = (0i64, 0i64);
     let mut wp = hot.wp;
     let stop = loop {
         if a >= end {
@@ -615,10 +614,10 @@ where
                 undo_ref(mem, &folio, 1);
                 break Stop::Entry(pte);
             }
-            anon += 1;
+            hot.rss.anon += 1;
         } else {
             mem.dup_file_rmap(&folio, pfn, 1);
-            file += 1;
+            hot.rss.file += 1;
         }
         if cow && F::<D>::is_writable(pte) {
             // The backend's write-protect: on real hardware it is atomic, so a dirty bit the
@@ -641,8 +640,6 @@ where
         a += PAGE_SIZE;
     };
     (*addr, *progress) = (a, done);
-    hot.rss.anon += anon;
-    hot.rss.file += file;
     hot.wp = wp;
     stop
 }
