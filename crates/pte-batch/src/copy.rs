@@ -593,10 +593,10 @@ where
         let Some(folio) = mem.folio(pfn) else {
             break Stop::Entry(pte);
         };
-        if !folio.contains(pfn) {
-            break Stop::Entry(pte);
-        }
         if folio.is_large() {
+            if !folio.contains(pfn) {
+                break Stop::Entry(pte);
+            }
             let max_nr = ((end - a) / PAGE_SIZE) as usize;
             let nr = copy_batch(mem, hot, &mut wp, dst, src, a, pte, folio, max_nr);
             if nr == 0 {
@@ -607,6 +607,10 @@ where
             }
             a += nr as u64 * PAGE_SIZE;
             continue;
+        }
+        // A small folio contains the frame if it starts there (one compare, not two).
+        if folio.pfn != pfn || folio.nr_pages == 0 {
+            break Stop::Entry(pte);
         }
         mem.ref_add(&folio, 1);
         if folio.anon {

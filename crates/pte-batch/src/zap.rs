@@ -247,7 +247,13 @@ fn zap_run<M: FolioOps, T: PageTable>(
         let Some(folio) = mem.folio(pfn) else {
             break Stop::Entry(pte);
         };
-        if !folio.contains(pfn) {
+        // A small folio contains the frame if it starts there (one compare, not two).
+        let inside = if folio.is_large() {
+            folio.contains(pfn)
+        } else {
+            folio.pfn == pfn && folio.nr_pages != 0
+        };
+        if !inside {
             break Stop::Entry(pte);
         }
         any = true;
