@@ -363,3 +363,87 @@ fn garbage_tables_never_panic() {
         }
     }
 }
+
+/// `copy_pte_range` asked to reschedule now and then, resumed where it yielded, ends exactly
+/// where one uninterrupted `copy_range` does (entries, metadata, RSS and counters): the loop
+/// that keeps the progress counter behaves like the one that drops it.
+#[test]
+fn rescheduled_copy_equals_uninterrupted_copy() {
+    use oskit_pte_batch::hal::table_end;
+    use oskit_pte_batch::sim::{SimFolios, SimSpace};
+    use oskit_pte_batch::{Fork, PageTable, Progress};
+    let mut yields = 0;
+    for seed in 3000..if cfg!(miri) { 3002 } else { 3150 } {
+        let mut rng = Rng::new(seed);
+        let world = random_world(&mut rng, 2);
+        let n = world.parent.len();
+        let every = 1 + rng.below(6);
+
+        let mut straight = world.clone();
+        let (sres, srss, sviol, sstats) = straight.fork(0, n);
+
+        let mut w = world.clone();
+        let (src, dst) = (w.src, w.dst);
+        let mut folios = SimFolios::from_pages(BASE_PFN, &mut w.pages);
+        let mut p = SimSpace::<X86Pte>::new(BASE, &mut w.parent);
+        let mut c = SimSpace::<X86Pte>::new(BASE, &mut w.child);
+        let mut fork = Fork::new(&mut folios, src, dst);
+        let mut asked = 0u64;
+        let mut res = Ok(());
+        let mut a = addr(0);
+        'tables: while a < addr(n) {
+            let next = table_end(a).unwrap().min(addr(n));
+            c.prepare(a).unwrap();
+            loop {
+                let mut need_resched = || {
+                    asked += 1;
+                    asked.is_multiple_of(every)
+                };
+                match fork.copy_pte_range(&mut c, &mut p, a, next, &mut need_resched) {
+                    Ok(Progress::Done) => break,
+                    Ok(Progress::Yield(at)) => {
+                        assert!(
+                            at > a || at == a && asked.is_multiple_of(every),
+                            "seed {seed}: progress"
+                        );
+                        yields += 1;
+                        a = at;
+                    }
+                    Err(e) => {
+                        res = Err(e);
+                        break 'tables;
+                    }
+                }
+            }
+            a = next;
+        }
+        let (rss, stats) = (fork.rss(), fork.stats());
+        drop(fork);
+        let ctx = format!("seed {seed} every {every}");
+        assert_eq!(res, sres, "{ctx}: result");
+        if sres.is_err() {
+            continue;
+        }
+        assert_eq!(folios.violations(), sviol, "{ctx}: violations");
+        assert_eq!(rss, srss, "{ctx}: rss");
+        assert_eq!(w.parent, straight.parent, "{ctx}: parent");
+        assert_eq!(w.child, straight.child, "{ctx}: child");
+        assert_eq!(w.pages, straight.pages, "{ctx}: page metadata");
+        assert_eq!(
+            (
+                stats.present,
+                stats.batches,
+                stats.nonpresent,
+                stats.page_copies
+            ),
+            (
+                sstats.present,
+                sstats.batches,
+                sstats.nonpresent,
+                sstats.page_copies
+            ),
+            "{ctx}: counters"
+        );
+    }
+    assert!(yields > 100, "the loop yielded ({yields} times)");
+}
