@@ -191,18 +191,36 @@ impl<'m, M: FolioOps + PageAlloc> Fork<'m, M> {
         let mut progress = 0usize;
         loop {
             let pte = if self.prealloc.is_none() {
-                match small_run::<M, D, S, RESCHED>(
-                    &mut *self.mem,
-                    hot,
-                    dst,
-                    src,
-                    &mut addr,
-                    end,
-                    &mut progress,
-                    need_resched,
-                ) {
+                let mem = &mut *self.mem;
+                // Until the first write-protect, the loop notes where the range to flush
+                // starts; from then on only where it ends.
+                let stop = if hot.wp.is_open() {
+                    small_run::<M, D, S, RESCHED, true>(
+                        mem,
+                        hot,
+                        dst,
+                        src,
+                        &mut addr,
+                        end,
+                        &mut progress,
+                        need_resched,
+                    )
+                } else {
+                    small_run::<M, D, S, RESCHED, false>(
+                        mem,
+                        hot,
+                        dst,
+                        src,
+                        &mut addr,
+                        end,
+                        &mut progress,
+                        need_resched,
+                    )
+                };
+                match stop {
                     Stop::Done => return Ok(Progress::Done),
                     Stop::Yield => return Ok(Progress::Yield(addr)),
+                    Stop::WpOpened => continue,
                     Stop::Entry(pte) => pte,
                 }
             } else {
@@ -536,6 +554,9 @@ enum Stop {
     Done,
     /// `need_resched` asked to stop.
     Yield,
+    /// The first parent entries were write-protected: go on with the loop that only notes
+    /// where the range to flush ends.
+    WpOpened,
     /// At an entry the loop does not handle (non-present, no `struct page`, a large folio, a
     /// possibly pinned page), with its value.
     Entry(u64),
@@ -549,7 +570,7 @@ enum Stop {
 /// registers.
 #[allow(clippy::too_many_arguments)]
 #[inline(never)]
-fn small_run<M, D, S, const RESCHED: bool>(
+fn small_run<M, D, S, const RESCHED: bool, const WP_OPEN: bool>(
     mem: &mut M,
     hot: &mut Hot,
     dst: &mut D,
@@ -606,6 +627,9 @@ where
                 done += 8 * nr;
             }
             a += nr as u64 * PAGE_SIZE;
+            if !WP_OPEN && wp.is_open() {
+                break Stop::WpOpened;
+            }
             continue;
         }
         // A small folio contains the frame if it starts there (one compare, not two).
@@ -627,7 +651,12 @@ where
             // The backend's write-protect: on real hardware it is atomic, so a dirty bit the
             // MMU sets meanwhile is not lost.
             src.wrprotect_ptes(a, 1);
-            wp.add(a, 1);
+            if WP_OPEN {
+                wp.end = a + PAGE_SIZE;
+            } else {
+                wp.start = a;
+                wp.end = a + PAGE_SIZE;
+            }
             pte = F::<D>::wrprotect(pte);
         }
         if shared {
@@ -642,6 +671,9 @@ where
             done += 8;
         }
         a += PAGE_SIZE;
+        if !WP_OPEN && wp.is_open() {
+            break Stop::WpOpened;
+        }
     };
     (*addr, *progress) = (a, done);
     hot.wp = wp;
@@ -722,6 +754,11 @@ impl WrprotectRange {
             self.start = addr;
         }
         self.end = addr + nr as u64 * PAGE_SIZE;
+    }
+    /// Whether some entries were write-protected (the range has a start).
+    #[inline(always)]
+    fn is_open(&self) -> bool {
+        self.start != self.end
     }
     fn range(&self) -> Option<(u64, u64)> {
         (self.start != self.end).then_some((self.start, self.end))
