@@ -146,7 +146,7 @@ fn x86_scan_matches_its_definition() {
         1 << 63,
         1,
     ];
-    for seed in 0..40 {
+    for seed in 0..if cfg!(miri) { 2 } else { 40 } {
         check::<X86Pte>(seed, base | 0x2 | 0x60, &bits, X86Pte::PFN_MASK >> 12);
     }
 }
@@ -165,7 +165,7 @@ fn arm64_scan_matches_its_definition() {
         Arm64Pte::VALID,
         Arm64Pte::CONT,
     ];
-    for seed in 0..40 {
+    for seed in 0..if cfg!(miri) { 2 } else { 40 } {
         check::<Arm64Pte>(seed, base, &bits, Arm64Pte::PFN_MASK >> 12);
     }
 }
