@@ -369,7 +369,7 @@ impl<'m, M: FolioOps + PageAlloc> Fork<'m, M> {
         };
         let Some(folio) = folio else {
             hot.pageless += 1;
-            hot.set_child(dst, src, addr, pte, 1);
+            hot.set_child(dst, src, addr, pte);
             return Ok(1);
         };
         // One entry: a small folio, the range's last entry, or a page is preallocated (a copy
@@ -386,7 +386,7 @@ impl<'m, M: FolioOps + PageAlloc> Fork<'m, M> {
                 self.mem.dup_file_rmap(&folio, pfn, 1);
                 hot.rss.file += 1;
             }
-            hot.set_child(dst, src, addr, pte, 1);
+            hot.set_child(dst, src, addr, pte);
             return Ok(1);
         }
         let mut wp = hot.wp;
@@ -520,10 +520,10 @@ impl Hot {
         pte
     }
 
-    /// `__copy_present_ptes`: write-protect a COW parent, derive the child's entry, map it.
-    /// `writable`: whether any of the `nr` parent entries is writable.
+    /// `__copy_present_ptes` for one entry (the slow paths): write-protect a COW parent,
+    /// derive the child's entry, map it.
     #[inline(always)]
-    fn set_child<D, S>(&mut self, dst: &mut D, src: &mut S, addr: u64, pte: u64, nr: usize)
+    fn set_child<D, S>(&mut self, dst: &mut D, src: &mut S, addr: u64, pte: u64)
     where
         D: PageTable,
         S: PageTable<Format = D::Format>,
@@ -532,19 +532,11 @@ impl Hot {
         if self.cow && D::Format::is_writable(pte) {
             // Always the backend's write-protect: on real hardware it is atomic, so a dirty
             // bit the MMU sets meanwhile is not lost.
-            src.wrprotect_ptes(addr, nr);
-            self.wp.add(addr, nr);
+            src.wrprotect_ptes(addr, 1);
+            self.wp.add(addr, 1);
             pte = D::Format::wrprotect(pte);
         }
-        let pte = self.child_pte::<D::Format>(pte);
-        // The child is not live yet; one entry (the common small-folio case) takes the plain
-        // accessor.
-        if nr == 1 {
-            dst.set(addr, pte);
-        } else {
-            dst.set_ptes(addr, pte, nr);
-            self.batched_extra += nr as u64 - 1;
-        }
+        dst.set(addr, self.child_pte::<D::Format>(pte));
     }
 }
 
@@ -557,17 +549,19 @@ enum Stop {
     /// The first parent entries were write-protected: go on with the loop that only notes
     /// where the range to flush ends.
     WpOpened,
-    /// At an entry the loop does not handle (non-present, no `struct page`, a large folio, a
-    /// possibly pinned page), with its value.
+    /// At an entry the loop does not handle (non-present, no `struct page`, a possibly pinned
+    /// page), with its value.
     Entry(u64),
 }
 
-/// Copies none entries and present entries of small folios from `*addr` on, as Linux's per-PTE
-/// code does (which this must cost no more than: the only extra work is the "is the folio
-/// large?" test), until the range ends, `need_resched` asks to stop (if `RESCHED`: checked as
-/// the range loop does, every 32 units of progress) or an entry needs [`Fork::copy_other`].
-/// Out of line and with everything it updates in locals, so the compiler keeps them in
-/// registers.
+/// Copies none entries, present entries of small folios (as Linux's per-PTE code does, which
+/// this must cost no more than: the only extra work is the "is the folio large?" test) and
+/// large folios' batches (one call each) from `*addr` on, until the range ends,
+/// `need_resched` asks to stop (if `RESCHED`: checked as the range loop does, every 32 units
+/// of progress), the first parent entries are write-protected (unless `WP_OPEN`: the range to
+/// flush already has a start, and the loop only moves its end) or an entry needs
+/// [`Fork::copy_other`]. Out of line, with the loop's state in locals: the compiler keeps
+/// them in registers.
 #[allow(clippy::too_many_arguments)]
 #[inline(never)]
 fn small_run<M, D, S, const RESCHED: bool, const WP_OPEN: bool>(
@@ -659,6 +653,7 @@ where
             }
             pte = F::<D>::wrprotect(pte);
         }
+        // `Hot::child_pte`, from the flags in locals.
         if shared {
             pte = F::<D>::mkclean(pte);
         }
