@@ -445,7 +445,8 @@ fn rescheduled_copy_equals_uninterrupted_copy() {
             "{ctx}: counters"
         );
     }
-    assert!(yields > 100, "the loop yielded ({yields} times)");
+    let enough = if cfg!(miri) { 1 } else { 100 };
+    assert!(yields >= enough, "the loop yielded ({yields} times)");
 }
 
 /// A table that records its TLB range flushes, forwarding everything else to the model.
@@ -549,5 +550,6 @@ fn parent_tlb_flushes_cover_the_write_protected_entries() {
         }
         flushed += ranges[0].len();
     }
-    assert!(flushed > 100, "the copies flushed ({flushed} ranges)");
+    let enough = if cfg!(miri) { 1 } else { 100 };
+    assert!(flushed >= enough, "the copies flushed ({flushed} ranges)");
 }
