@@ -184,7 +184,7 @@ fn x86_ops(order: u8, batched: bool) -> TableStats {
 
 /// Interleaved batched/per-PTE runs, minimum of each: robust against a loaded machine.
 fn report_min_times() {
-    const REPS: usize = 15;
+    const REPS: usize = 41;
     eprintln!("\nminimum of {REPS} interleaved runs (ms):");
     eprintln!("folio | copy batched | copy per_pte | ratio | zap batched | zap per_pte | ratio");
     for (name, order) in SIZES {

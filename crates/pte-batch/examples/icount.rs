@@ -1,17 +1,17 @@
-//! Instruction-count probes of the batched fork copy, for `cargo xtask budgets` (callgrind
-//! counts the instructions inside each `icount_*` function): `icount PROBE ITERS`, where ITERS
-//! is the number of PTEs copied, so the budgets are per PTE.
+//! Instruction-count probes of the batched fork copy and zap, for `cargo xtask budgets`
+//! (callgrind counts the instructions inside each `icount_*` function): `icount PROBE ITERS`,
+//! where ITERS is the number of PTEs copied or zapped, so the budgets are per PTE.
 //!
-//! - `copy_64k`: anon folios of 64 KiB (order 4): batches of 16 PTEs.
-//! - `copy_4k`: small folios (order 0): every PTE takes the single-PTE path.
-//! - `copy_4k_reference`: the per-PTE reference (Linux before batching) on the same table.
+//! `{copy,zap}_{4k,16k,64k,2m}` run the batched code over a COW anon mapping of folios of that
+//! size (`4k`: every PTE takes the single-PTE path); `{copy,zap}_{size}_reference` run the
+//! per-PTE reference (Linux before batching) on the same table.
 
 #[path = "../benches/support/mod.rs"]
 mod support;
 
 use oskit_pte_batch::hal::PAGE_SIZE;
 use oskit_pte_batch::sim::{SimFolios, SimPage, SimSpace};
-use oskit_pte_batch::{Fork, PteFormat, Rss, X86Pte, reference};
+use oskit_pte_batch::{Fork, PteFormat, Rss, X86Pte, Zap, reference};
 use support::{BASE, PFN, vma, world, x86_flags};
 
 /// Forks the `parent.len()` PTEs into `child` (a COW mapping).
@@ -28,9 +28,8 @@ fn copy(parent: &mut [u64], pages: &mut [SimPage], child: &mut [u64]) {
 }
 
 /// The same fork with Linux's pre-batch semantics, one PTE at a time.
-#[unsafe(no_mangle)]
 #[inline(never)]
-pub fn icount_copy_4k_reference(parent: &mut [u64], pages: &mut [SimPage], child: &mut [u64]) {
+fn copy_reference(parent: &mut [u64], pages: &mut [SimPage], child: &mut [u64]) {
     let end = BASE + parent.len() as u64 * PAGE_SIZE;
     let mut f = SimFolios::from_pages(PFN, pages);
     let mut p = SimSpace::<X86Pte>::new(BASE, parent);
@@ -41,21 +40,78 @@ pub fn icount_copy_4k_reference(parent: &mut [u64], pages: &mut [SimPage], child
         .expect("copy succeeds");
 }
 
-macro_rules! probe {
-    ($name:ident, $order:expr) => {
-        /// Copies every PTE of the parent (folios of the given order) into the child.
-        #[unsafe(no_mangle)]
-        #[inline(never)]
-        pub fn $name(parent: &mut [u64], pages: &mut [SimPage], child: &mut [u64]) {
-            // Keeps the two probes distinct functions (identical code would be merged).
-            std::hint::black_box($order);
-            copy(parent, pages, child)
+/// Zaps the `parent.len()` PTEs.
+#[inline(never)]
+fn zap(parent: &mut [u64], pages: &mut [SimPage], _: &mut [u64]) {
+    let end = BASE + parent.len() as u64 * PAGE_SIZE;
+    let mut f = SimFolios::from_pages(PFN, pages);
+    let mut p = SimSpace::<X86Pte>::new(BASE, parent);
+    let mut zap = Zap::new(&mut f, vma(X86Pte::USER_READONLY));
+    zap.zap_range(&mut p, BASE, end).expect("zap succeeds");
+}
+
+/// The same zap with Linux's pre-batch semantics, one PTE at a time.
+#[inline(never)]
+fn zap_reference(parent: &mut [u64], pages: &mut [SimPage], _: &mut [u64]) {
+    let end = BASE + parent.len() as u64 * PAGE_SIZE;
+    let mut f = SimFolios::from_pages(PFN, pages);
+    let mut p = SimSpace::<X86Pte>::new(BASE, parent);
+    let mut rss = Rss::default();
+    reference::zap_range(
+        &mut p,
+        &mut f,
+        vma(X86Pte::USER_READONLY),
+        BASE,
+        end,
+        &mut rss,
+    )
+    .expect("zap succeeds");
+}
+
+type Probe = fn(&mut [u64], &mut [SimPage], &mut [u64]);
+
+macro_rules! probes {
+    ($($name:ident = $f:ident, $order:expr;)*) => {
+        $(
+            /// Runs one probe (folios of the given order).
+            #[unsafe(no_mangle)]
+            #[inline(never)]
+            pub fn $name(parent: &mut [u64], pages: &mut [SimPage], child: &mut [u64]) {
+                // Keeps the probes distinct functions (identical code would be merged).
+                std::hint::black_box($order);
+                $f(parent, pages, child)
+            }
+        )*
+        /// The probe named `name` (without `icount_`) and its folio order.
+        fn lookup(name: &str) -> Option<(Probe, u8)> {
+            $(
+                if stringify!($name).strip_prefix("icount_") == Some(name) {
+                    return Some(($name as Probe, $order));
+                }
+            )*
+            None
         }
     };
 }
 
-probe!(icount_copy_64k, 4u8);
-probe!(icount_copy_4k, 0u8);
+probes! {
+    icount_copy_4k = copy, 0u8;
+    icount_copy_16k = copy, 2u8;
+    icount_copy_64k = copy, 4u8;
+    icount_copy_2m = copy, 9u8;
+    icount_copy_4k_reference = copy_reference, 0u8;
+    icount_copy_16k_reference = copy_reference, 2u8;
+    icount_copy_64k_reference = copy_reference, 4u8;
+    icount_copy_2m_reference = copy_reference, 9u8;
+    icount_zap_4k = zap, 0u8;
+    icount_zap_16k = zap, 2u8;
+    icount_zap_64k = zap, 4u8;
+    icount_zap_2m = zap, 9u8;
+    icount_zap_4k_reference = zap_reference, 0u8;
+    icount_zap_16k_reference = zap_reference, 2u8;
+    icount_zap_64k_reference = zap_reference, 4u8;
+    icount_zap_2m_reference = zap_reference, 9u8;
+}
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -66,20 +122,16 @@ fn main() {
         ),
         _ => panic!("usage: icount PROBE ITERS"),
     };
-    let order = match probe {
-        "copy_64k" => 4,
-        "copy_4k" | "copy_4k_reference" => 0,
-        other => panic!("unknown probe {other}"),
-    };
+    let (run, order) = lookup(probe).unwrap_or_else(|| panic!("unknown probe {probe}"));
     let (mut parent, mut pages) = world::<X86Pte>(iters, order, x86_flags());
     let mut child = vec![0u64; iters];
-    match probe {
-        "copy_64k" => icount_copy_64k(&mut parent, &mut pages, &mut child),
-        "copy_4k" => icount_copy_4k(&mut parent, &mut pages, &mut child),
-        _ => icount_copy_4k_reference(&mut parent, &mut pages, &mut child),
+    run(&mut parent, &mut pages, &mut child);
+    if probe.starts_with("copy") {
+        assert!(
+            child.iter().all(|&pte| X86Pte::is_present(pte)),
+            "the child got every PTE"
+        );
+    } else {
+        assert!(parent.iter().all(|&pte| pte == 0), "every PTE is cleared");
     }
-    assert!(
-        child.iter().all(|&pte| X86Pte::is_present(pte)),
-        "the child got every PTE"
-    );
 }

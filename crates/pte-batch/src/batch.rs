@@ -55,7 +55,7 @@ pub fn folio_pte_batch<T: PageTable + ?Sized>(
     max_nr: usize,
     flags: BatchFlags,
 ) -> Batch {
-    let mut any_writable = T::Format::is_writable(pte);
+    let any_writable = T::Format::is_writable(pte);
     if max_nr == 0 {
         return Batch {
             nr: 0,
@@ -71,19 +71,93 @@ pub fn folio_pte_batch<T: PageTable + ?Sized>(
     }
     // Never past the folio's last frame, whatever the table says.
     let limit = (folio.end_pfn() - pfn).min(max_nr as u64) as usize;
-    let mut expected = batch_key::<T::Format>(T::Format::advance_pfn(pte, 1), flags);
+    if limit == 1 {
+        return Batch {
+            nr: 1,
+            any_writable,
+        };
+    }
+    // One comparison function per combination of ignored bits, so the loop has no branches on
+    // `flags`: for x86 the key is one AND with a constant.
+    let dirty = flags.contains(BatchFlags::IGNORE_DIRTY);
+    let soft = flags.contains(BatchFlags::IGNORE_SOFT_DIRTY);
+    match (dirty, soft) {
+        (false, false) => scan::<T, false, false>(table, addr, pte, limit),
+        (true, false) => scan::<T, true, false>(table, addr, pte, limit),
+        (false, true) => scan::<T, false, true>(table, addr, pte, limit),
+        (true, true) => scan::<T, true, true>(table, addr, pte, limit),
+    }
+}
+
+/// [`batch_key`] with the flags known at compile time.
+#[inline(always)]
+fn key<F: PteFormat, const DIRTY: bool, const SOFT: bool>(pte: u64) -> u64 {
+    let mut pte = pte;
+    if DIRTY {
+        pte = F::mkclean(pte);
+    }
+    if SOFT {
+        pte = F::clear_soft_dirty(pte);
+    }
+    F::wrprotect(F::mkold(pte))
+}
+
+/// The scan of [`folio_pte_batch`] once `limit` (>= 2) entries are known to stay in the
+/// folio: entry `i` must equal, ignoring the bits the key clears, `pte` advanced by `i`
+/// frames, which is the previous expected value plus a constant (the PFN is a plain field).
+#[inline(always)]
+fn scan<T: PageTable + ?Sized, const DIRTY: bool, const SOFT: bool>(
+    table: &T,
+    addr: u64,
+    pte: u64,
+    limit: usize,
+) -> Batch {
+    type F<T> = <T as PageTable>::Format;
+    let mut any_writable = F::<T>::is_writable(pte);
+    let step = F::<T>::advance_pfn(pte, 1).wrapping_sub(pte);
+    let first = key::<F<T>, DIRTY, SOFT>(F::<T>::advance_pfn(pte, 1));
+    let rest = limit - 1;
+    // Adding `step` is exact while the PFN field does not overflow, which its value at the
+    // last entry tells; otherwise (garbage frames at the top of the field) step generically.
+    let last = key::<F<T>, DIRTY, SOFT>(F::<T>::advance_pfn(pte, rest as u64));
+    if last != first.wrapping_add(step.wrapping_mul(rest as u64 - 1)) {
+        let mut nr = 1;
+        while nr < limit {
+            let next = table.get(addr + nr as u64 * PAGE_SIZE);
+            let want = key::<F<T>, DIRTY, SOFT>(F::<T>::advance_pfn(pte, nr as u64));
+            if key::<F<T>, DIRTY, SOFT>(next) != want {
+                break;
+            }
+            any_writable |= F::<T>::is_writable(next);
+            nr += 1;
+        }
+        return Batch { nr, any_writable };
+    }
+    let mut expected = first;
     let mut nr = 1;
-    // Entries are read a chunk at a time (one copy for a table in plain memory), then compared.
+    if let Some(run) = table.raw_entries(addr + PAGE_SIZE, rest) {
+        // Plain memory: compare the words in place.
+        for &next in run {
+            if key::<F<T>, DIRTY, SOFT>(next) != expected {
+                break;
+            }
+            any_writable |= F::<T>::is_writable(next);
+            expected = expected.wrapping_add(step);
+            nr += 1;
+        }
+        return Batch { nr, any_writable };
+    }
+    // Otherwise a chunk at a time through the backend's reads.
     let mut buf = [0u64; 16];
     'outer: while nr < limit {
         let chunk = &mut buf[..(limit - nr).min(16)];
         table.get_many(addr + nr as u64 * PAGE_SIZE, chunk);
         for &next in chunk.iter() {
-            if batch_key::<T::Format>(next, flags) != expected {
+            if key::<F<T>, DIRTY, SOFT>(next) != expected {
                 break 'outer;
             }
-            any_writable |= T::Format::is_writable(next);
-            expected = T::Format::advance_pfn(expected, 1);
+            any_writable |= F::<T>::is_writable(next);
+            expected = expected.wrapping_add(step);
             nr += 1;
         }
     }

@@ -103,8 +103,8 @@ impl<'m, M: FolioOps + PageAlloc> Fork<'m, M> {
             let next = table_end(addr).map_or(end, |e| e.min(end));
             if src.has_table(addr) {
                 dst.prepare(addr)?;
-                let mut never = || false;
-                self.copy_pte_range(dst, src, addr, next, &mut never)?;
+                // No rescheduling: the loop drops its progress counter.
+                self.pte_range::<D, S, false>(dst, src, addr, next, &mut || false)?;
             }
             addr = next;
         }
@@ -132,6 +132,23 @@ impl<'m, M: FolioOps + PageAlloc> Fork<'m, M> {
         D: PageTable,
         S: PageTable<Format = D::Format>,
     {
+        self.pte_range::<D, S, true>(dst, src, addr, end, need_resched)
+    }
+
+    /// [`copy_pte_range`](Self::copy_pte_range), asking `need_resched` only if `RESCHED`.
+    #[inline(always)]
+    fn pte_range<D, S, const RESCHED: bool>(
+        &mut self,
+        dst: &mut D,
+        src: &mut S,
+        addr: u64,
+        end: u64,
+        need_resched: &mut impl FnMut() -> bool,
+    ) -> Result<Progress, Error>
+    where
+        D: PageTable,
+        S: PageTable<Format = D::Format>,
+    {
         check_range(addr, end)?;
         if addr == end {
             return Ok(Progress::Done);
@@ -139,66 +156,10 @@ impl<'m, M: FolioOps + PageAlloc> Fork<'m, M> {
         if table_end(addr).is_some_and(|t| end > t) {
             return Err(Error::InvalidRange);
         }
-        // Everything the loop updates lives in locals (registers), written back once: through
-        // `&mut self` every counter would be a load and a store per entry.
         let mut hot = Hot::new(self.src, self.dst);
-        let mut addr = addr;
-        let mut progress = 0usize;
         src.lazy_mmu_enter();
         dst.lazy_mmu_enter();
-        let result = loop {
-            // The run of none and small-folio entries, in a function of its own whose `&mut`
-            // parameters tell the compiler that the metadata and the tables don't alias: it
-            // then keeps their fields in registers across the entry and metadata stores.
-            let fast = self.prealloc.is_none();
-            let pte = match fast_run(
-                &mut *self.mem,
-                &mut hot,
-                dst,
-                src,
-                &mut addr,
-                end,
-                &mut progress,
-                need_resched,
-                fast,
-            ) {
-                Stop::Done => break Ok(Progress::Done),
-                Stop::Yield => break Ok(Progress::Yield(addr)),
-                Stop::Entry(pte) => pte,
-            };
-            if !D::Format::is_present(pte) {
-                if let Err(e) = self.copy_nonpresent_pte(dst, addr, pte, &mut hot) {
-                    break Err(e);
-                }
-                progress += 8;
-                addr += PAGE_SIZE;
-                continue;
-            }
-            let max_nr = ((end - addr) / PAGE_SIZE) as usize;
-            match self.copy_present_slow(dst, src, addr, pte, max_nr, &mut hot) {
-                Ok(nr) => {
-                    // A preallocated page serves one attempt only.
-                    if self.prealloc.is_some() {
-                        self.drop_prealloc();
-                    }
-                    progress += 8 * nr;
-                    addr += nr as u64 * PAGE_SIZE;
-                }
-                Err(Error::Again) if self.prealloc.is_none() => {
-                    self.stats.again += 1;
-                    dst.lazy_mmu_leave();
-                    src.lazy_mmu_leave();
-                    let page = self.mem.alloc_page();
-                    src.lazy_mmu_enter();
-                    dst.lazy_mmu_enter();
-                    match page {
-                        Some(p) => self.prealloc = Some(p),
-                        None => break Err(Error::NoMemory),
-                    }
-                }
-                Err(e) => break Err(e),
-            }
-        };
+        let result = self.range_loop::<D, S, RESCHED>(dst, src, addr, end, need_resched, &mut hot);
         dst.lazy_mmu_leave();
         src.lazy_mmu_leave();
         self.absorb(&hot);
@@ -207,6 +168,131 @@ impl<'m, M: FolioOps + PageAlloc> Fork<'m, M> {
             self.stats.tlb_flushes += 1;
         }
         result
+    }
+
+    /// The loop of [`copy_pte_range`](Self::copy_pte_range) (`copy_pte_range`'s do-while):
+    /// runs of none and small-folio entries in [`small_run`], everything else (a large folio's
+    /// batch, the rare cases) one call each.
+    #[inline(always)]
+    fn range_loop<D, S, const RESCHED: bool>(
+        &mut self,
+        dst: &mut D,
+        src: &mut S,
+        addr: u64,
+        end: u64,
+        need_resched: &mut impl FnMut() -> bool,
+        hot: &mut Hot,
+    ) -> Result<Progress, Error>
+    where
+        D: PageTable,
+        S: PageTable<Format = D::Format>,
+    {
+        let mut addr = addr;
+        let mut progress = 0usize;
+        loop {
+            let pte = if self.prealloc.is_none() {
+                let mem = &mut *self.mem;
+                // Until the first write-protect, the loop notes where the range to flush
+                // starts; from then on only where it ends.
+                let stop = if hot.wp.is_open() {
+                    small_run::<M, D, S, RESCHED, true>(
+                        mem,
+                        hot,
+                        dst,
+                        src,
+                        &mut addr,
+                        end,
+                        &mut progress,
+                        need_resched,
+                    )
+                } else {
+                    small_run::<M, D, S, RESCHED, false>(
+                        mem,
+                        hot,
+                        dst,
+                        src,
+                        &mut addr,
+                        end,
+                        &mut progress,
+                        need_resched,
+                    )
+                };
+                match stop {
+                    Stop::Done => return Ok(Progress::Done),
+                    Stop::Yield => return Ok(Progress::Yield(addr)),
+                    Stop::WpOpened => continue,
+                    Stop::Entry(pte) => pte,
+                }
+            } else {
+                // A page is preallocated for the next entry: no fast path.
+                if addr >= end {
+                    return Ok(Progress::Done);
+                }
+                if RESCHED && progress >= 32 {
+                    progress = 0;
+                    if need_resched() {
+                        return Ok(Progress::Yield(addr));
+                    }
+                }
+                let pte = src.get(addr);
+                if D::Format::is_none(pte) {
+                    progress += 1;
+                    addr += PAGE_SIZE;
+                    continue;
+                }
+                pte
+            };
+            // 0: a page was preallocated, retry the entry.
+            let nr = self.copy_other(dst, src, addr, pte, end, hot)?;
+            progress += 8 * nr;
+            addr += nr as u64 * PAGE_SIZE;
+        }
+    }
+
+    /// Everything [`small_run`] declines: a batch of a large folio, a non-present entry, a
+    /// frame without `struct page`, a possibly pinned anon page (the [`Error::Again`] →
+    /// preallocate → retry cycle), and any entry while a page is preallocated. Returns how
+    /// many entries were copied, 0 when a page was just preallocated and the entry must be
+    /// tried again.
+    #[inline(never)]
+    fn copy_other<D, S>(
+        &mut self,
+        dst: &mut D,
+        src: &mut S,
+        addr: u64,
+        pte: u64,
+        end: u64,
+        hot: &mut Hot,
+    ) -> Result<usize, Error>
+    where
+        D: PageTable,
+        S: PageTable<Format = D::Format>,
+    {
+        if !D::Format::is_present(pte) {
+            self.copy_nonpresent_pte(dst, addr, pte, hot)?;
+            return Ok(1);
+        }
+        let max_nr = ((end - addr) / PAGE_SIZE) as usize;
+        match self.copy_present_inner(dst, src, addr, pte, max_nr, hot) {
+            Ok(nr) => {
+                // A preallocated page serves one attempt only.
+                if self.prealloc.is_some() {
+                    self.drop_prealloc();
+                }
+                Ok(nr)
+            }
+            Err(Error::Again) if self.prealloc.is_none() => {
+                self.stats.again += 1;
+                dst.lazy_mmu_leave();
+                src.lazy_mmu_leave();
+                let page = self.mem.alloc_page();
+                src.lazy_mmu_enter();
+                dst.lazy_mmu_enter();
+                self.prealloc = Some(page.ok_or(Error::NoMemory)?);
+                Ok(0)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Copies the present entry `pte` at `addr` and as many following entries of the same folio
@@ -252,29 +338,13 @@ impl<'m, M: FolioOps + PageAlloc> Fork<'m, M> {
     /// Adds what one loop accumulated in `hot` to the totals.
     fn absorb(&mut self, hot: &Hot) {
         self.rss += hot.rss;
-        self.stats.present += hot.present;
-        self.stats.batches += hot.batches;
+        // Every present entry copied is accounted in RSS (a page copy too) unless it has no
+        // `struct page`; a batch of `nr` entries is `nr - 1` entries more than batches.
+        let present = (hot.rss.anon + hot.rss.file) as u64 + hot.pageless;
+        self.stats.present += present;
+        self.stats.batches += present - hot.batched_extra;
         self.stats.page_copies += hot.page_copies;
         self.stats.nonpresent += hot.nonpresent;
-    }
-
-    /// Everything [`copy_small`] declines, out of line so the loop stays
-    /// small.
-    #[inline(never)]
-    fn copy_present_slow<D, S>(
-        &mut self,
-        dst: &mut D,
-        src: &mut S,
-        addr: u64,
-        pte: u64,
-        max_nr: usize,
-        hot: &mut Hot,
-    ) -> Result<usize, Error>
-    where
-        D: PageTable,
-        S: PageTable<Format = D::Format>,
-    {
-        self.copy_present_inner(dst, src, addr, pte, max_nr, hot)
     }
 
     #[inline(always)]
@@ -298,7 +368,8 @@ impl<'m, M: FolioOps + PageAlloc> Fork<'m, M> {
             self.mem.folio(pfn).filter(|f| f.contains(pfn))
         };
         let Some(folio) = folio else {
-            hot.set_child(dst, src, addr, pte, 1);
+            hot.pageless += 1;
+            hot.set_child(dst, src, addr, pte);
             return Ok(1);
         };
         // One entry: a small folio, the range's last entry, or a page is preallocated (a copy
@@ -315,10 +386,23 @@ impl<'m, M: FolioOps + PageAlloc> Fork<'m, M> {
                 self.mem.dup_file_rmap(&folio, pfn, 1);
                 hot.rss.file += 1;
             }
-            hot.set_child(dst, src, addr, pte, 1);
+            hot.set_child(dst, src, addr, pte);
             return Ok(1);
         }
-        match copy_batch(&mut *self.mem, hot, dst, src, addr, pte, folio, max_nr) {
+        let mut wp = hot.wp;
+        let nr = copy_batch(
+            &mut *self.mem,
+            hot,
+            &mut wp,
+            dst,
+            src,
+            addr,
+            pte,
+            folio,
+            max_nr,
+        );
+        hot.wp = wp;
+        match nr {
             0 => Err(Error::Again),
             nr => Ok(nr),
         }
@@ -344,8 +428,6 @@ impl<'m, M: FolioOps + PageAlloc> Fork<'m, M> {
         self.mem.add_new_anon_rmap(new);
         hot.rss.anon += 1;
         hot.page_copies += 1;
-        hot.present += 1;
-        hot.batches += 1;
         let mut child = D::Format::mkdirty(D::Format::with_pfn(self.dst.page_prot, new));
         if self.dst.is_writable() {
             child = D::Format::mkwrite(child);
@@ -379,8 +461,7 @@ impl<'m, M: FolioOps + PageAlloc> Fork<'m, M> {
     }
 }
 
-/// What one range loop decides once (from the VMAs) and accumulates, kept out of `Fork` so the
-/// compiler holds it in registers across the folio metadata calls.
+/// What one range loop decides once (from the VMAs) and accumulates.
 #[derive(Clone, Copy)]
 struct Hot {
     /// Private, possibly writable mapping: writable parent entries are write-protected.
@@ -391,8 +472,10 @@ struct Hot {
     keep_uffd_wp: bool,
     batch_flags: BatchFlags,
     rss: Rss,
-    present: u64,
-    batches: u64,
+    /// Present entries copied without a `struct page` (not in RSS).
+    pageless: u64,
+    /// Sum of `nr - 1` over the batches (entries copied minus batches).
+    batched_extra: u64,
     page_copies: u64,
     nonpresent: u64,
     wp: WrprotectRange,
@@ -414,17 +497,33 @@ impl Hot {
             keep_uffd_wp: dst.uffd_wp(),
             batch_flags,
             rss: Rss::default(),
-            present: 0,
-            batches: 0,
+            pageless: 0,
+            batched_extra: 0,
             page_copies: 0,
             nonpresent: 0,
             wp: WrprotectRange::default(),
         }
     }
 
-    /// `__copy_present_ptes`: write-protect a COW parent, derive the child's entry, map it.
+    /// The child's entry from the parent's (already write-protected if COW): clean in a
+    /// shared mapping, always old, uffd-wp only if the child keeps it.
     #[inline(always)]
-    fn set_child<D, S>(&mut self, dst: &mut D, src: &mut S, addr: u64, pte: u64, nr: usize)
+    fn child_pte<F: PteFormat>(&self, pte: u64) -> u64 {
+        let mut pte = pte;
+        if self.shared {
+            pte = F::mkclean(pte);
+        }
+        pte = F::mkold(pte);
+        if !self.keep_uffd_wp {
+            pte = F::clear_uffd_wp(pte);
+        }
+        pte
+    }
+
+    /// `__copy_present_ptes` for one entry (the slow paths): write-protect a COW parent,
+    /// derive the child's entry, map it.
+    #[inline(always)]
+    fn set_child<D, S>(&mut self, dst: &mut D, src: &mut S, addr: u64, pte: u64)
     where
         D: PageTable,
         S: PageTable<Format = D::Format>,
@@ -433,46 +532,39 @@ impl Hot {
         if self.cow && D::Format::is_writable(pte) {
             // Always the backend's write-protect: on real hardware it is atomic, so a dirty
             // bit the MMU sets meanwhile is not lost.
-            src.wrprotect_ptes(addr, nr);
-            self.wp.add(addr, nr);
+            src.wrprotect_ptes(addr, 1);
+            self.wp.add(addr, 1);
             pte = D::Format::wrprotect(pte);
         }
-        if self.shared {
-            pte = D::Format::mkclean(pte);
-        }
-        pte = D::Format::mkold(pte);
-        if !self.keep_uffd_wp {
-            pte = D::Format::clear_uffd_wp(pte);
-        }
-        // The child is not live yet; one entry (the common small-folio case) takes the plain
-        // accessor.
-        if nr == 1 {
-            dst.set(addr, pte);
-        } else {
-            dst.set_ptes(addr, pte, nr);
-        }
-        self.present += nr as u64;
-        self.batches += 1;
+        dst.set(addr, self.child_pte::<D::Format>(pte));
     }
 }
 
-/// Where [`fast_run`] stopped.
+/// Where [`small_run`] stopped.
 enum Stop {
     /// At the end of the range.
     Done,
     /// `need_resched` asked to stop.
     Yield,
-    /// At an entry the fast path does not handle (non-present, or present but not a lone
-    /// small-folio entry), with its value.
+    /// The first parent entries were write-protected: go on with the loop that only notes
+    /// where the range to flush ends.
+    WpOpened,
+    /// At an entry the loop does not handle (non-present, no `struct page`, a possibly pinned
+    /// page), with its value.
     Entry(u64),
 }
 
-/// Copies none entries and lone small-folio entries from `*addr` on, until the range ends,
-/// `need_resched` asks to stop (checked as the range loop does) or an entry needs the slow path.
-/// With `fast` false (a page is preallocated) every present entry goes to the slow path.
+/// Copies none entries, present entries of small folios (as Linux's per-PTE code does, which
+/// this must cost no more than: the only extra work is the "is the folio large?" test) and
+/// large folios' batches (one call each) from `*addr` on, until the range ends,
+/// `need_resched` asks to stop (if `RESCHED`: checked as the range loop does, every 32 units
+/// of progress), the first parent entries are write-protected (unless `WP_OPEN`: the range to
+/// flush already has a start, and the loop only moves its end) or an entry needs
+/// [`Fork::copy_other`]. Out of line, with the loop's state in locals: the compiler keeps
+/// them in registers.
 #[allow(clippy::too_many_arguments)]
 #[inline(never)]
-fn fast_run<M, D, S>(
+fn small_run<M, D, S, const RESCHED: bool, const WP_OPEN: bool>(
     mem: &mut M,
     hot: &mut Hot,
     dst: &mut D,
@@ -481,102 +573,125 @@ fn fast_run<M, D, S>(
     end: u64,
     progress: &mut usize,
     need_resched: &mut impl FnMut() -> bool,
-    fast: bool,
 ) -> Stop
 where
     M: FolioOps,
     D: PageTable,
     S: PageTable<Format = D::Format>,
 {
+    type F<D> = <D as PageTable>::Format;
     let (mut a, mut done) = (*addr, *progress);
+    let (cow, shared, keep_uffd_wp) = (hot.cow, hot.shared, hot.keep_uffd_wp);
+    let mut wp = hot.wp;
     let stop = loop {
         if a >= end {
             break Stop::Done;
         }
-        if done >= 32 {
+        if RESCHED && done >= 32 {
             done = 0;
             if need_resched() {
                 break Stop::Yield;
             }
         }
-        let pte = src.get(a);
-        if D::Format::is_none(pte) {
-            done += 1;
+        let mut pte = src.get(a);
+        if F::<D>::is_none(pte) {
+            if RESCHED {
+                done += 1;
+            }
             a += PAGE_SIZE;
             continue;
         }
-        if !fast || !D::Format::is_present(pte) {
+        if !F::<D>::is_present(pte) || F::<D>::is_special(pte) {
             break Stop::Entry(pte);
         }
-        let nr = copy_small(mem, hot, dst, src, a, pte, ((end - a) / PAGE_SIZE) as usize);
-        if nr == 0 {
+        let pfn = F::<D>::pfn(pte);
+        let Some(folio) = mem.folio(pfn) else {
+            break Stop::Entry(pte);
+        };
+        if folio.is_large() {
+            if !folio.contains(pfn) {
+                break Stop::Entry(pte);
+            }
+            let max_nr = ((end - a) / PAGE_SIZE) as usize;
+            let nr = copy_batch(mem, hot, &mut wp, dst, src, a, pte, folio, max_nr);
+            if nr == 0 {
+                break Stop::Entry(pte);
+            }
+            if RESCHED {
+                done += 8 * nr;
+            }
+            a += nr as u64 * PAGE_SIZE;
+            if !WP_OPEN && wp.is_open() {
+                break Stop::WpOpened;
+            }
+            continue;
+        }
+        // A small folio contains the frame if it starts there (one compare, not two).
+        if folio.pfn != pfn || folio.nr_pages == 0 {
             break Stop::Entry(pte);
         }
-        done += 8 * nr;
-        a += nr as u64 * PAGE_SIZE;
+        mem.ref_add(&folio, 1);
+        if folio.anon {
+            if mem.try_dup_anon_rmap(&folio, pfn, 1).is_err() {
+                undo_ref(mem, &folio, 1);
+                break Stop::Entry(pte);
+            }
+            hot.rss.anon += 1;
+        } else {
+            mem.dup_file_rmap(&folio, pfn, 1);
+            hot.rss.file += 1;
+        }
+        if cow && F::<D>::is_writable(pte) {
+            // The backend's write-protect: on real hardware it is atomic, so a dirty bit the
+            // MMU sets meanwhile is not lost.
+            src.wrprotect_ptes(a, 1);
+            if WP_OPEN {
+                wp.end = a + PAGE_SIZE;
+            } else {
+                wp.start = a;
+                wp.end = a + PAGE_SIZE;
+            }
+            pte = F::<D>::wrprotect(pte);
+        }
+        // `Hot::child_pte`, from the flags in locals.
+        if shared {
+            pte = F::<D>::mkclean(pte);
+        }
+        pte = F::<D>::mkold(pte);
+        if !keep_uffd_wp {
+            pte = F::<D>::clear_uffd_wp(pte);
+        }
+        dst.set(a, pte);
+        if RESCHED {
+            done += 8;
+        }
+        a += PAGE_SIZE;
+        if !WP_OPEN && wp.is_open() {
+            break Stop::WpOpened;
+        }
     };
     (*addr, *progress) = (a, done);
+    hot.wp = wp;
     stop
 }
 
-/// The common cases without a preallocated page: one present entry of a small folio (Linux's
-/// pre-batch per-PTE copy, which this must cost no more than), or a batch of a large folio.
-/// Returns how many entries were copied, or 0, having changed nothing, for everything else
-/// (no `struct page`, a possibly pinned anon page), which [`Fork::copy_present_slow`] handles:
-/// a pinned page is tried again there.
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-fn copy_small<M, D, S>(
-    mem: &mut M,
-    hot: &mut Hot,
-    dst: &mut D,
-    src: &mut S,
-    addr: u64,
-    pte: u64,
-    max_nr: usize,
-) -> usize
-where
-    M: FolioOps,
-    D: PageTable,
-    S: PageTable<Format = D::Format>,
-{
-    if D::Format::is_special(pte) {
-        return 0;
-    }
-    let pfn = D::Format::pfn(pte);
-    let Some(folio) = mem.folio(pfn) else {
-        return 0;
-    };
-    if !folio.contains(pfn) {
-        return 0;
-    }
-    if folio.is_large() && max_nr > 1 {
-        return copy_batch(mem, hot, dst, src, addr, pte, folio, max_nr);
-    }
-    mem.ref_add(&folio, 1);
-    if folio.anon {
-        if mem.try_dup_anon_rmap(&folio, pfn, 1).is_err() {
-            mem.ref_sub(&folio, 1);
-            return 0;
-        }
-        hot.rss.anon += 1;
-    } else {
-        mem.dup_file_rmap(&folio, pfn, 1);
-        hot.rss.file += 1;
-    }
-    hot.set_child(dst, src, addr, pte, 1);
-    1
+/// Drops the references of a copy that cannot go ahead (rare: out of line).
+#[cold]
+#[inline(never)]
+fn undo_ref<M: FolioOps>(mem: &mut M, folio: &Folio, nr: usize) {
+    mem.ref_sub(folio, nr);
 }
 
-/// The batch of a large folio from the present entry `pte` (in `folio`): one reference add,
-/// one rmap dup, one write-protect and one `set_ptes` for the whole run. Returns its length, or
-/// 0 (changing nothing) when the folio may be pinned: the caller needs a preallocated page.
-/// Out of line: the per-entry loop stays small, and the call is paid once per batch.
+/// The batch of a large folio from the present entry `pte` (in `folio`), at most `max_nr`:
+/// one reference add, one rmap dup, one write-protect and one `set_ptes` for the whole run.
+/// Returns its length, or 0 (changing nothing) when the folio may be pinned: the caller needs
+/// a preallocated page. Out of line: paid once per batch.
 #[allow(clippy::too_many_arguments)]
 #[inline(never)]
 fn copy_batch<M, D, S>(
     mem: &mut M,
     hot: &mut Hot,
+    wp: &mut WrprotectRange,
     dst: &mut D,
     src: &mut S,
     addr: u64,
@@ -595,7 +710,7 @@ where
     mem.ref_add(&folio, nr);
     if folio.anon {
         if mem.try_dup_anon_rmap(&folio, pfn, nr).is_err() {
-            mem.ref_sub(&folio, nr);
+            undo_ref(mem, &folio, nr);
             return 0;
         }
         hot.rss.anon += nr as i64;
@@ -603,16 +718,24 @@ where
         mem.dup_file_rmap(&folio, pfn, nr);
         hot.rss.file += nr as i64;
     }
-    let pte = if batch.any_writable {
-        D::Format::mkwrite(pte)
-    } else {
-        pte
-    };
-    hot.set_child(dst, src, addr, pte, nr);
+    let mut pte = pte;
+    if batch.any_writable {
+        pte = D::Format::mkwrite(pte);
+        if hot.cow {
+            // The backend's write-protect of the whole run: on real hardware it is atomic, so
+            // a dirty bit the MMU sets meanwhile is not lost; the contiguous-bit backend keeps
+            // fully covered blocks folded.
+            src.wrprotect_ptes(addr, nr);
+            wp.add(addr, nr);
+            pte = D::Format::wrprotect(pte);
+        }
+    }
+    dst.set_ptes(addr, hot.child_pte::<D::Format>(pte), nr);
+    hot.batched_extra += nr as u64 - 1;
     nr
 }
 
-/// The span of parent entries write-protected by one range copy.
+/// The span of parent entries write-protected by one range copy (whose addresses only grow).
 #[derive(Default, Clone, Copy)]
 struct WrprotectRange {
     start: u64,
@@ -620,15 +743,17 @@ struct WrprotectRange {
 }
 
 impl WrprotectRange {
-    #[inline]
+    #[inline(always)]
     fn add(&mut self, addr: u64, nr: usize) {
-        let e = addr + nr as u64 * PAGE_SIZE;
         if self.start == self.end {
-            (self.start, self.end) = (addr, e);
-        } else {
-            self.start = self.start.min(addr);
-            self.end = self.end.max(e);
+            self.start = addr;
         }
+        self.end = addr + nr as u64 * PAGE_SIZE;
+    }
+    /// Whether some entries were write-protected (the range has a start).
+    #[inline(always)]
+    fn is_open(&self) -> bool {
+        self.start != self.end
     }
     fn range(&self) -> Option<(u64, u64)> {
         (self.start != self.end).then_some((self.start, self.end))

@@ -61,6 +61,11 @@ pub trait PteFormat {
     /// The same entry with its PFN replaced (excess PFN bits are dropped).
     fn with_pfn(pte: u64, pfn: u64) -> u64;
     /// The same entry pointing `nr` frames further on (`pte_advance_pfn`).
+    ///
+    /// As in Linux, the PFN is a plain field: while `pfn(pte) + nr` fits, advancing by `nr`
+    /// adds `nr` times what advancing by one adds (`advance_pfn(pte, nr) == pte + nr *
+    /// (advance_pfn(pte, 1) - pte)`, wrapping). The batching relies on it to step through a
+    /// folio's entries by adding a constant.
     fn advance_pfn(pte: u64, nr: u64) -> u64 {
         Self::with_pfn(pte, Self::pfn(pte).wrapping_add(nr))
     }
@@ -123,6 +128,15 @@ pub trait PageTable {
         for (i, e) in out.iter_mut().enumerate() {
             *e = self.get(addr + i as u64 * PAGE_SIZE);
         }
+    }
+    /// The raw values of the `nr` entries from `addr` (in one table), when the table is plain
+    /// memory whose raw words are what [`get`](Self::get) returns and that nothing else writes
+    /// while the caller holds it. The batch scan then compares the words in place. The default,
+    /// `None`, makes it read through [`get_many`](Self::get_many) (hardware tables the MMU
+    /// updates concurrently, or a backend that hides bits such as the contiguous bit).
+    fn raw_entries(&self, addr: u64, nr: usize) -> Option<&[u64]> {
+        let _ = (addr, nr);
+        None
     }
     /// Maps `nr` consecutive pages: entry `i` is `pte` advanced by `i` frames (`set_ptes`). The
     /// caller guarantees the frames belong to one folio.
@@ -194,6 +208,9 @@ impl<T: PageTable + ?Sized> PageTable for &mut T {
     }
     fn get_many(&self, addr: u64, out: &mut [u64]) {
         (**self).get_many(addr, out)
+    }
+    fn raw_entries(&self, addr: u64, nr: usize) -> Option<&[u64]> {
+        (**self).raw_entries(addr, nr)
     }
     fn set_ptes(&mut self, addr: u64, pte: u64, nr: usize) {
         (**self).set_ptes(addr, pte, nr)

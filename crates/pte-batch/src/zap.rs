@@ -104,94 +104,76 @@ impl<'m, M: FolioOps> Zap<'m, M> {
         if table_end(addr).is_some_and(|t| end > t) {
             return Err(Error::InvalidRange);
         }
+        let mut acc = Acc::default();
         let mut flush_from = addr;
         let mut cleared = false;
         let mut addr = addr;
         table.lazy_mmu_enter();
-        while addr < end {
-            let pte = table.get(addr);
-            if T::Format::is_none(pte) {
-                addr += PAGE_SIZE;
-                continue;
+        loop {
+            let stop = zap_run(
+                &mut *self.mem,
+                &mut self.gather,
+                &mut self.gathered,
+                &mut acc,
+                table,
+                &mut addr,
+                end,
+                &mut cleared,
+            );
+            match stop {
+                Stop::Done => break,
+                Stop::GatherFull => {}
+                Stop::Entry(pte) => {
+                    addr += self.zap_other(table, addr, pte, &mut acc) as u64 * PAGE_SIZE;
+                    cleared = true;
+                    if self.gathered < GATHER {
+                        continue;
+                    }
+                }
             }
-            if !T::Format::is_present(pte) {
-                let pte = table.get_and_clear(addr);
-                self.mem.swap_free(pte);
-                self.rss.swap -= 1;
-                self.stats.nonpresent += 1;
-                cleared = true;
-                addr += PAGE_SIZE;
-                continue;
-            }
-            let max_nr = ((end - addr) / PAGE_SIZE) as usize;
-            let nr = self.zap_present_ptes(table, addr, pte, max_nr);
-            addr += nr as u64 * PAGE_SIZE;
-            cleared = true;
-            if self.gathered == GATHER {
-                table.lazy_mmu_leave();
-                self.flush(table, flush_from, addr);
-                flush_from = addr;
-                cleared = false;
-                table.lazy_mmu_enter();
-            }
+            // The gather is full: flush what was cleared so far, then drop its references.
+            table.lazy_mmu_leave();
+            self.flush(table, flush_from, addr);
+            flush_from = addr;
+            cleared = false;
+            table.lazy_mmu_enter();
         }
         table.lazy_mmu_leave();
         if cleared {
             self.flush(table, flush_from, addr);
         }
+        self.rss.anon -= acc.anon;
+        self.rss.file -= acc.file;
+        self.rss.swap -= acc.swap;
+        // Every present entry cleared is in RSS unless it has no `struct page`; a batch of
+        // `nr` entries is `nr - 1` entries more than batches.
+        let present = (acc.anon + acc.file) as u64 + acc.pageless;
+        self.stats.present += present;
+        self.stats.batches += present - acc.batched_extra;
+        self.stats.nonpresent += acc.swap as u64;
         Ok(())
     }
 
-    /// Clears the present entry `pte` at `addr` and the following entries that batch with it
-    /// (at most `max_nr`); returns how many (`zap_present_ptes`).
-    fn zap_present_ptes<T: PageTable>(
+    /// Everything [`zap_run`] declines: a non-present (swap) entry, a present one without
+    /// `struct page`. Returns how many entries were cleared (1).
+    #[inline(never)]
+    fn zap_other<T: PageTable>(
         &mut self,
         table: &mut T,
         addr: u64,
         pte: u64,
-        max_nr: usize,
+        acc: &mut Acc,
     ) -> usize {
-        let pfn = T::Format::pfn(pte);
-        let folio = if T::Format::is_special(pte) {
-            None
-        } else {
-            self.mem.folio(pfn).filter(|f| f.contains(pfn))
-        };
-        let Some(folio) = folio else {
-            table.get_and_clear(addr);
-            self.stats.present += 1;
-            self.stats.batches += 1;
+        if !T::Format::is_present(pte) {
+            let pte = table.get_and_clear(addr);
+            self.mem.swap_free(pte);
+            acc.swap += 1;
             return 1;
-        };
-        let nr = if folio.is_large() && max_nr > 1 {
-            let flags = BatchFlags::IGNORE_DIRTY | BatchFlags::IGNORE_SOFT_DIRTY;
-            folio_pte_batch(table, &folio, addr, pte, max_nr, flags).nr
-        } else {
-            1
-        };
-        let gathered = if nr == 1 {
-            table.get_and_clear(addr)
-        } else {
-            table.get_and_clear_ptes(addr, nr)
-        };
-        if folio.anon {
-            // Anon pages need no up-to-date dirty/accessed state.
-            self.rss.anon -= nr as i64;
-        } else {
-            if T::Format::is_dirty(gathered) {
-                self.mem.mark_dirty(&folio);
-            }
-            if T::Format::is_young(gathered) {
-                self.mem.mark_accessed(&folio);
-            }
-            self.rss.file -= nr as i64;
         }
-        self.mem.remove_rmap(&folio, pfn, nr);
-        self.gather[self.gathered] = (folio, nr);
-        self.gathered += 1;
-        self.stats.present += nr as u64;
-        self.stats.batches += 1;
-        nr
+        // Special, or a frame without (or outside its) folio metadata: nothing to account.
+        table.get_and_clear(addr);
+        acc.pageless += 1;
+        1
     }
 
     /// Flushes `[start, end)` from the TLB, then drops the gathered references.
@@ -204,4 +186,158 @@ impl<'m, M: FolioOps> Zap<'m, M> {
         }
         self.gathered = 0;
     }
+}
+
+/// What one range zap accumulates (RSS as positive counts).
+#[derive(Default)]
+struct Acc {
+    anon: i64,
+    file: i64,
+    swap: i64,
+    /// Present entries cleared without a `struct page` (not in RSS).
+    pageless: u64,
+    /// Sum of `nr - 1` over the batches.
+    batched_extra: u64,
+}
+
+/// Where [`zap_run`] stopped.
+enum Stop {
+    /// At the end of the range.
+    Done,
+    /// The gather is full: flush before going on.
+    GatherFull,
+    /// At an entry the loop does not handle (non-present, no `struct page`), with its value.
+    Entry(u64),
+}
+
+/// Clears none entries and present entries with a folio from `*addr` on, as Linux's per-PTE
+/// code does for a small folio (the only extra work is the "is the folio large?" test), and a
+/// large folio's batch with one call, until the range ends, the gather is full or an entry
+/// needs [`Zap::zap_other`]. Out of line, with its counters in locals.
+#[allow(clippy::too_many_arguments)]
+#[inline(never)]
+fn zap_run<M: FolioOps, T: PageTable>(
+    mem: &mut M,
+    gather: &mut [(Folio, usize); GATHER],
+    gathered: &mut usize,
+    acc: &mut Acc,
+    table: &mut T,
+    addr: &mut u64,
+    end: u64,
+    cleared: &mut bool,
+) -> Stop {
+    type F<T> = <T as PageTable>::Format;
+    let mut a = *addr;
+    let mut n = *gathered;
+    let (mut anon, mut file) = (0i64, 0i64);
+    let mut any = false;
+    let stop = loop {
+        if a >= end {
+            break Stop::Done;
+        }
+        let pte = table.get(a);
+        if F::<T>::is_none(pte) {
+            a += PAGE_SIZE;
+            continue;
+        }
+        if !F::<T>::is_present(pte) || F::<T>::is_special(pte) {
+            break Stop::Entry(pte);
+        }
+        let pfn = F::<T>::pfn(pte);
+        let Some(folio) = mem.folio(pfn) else {
+            break Stop::Entry(pte);
+        };
+        // A small folio contains the frame if it starts there (one compare, not two).
+        let inside = if folio.is_large() {
+            folio.contains(pfn)
+        } else {
+            folio.pfn == pfn && folio.nr_pages != 0
+        };
+        if !inside {
+            break Stop::Entry(pte);
+        }
+        any = true;
+        if folio.is_large() {
+            let max_nr = ((end - a) / PAGE_SIZE) as usize;
+            *gathered = n;
+            let nr = zap_batch(mem, gather, gathered, acc, table, a, pte, folio, max_nr);
+            n = *gathered;
+            a += nr as u64 * PAGE_SIZE;
+        } else {
+            // Cleared atomically: the value returned has the MMU's last dirty/accessed bits.
+            let pte = table.get_and_clear(a);
+            if folio.anon {
+                // Anon pages need no up-to-date dirty/accessed state.
+                anon += 1;
+            } else {
+                if F::<T>::is_dirty(pte) {
+                    mem.mark_dirty(&folio);
+                }
+                if F::<T>::is_young(pte) {
+                    mem.mark_accessed(&folio);
+                }
+                file += 1;
+            }
+            mem.remove_rmap(&folio, pfn, 1);
+            gather[n] = (folio, 1);
+            n += 1;
+            a += PAGE_SIZE;
+        }
+        if n == GATHER {
+            break Stop::GatherFull;
+        }
+    };
+    *addr = a;
+    *gathered = n;
+    *cleared |= any;
+    acc.anon += anon;
+    acc.file += file;
+    stop
+}
+
+/// Clears the present entry `pte` at `addr` (of the large `folio`) and the following entries
+/// that batch with it, at most `max_nr`, as one batch (`zap_present_ptes`): one clear, one
+/// rmap removal, one gather entry. Returns how many. The gather must have room for one entry.
+#[allow(clippy::too_many_arguments)]
+#[inline(never)]
+fn zap_batch<M: FolioOps, T: PageTable>(
+    mem: &mut M,
+    gather: &mut [(Folio, usize); GATHER],
+    gathered: &mut usize,
+    acc: &mut Acc,
+    table: &mut T,
+    addr: u64,
+    pte: u64,
+    folio: Folio,
+    max_nr: usize,
+) -> usize {
+    let pfn = T::Format::pfn(pte);
+    let nr = if folio.is_large() && max_nr > 1 {
+        let flags = BatchFlags::IGNORE_DIRTY | BatchFlags::IGNORE_SOFT_DIRTY;
+        folio_pte_batch(table, &folio, addr, pte, max_nr, flags).nr
+    } else {
+        1
+    };
+    let gathered_pte = if nr == 1 {
+        table.get_and_clear(addr)
+    } else {
+        table.get_and_clear_ptes(addr, nr)
+    };
+    if folio.anon {
+        // Anon pages need no up-to-date dirty/accessed state.
+        acc.anon += nr as i64;
+    } else {
+        if T::Format::is_dirty(gathered_pte) {
+            mem.mark_dirty(&folio);
+        }
+        if T::Format::is_young(gathered_pte) {
+            mem.mark_accessed(&folio);
+        }
+        acc.file += nr as i64;
+    }
+    mem.remove_rmap(&folio, pfn, nr);
+    gather[*gathered] = (folio, nr);
+    *gathered += 1;
+    acc.batched_extra += nr as u64 - 1;
+    nr
 }

@@ -363,3 +363,193 @@ fn garbage_tables_never_panic() {
         }
     }
 }
+
+/// `copy_pte_range` asked to reschedule now and then, resumed where it yielded, ends exactly
+/// where one uninterrupted `copy_range` does (entries, metadata, RSS and counters): the loop
+/// that keeps the progress counter behaves like the one that drops it.
+#[test]
+fn rescheduled_copy_equals_uninterrupted_copy() {
+    use oskit_pte_batch::hal::table_end;
+    use oskit_pte_batch::sim::{SimFolios, SimSpace};
+    use oskit_pte_batch::{Fork, PageTable, Progress};
+    let mut yields = 0;
+    for seed in 3000..if cfg!(miri) { 3002 } else { 3150 } {
+        let mut rng = Rng::new(seed);
+        let world = random_world(&mut rng, 2);
+        let n = world.parent.len();
+        let every = 1 + rng.below(6);
+
+        let mut straight = world.clone();
+        let (sres, srss, sviol, sstats) = straight.fork(0, n);
+
+        let mut w = world.clone();
+        let (src, dst) = (w.src, w.dst);
+        let mut folios = SimFolios::from_pages(BASE_PFN, &mut w.pages);
+        let mut p = SimSpace::<X86Pte>::new(BASE, &mut w.parent);
+        let mut c = SimSpace::<X86Pte>::new(BASE, &mut w.child);
+        let mut fork = Fork::new(&mut folios, src, dst);
+        let mut asked = 0u64;
+        let mut res = Ok(());
+        let mut a = addr(0);
+        'tables: while a < addr(n) {
+            let next = table_end(a).unwrap().min(addr(n));
+            c.prepare(a).unwrap();
+            loop {
+                let mut need_resched = || {
+                    asked += 1;
+                    asked.is_multiple_of(every)
+                };
+                match fork.copy_pte_range(&mut c, &mut p, a, next, &mut need_resched) {
+                    Ok(Progress::Done) => break,
+                    Ok(Progress::Yield(at)) => {
+                        assert!(
+                            at > a || at == a && asked.is_multiple_of(every),
+                            "seed {seed}: progress"
+                        );
+                        yields += 1;
+                        a = at;
+                    }
+                    Err(e) => {
+                        res = Err(e);
+                        break 'tables;
+                    }
+                }
+            }
+            a = next;
+        }
+        let (rss, stats) = (fork.rss(), fork.stats());
+        drop(fork);
+        let ctx = format!("seed {seed} every {every}");
+        assert_eq!(res, sres, "{ctx}: result");
+        if sres.is_err() {
+            continue;
+        }
+        assert_eq!(folios.violations(), sviol, "{ctx}: violations");
+        assert_eq!(rss, srss, "{ctx}: rss");
+        assert_eq!(w.parent, straight.parent, "{ctx}: parent");
+        assert_eq!(w.child, straight.child, "{ctx}: child");
+        assert_eq!(w.pages, straight.pages, "{ctx}: page metadata");
+        assert_eq!(
+            (
+                stats.present,
+                stats.batches,
+                stats.nonpresent,
+                stats.page_copies
+            ),
+            (
+                sstats.present,
+                sstats.batches,
+                sstats.nonpresent,
+                sstats.page_copies
+            ),
+            "{ctx}: counters"
+        );
+    }
+    let enough = if cfg!(miri) { 1 } else { 100 };
+    assert!(yields >= enough, "the loop yielded ({yields} times)");
+}
+
+/// A table that records its TLB range flushes, forwarding everything else to the model.
+struct Flushes<'a> {
+    table: oskit_pte_batch::sim::SimSpace<'a, X86Pte>,
+    ranges: Vec<(u64, u64)>,
+}
+
+impl oskit_pte_batch::PageTable for Flushes<'_> {
+    type Format = X86Pte;
+    fn get(&self, addr: u64) -> u64 {
+        self.table.get(addr)
+    }
+    fn set(&mut self, addr: u64, pte: u64) {
+        self.table.set(addr, pte)
+    }
+    fn raw_entries(&self, addr: u64, nr: usize) -> Option<&[u64]> {
+        self.table.raw_entries(addr, nr)
+    }
+    fn set_ptes(&mut self, addr: u64, pte: u64, nr: usize) {
+        self.table.set_ptes(addr, pte, nr)
+    }
+    fn wrprotect_ptes(&mut self, addr: u64, nr: usize) {
+        self.table.wrprotect_ptes(addr, nr)
+    }
+    fn flush_tlb_range(&mut self, start: u64, end: u64) {
+        self.ranges.push((start, end));
+    }
+}
+
+/// The parent's TLB is flushed once per table over every entry write-protected there, as the
+/// reference does.
+#[test]
+fn parent_tlb_flushes_cover_the_write_protected_entries() {
+    use oskit_pte_batch::hal::table_end;
+    use oskit_pte_batch::sim::{SimFolios, SimSpace};
+    use oskit_pte_batch::{Fork, reference};
+    let mut flushed = 0;
+    for seed in 5000..if cfg!(miri) { 5002 } else { 5150 } {
+        let mut rng = Rng::new(seed);
+        let world = random_world(&mut rng, 2);
+        let n = world.parent.len();
+        let mut ranges = Vec::new();
+        let mut parents = Vec::new();
+        for batched in [true, false] {
+            let mut w = world.clone();
+            let (src, dst) = (w.src, w.dst);
+            let mut folios = SimFolios::from_pages(BASE_PFN, &mut w.pages);
+            let mut p = Flushes {
+                table: SimSpace::new(BASE, &mut w.parent),
+                ranges: Vec::new(),
+            };
+            let mut c = SimSpace::<X86Pte>::new(BASE, &mut w.child);
+            let r = if batched {
+                Fork::new(&mut folios, src, dst).copy_range(&mut c, &mut p, addr(0), addr(n))
+            } else {
+                let mut rss = Rss::default();
+                reference::copy_range(
+                    &mut c,
+                    &mut p,
+                    &mut folios,
+                    src,
+                    dst,
+                    addr(0),
+                    addr(n),
+                    &mut rss,
+                )
+            };
+            if r.is_err() {
+                break;
+            }
+            ranges.push(p.ranges);
+            parents.push(w.parent);
+        }
+        if ranges.len() < 2 {
+            continue;
+        }
+        // One flush per table with write-protected entries, over a span containing the
+        // reference's (a batch write-protects all its entries if any was writable, so its
+        // span may start or end a little further out), inside the table.
+        assert_eq!(ranges[0].len(), ranges[1].len(), "seed {seed}: flushes");
+        for (&(s, e), &(rs, re)) in ranges[0].iter().zip(&ranges[1]) {
+            assert!(
+                s <= rs && re <= e,
+                "seed {seed}: {s:#x}..{e:#x} within {rs:#x}..{re:#x}"
+            );
+            assert_eq!(
+                table_end(s),
+                table_end(e - 1),
+                "seed {seed}: one table per flush"
+            );
+        }
+        for i in 0..n {
+            let (before, after) = (world.parent[i], parents[0][i]);
+            if X86Pte::is_writable(before) && !X86Pte::is_writable(after) {
+                assert!(
+                    ranges[0].iter().any(|&(s, e)| s <= addr(i) && addr(i) < e),
+                    "seed {seed}: entry {i} write-protected but not flushed"
+                );
+            }
+        }
+        flushed += ranges[0].len();
+    }
+    let enough = if cfg!(miri) { 1 } else { 100 };
+    assert!(flushed >= enough, "the copies flushed ({flushed} ranges)");
+}

@@ -79,7 +79,7 @@ impl<'a> SimFolios<'a> {
         }
     }
 
-    #[inline]
+    #[inline(always)]
     fn idx(&self, pfn: u64) -> Option<usize> {
         let i = usize::try_from(pfn.checked_sub(self.base_pfn)?).ok()?;
         (i < self.pages.len()).then_some(i)
@@ -171,13 +171,13 @@ impl<'a> SimFolios<'a> {
         self.pages
     }
 
-    #[inline]
+    #[inline(always)]
     fn head(&self, folio: &Folio) -> Option<usize> {
         let h = self.idx(folio.pfn)?;
         (self.pages[h].used && self.pages[h].head == folio.pfn).then_some(h)
     }
 
-    #[inline]
+    #[inline(always)]
     fn check(&mut self, h: usize) {
         let p = &self.pages[h];
         if p.refcount < p.total_mapcount || p.total_mapcount < 0 || p.refcount < 0 {
@@ -186,7 +186,7 @@ impl<'a> SimFolios<'a> {
     }
 
     /// The page range `[pfn, pfn + nr)` if it lies in the store.
-    #[inline]
+    #[inline(always)]
     fn range(&self, pfn: u64, nr: usize) -> Option<core::ops::Range<usize>> {
         let s = self.idx(pfn)?;
         let e = s.checked_add(nr)?;
@@ -195,7 +195,7 @@ impl<'a> SimFolios<'a> {
 }
 
 impl FolioOps for SimFolios<'_> {
-    #[inline]
+    #[inline(always)]
     fn folio(&self, pfn: u64) -> Option<Folio> {
         let p = self.page(pfn)?;
         if !p.used {
@@ -209,7 +209,7 @@ impl FolioOps for SimFolios<'_> {
         })
     }
 
-    #[inline]
+    #[inline(always)]
     fn ref_add(&mut self, folio: &Folio, nr: usize) {
         let Some(h) = self.head(folio) else { return };
         self.pages[h].refcount += nr as i64;
@@ -228,7 +228,7 @@ impl FolioOps for SimFolios<'_> {
         }
     }
 
-    #[inline]
+    #[inline(always)]
     fn try_dup_anon_rmap(&mut self, folio: &Folio, pfn: u64, nr: usize) -> Result<(), MaybePinned> {
         let (Some(h), Some(r)) = (self.head(folio), self.range(pfn, nr)) else {
             return Ok(());
@@ -245,7 +245,7 @@ impl FolioOps for SimFolios<'_> {
         Ok(())
     }
 
-    #[inline]
+    #[inline(always)]
     fn dup_file_rmap(&mut self, folio: &Folio, pfn: u64, nr: usize) {
         let (Some(h), Some(r)) = (self.head(folio), self.range(pfn, nr)) else {
             return;
@@ -257,7 +257,7 @@ impl FolioOps for SimFolios<'_> {
         self.check(h);
     }
 
-    #[inline]
+    #[inline(always)]
     fn remove_rmap(&mut self, folio: &Folio, pfn: u64, nr: usize) {
         let (Some(h), Some(r)) = (self.head(folio), self.range(pfn, nr)) else {
             return;

@@ -16,8 +16,6 @@ pub use space::SimSpace;
 pub struct TableStats {
     /// Entry writes (set, clear, write-protect of one entry).
     pub writes: u64,
-    /// Entries write-protected.
-    pub wrprotects: u64,
     /// TLB maintenance operations (a range flush, or the invalidation of a break-before-make).
     pub tlb_flushes: u64,
     /// Pages covered by those TLB operations.
@@ -28,4 +26,7 @@ pub struct TableStats {
     pub unfolds: u64,
     /// Lazy-MMU sections entered.
     pub lazy_sections: u64,
+    /// Entries write-protected (not next to `writes`, so that counting both stays two plain
+    /// increments rather than one vector update).
+    pub wrprotects: u64,
 }

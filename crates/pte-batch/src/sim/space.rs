@@ -53,6 +53,7 @@ impl<'a, F: PteFormat> SimSpace<'a, F> {
         self.stats = TableStats::default();
     }
 
+    #[inline(always)]
     fn index(&self, addr: u64) -> Option<usize> {
         let i = usize::try_from(addr.checked_sub(self.base)? / PAGE_SIZE).ok()?;
         (i < self.entries.len()).then_some(i)
@@ -62,7 +63,7 @@ impl<'a, F: PteFormat> SimSpace<'a, F> {
 impl<F: PteFormat> PageTable for SimSpace<'_, F> {
     type Format = F;
 
-    #[inline]
+    #[inline(always)]
     fn get(&self, addr: u64) -> u64 {
         self.index(addr).map_or(0, |i| self.entries[i])
     }
@@ -78,7 +79,7 @@ impl<F: PteFormat> PageTable for SimSpace<'_, F> {
         out[n..].fill(0);
     }
 
-    #[inline]
+    #[inline(always)]
     fn set(&mut self, addr: u64, pte: u64) {
         if let Some(i) = self.index(addr) {
             self.entries[i] = pte;
@@ -87,18 +88,37 @@ impl<F: PteFormat> PageTable for SimSpace<'_, F> {
     }
 
     #[inline]
-    fn set_ptes(&mut self, addr: u64, pte: u64, nr: usize) {
-        let Some(i) = self.index(addr) else { return };
-        let end = i.saturating_add(nr).min(self.entries.len());
-        let mut pte = pte;
-        for slot in &mut self.entries[i..end] {
-            *slot = pte;
-            pte = F::advance_pfn(pte, 1);
-        }
-        self.stats.writes += (end - i) as u64;
+    fn raw_entries(&self, addr: u64, nr: usize) -> Option<&[u64]> {
+        let i = self.index(addr)?;
+        self.entries.get(i..i.checked_add(nr)?)
     }
 
     #[inline]
+    fn set_ptes(&mut self, addr: u64, pte: u64, nr: usize) {
+        let Some(i) = self.index(addr) else { return };
+        let end = i.saturating_add(nr).min(self.entries.len());
+        let slots = &mut self.entries[i..end];
+        self.stats.writes += slots.len() as u64;
+        let Some(last) = slots.len().checked_sub(1) else {
+            return;
+        };
+        // Entry k is `pte` plus k steps while the PFN field does not overflow (see
+        // `PteFormat::advance_pfn`), which the last entry's value tells.
+        let step = F::advance_pfn(pte, 1).wrapping_sub(pte);
+        if F::advance_pfn(pte, last as u64) == pte.wrapping_add(step.wrapping_mul(last as u64)) {
+            let mut pte = pte;
+            for slot in slots {
+                *slot = pte;
+                pte = pte.wrapping_add(step);
+            }
+        } else {
+            for (k, slot) in slots.iter_mut().enumerate() {
+                *slot = F::advance_pfn(pte, k as u64);
+            }
+        }
+    }
+
+    #[inline(always)]
     fn wrprotect_ptes(&mut self, addr: u64, nr: usize) {
         let Some(i) = self.index(addr) else { return };
         if nr == 1 {
@@ -111,16 +131,20 @@ impl<F: PteFormat> PageTable for SimSpace<'_, F> {
             return;
         }
         let end = i.saturating_add(nr).min(self.entries.len());
+        // Rewriting an entry that was already read-only with its own value changes nothing:
+        // no branch per entry, and the counters once.
+        let mut changed = 0;
         for slot in &mut self.entries[i..end] {
-            if F::is_writable(*slot) {
-                *slot = F::wrprotect(*slot);
-                self.stats.writes += 1;
-                self.stats.wrprotects += 1;
-            }
+            let e = *slot;
+            let w = F::is_writable(e);
+            *slot = if w { F::wrprotect(e) } else { e };
+            changed += u64::from(w);
         }
+        self.stats.writes += changed;
+        self.stats.wrprotects += changed;
     }
 
-    #[inline]
+    #[inline(always)]
     fn get_and_clear(&mut self, addr: u64) -> u64 {
         match self.index(addr) {
             Some(i) => {
@@ -129,6 +153,31 @@ impl<F: PteFormat> PageTable for SimSpace<'_, F> {
             }
             None => 0,
         }
+    }
+
+    #[inline]
+    fn get_and_clear_ptes(&mut self, addr: u64, nr: usize) -> u64 {
+        let Some(i) = self.index(addr) else { return 0 };
+        let end = i.saturating_add(nr).min(self.entries.len());
+        let slots = &mut self.entries[i..end];
+        let Some((head, rest)) = slots.split_first_mut() else {
+            return 0;
+        };
+        let mut first = core::mem::take(head);
+        let (mut dirty, mut young) = (false, false);
+        for slot in rest {
+            let e = core::mem::take(slot);
+            dirty |= F::is_dirty(e);
+            young |= F::is_young(e);
+        }
+        if dirty {
+            first = F::mkdirty(first);
+        }
+        if young {
+            first = F::mkyoung(first);
+        }
+        self.stats.writes += (end - i) as u64;
+        first
     }
 
     fn flush_tlb_range(&mut self, start: u64, end: u64) {
