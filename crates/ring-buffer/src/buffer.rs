@@ -168,7 +168,8 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
         PAGE_SIZE << self.subbuf_order
     }
 
-    /// Sub-buffers in each ring (the reader sub-buffer not included).
+    /// Sub-buffers in each ring (the reader sub-buffer not included); CPU 0's if
+    /// [`RingBuffer::resize_cpu`] gave CPUs different numbers (see [`RingBuffer::nr_subbufs`]).
     pub fn subbufs_per_cpu(&self) -> usize {
         self.cpus[0].ring_len as usize
     }
@@ -181,6 +182,11 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
     /// The clock.
     pub fn clock(&self) -> &C {
         &self.clock
+    }
+
+    /// The page allocator.
+    pub fn allocator(&self) -> &A {
+        &self.alloc
     }
 
     pub(crate) fn cpu(&self, cpu: usize) -> Result<&CpuBuffer, Error> {
@@ -388,7 +394,7 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
     }
 }
 
-fn new_page_desc(mem: NonNull<u8>) -> PageDesc {
+pub(crate) fn new_page_desc(mem: NonNull<u8>) -> PageDesc {
     PageDesc {
         mem,
         link: AtomicU32::new(0),

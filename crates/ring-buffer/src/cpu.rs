@@ -618,3 +618,26 @@ impl CpuBuffer {
         touched.saturating_sub(read).min(u64::from(self.ring_len)) * 100 / u64::from(self.ring_len)
     }
 }
+
+// Geometry changes (`resize.rs`) rebuild a CPU buffer that nobody else can reach (`&mut`): the
+// few writer internals they need, kept apart from the write path above.
+impl CpuBuffer {
+    /// The sub-buffers, exclusively.
+    pub(crate) fn pages_mut(&mut self) -> &mut PageArray<PageDesc> {
+        self.pages.get_mut()
+    }
+
+    /// Head pushes so far: no page's `push_seq` is larger.
+    pub(crate) fn pushes(&self) -> u64 {
+        self.pushes.load(Ordering::Relaxed)
+    }
+
+    /// Puts the tail, and the commit page with it, at data offset `off` of `page`, in a new
+    /// generation (so the next event carries an absolute time stamp).
+    pub(crate) fn place_tail(&mut self, page: u32, off: usize) {
+        let generation = tail_gen(self.tail.load(Ordering::Relaxed)).wrapping_add(1);
+        self.tail
+            .store(tail_word(page, off, generation), Ordering::Release);
+        self.commit_page.store(page, Ordering::Release);
+    }
+}

@@ -70,6 +70,21 @@ impl<T> PageArray<T> {
     }
 }
 
+impl<T> PageArray<T> {
+    /// The array's own pointer to its first element: writes through it do not go through a
+    /// shared reference (see `read_page`, which replaces a sub-buffer's memory in place).
+    pub(crate) fn as_mut_ptr(&self) -> *mut T {
+        self.ptr.as_ptr()
+    }
+}
+
+impl<T> core::ops::DerefMut for PageArray<T> {
+    fn deref_mut(&mut self) -> &mut [T] {
+        // SAFETY: `len` initialised values live at `ptr`, and `&mut self` is exclusive.
+        unsafe { core::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
 impl<T> core::ops::Deref for PageArray<T> {
     type Target = [T];
     fn deref(&self) -> &[T] {
