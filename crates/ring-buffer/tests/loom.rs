@@ -6,7 +6,9 @@ mod common;
 
 use common::HeapPages;
 use loom::{sync::Arc, thread};
-use oskit_ring_buffer::{Config, LocalCpu, MappedReader, Mode, RingBuffer, sim::CountingClock};
+use oskit_ring_buffer::{
+    Config, DataPage, LocalCpu, MappedReader, Mode, RingBuffer, sim::CountingClock,
+};
 
 type Rb = RingBuffer<HeapPages, CountingClock>;
 
@@ -173,5 +175,54 @@ fn map_get_reader_racing_a_writer() {
         let meta = reader.meta();
         assert_eq!(meta.entries, 3);
         assert_eq!(meta.entries - meta.overrun - meta.read, 0);
+    });
+}
+
+/// Reads one page (exchanged or copied) and records its events' first bytes and lost counts.
+fn read_page(rb: &Rb, page: &mut DataPage, out: &mut Vec<(u8, u64)>) -> bool {
+    let Some(got) = rb.read_page(0, page, false).unwrap() else {
+        return false;
+    };
+    let mut sb = page.subbuf().unwrap();
+    let mut first = true;
+    while let Some(ev) = sb.next_event().unwrap() {
+        out.push((ev.payload[0], if first { got.lost } else { 0 }));
+        first = false;
+    }
+    assert_eq!(
+        page.subbuf()
+            .unwrap()
+            .missed_events(page.as_bytes())
+            .is_some(),
+        got.lost > 0
+    );
+    true
+}
+
+#[test]
+fn read_page_racing_a_writer() {
+    loom::model(|| {
+        let rb = buffer(Mode::Overwrite);
+        let w = {
+            let rb = rb.clone();
+            thread::spawn(move || {
+                for i in 0..3u8 {
+                    rb.write(cpu0(), &event(i, 3000)).unwrap(); // one per sub-buffer
+                }
+            })
+        };
+        let mut page = rb.alloc_read_page().unwrap();
+        let mut seen = Vec::new();
+        // Racing the writer: the page is exchanged if the writer has left it, else copied.
+        read_page(&rb, &mut page, &mut seen);
+        w.join().unwrap();
+        while read_page(&rb, &mut page, &mut seen) {}
+        check_sequence(&seen, 3, true);
+        assert_eq!(seen.last().map(|s| s.0), Some(2), "{seen:?}");
+        let st = rb.stats(0).unwrap();
+        assert_eq!(st.entries, 3);
+        assert_eq!(st.unread(), 0);
+        assert_eq!(st.read + st.overrun, 3);
+        rb.free_read_page(page);
     });
 }
