@@ -313,41 +313,6 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
         self.cpu(cpu)?.wake_armed.store(true, Ordering::SeqCst);
         Ok(())
     }
-
-    /// Empties `cpu`'s buffer and zeroes its counters (Linux's `ring_buffer_reset_cpu`), from
-    /// that CPU: `Busy` if this interrupted a writer of the CPU (an open reservation).
-    pub fn reset(&self, cpu: LocalCpu) -> Result<(), Error> {
-        // SAFETY: we run on `cpu` (the token says so), so every writer of it either finished
-        // before this call, is interrupted by it (seen in `nest`: `Busy`), or runs after it.
-        unsafe { self.reset_quiesced(cpu.id()) }
-    }
-
-    /// [`RingBuffer::reset`] from any CPU.
-    ///
-    /// # Safety
-    ///
-    /// No writer of `cpu` runs during the call: e.g. recording on it was disabled
-    /// ([`RingBuffer::record_disable_cpu`]) and every CPU has since passed a point where it
-    /// was outside any writer (Linux waits for an RCU grace period). Writers keep their
-    /// bookkeeping CPU-local without barriers, so a plain flag cannot stop them remotely.
-    pub unsafe fn reset_quiesced(&self, cpu: usize) -> Result<(), Error> {
-        let cb = self.cpu(cpu)?;
-        cb.disabled.fetch_add(1, Ordering::SeqCst);
-        let mut st = cb.reader.lock();
-        let res = if cb.writers_active() {
-            Err(Error::Busy)
-        } else {
-            cb.init_ring(&mut st);
-            if st.map_count > 0 {
-                crate::map::refresh_ids(cb, &st);
-                crate::map::update_meta(cb, &st);
-            }
-            Ok(())
-        };
-        drop(st);
-        cb.disabled.fetch_sub(1, Ordering::SeqCst);
-        res
-    }
 }
 
 impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {

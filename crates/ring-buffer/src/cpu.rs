@@ -640,4 +640,16 @@ impl CpuBuffer {
             .store(tail_word(page, off, generation), Ordering::Release);
         self.commit_page.store(page, Ordering::Release);
     }
+
+    /// Moves the tail back to the start of its page, in a new generation; returns the page.
+    /// For a reset on the writers' own CPU (`reset.rs`): from then on, what a nested writer
+    /// that finds recording disabled still does (publish the tail page's commit) writes 0.
+    pub(crate) fn rewind_tail(&self) -> u32 {
+        let t = self.tail.load(Ordering::Relaxed);
+        let page = tail_page(t);
+        let generation = tail_gen(t).wrapping_add(1);
+        self.tail
+            .store(tail_word(page, 0, generation), Ordering::Release);
+        page
+    }
 }
