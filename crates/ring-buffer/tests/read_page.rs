@@ -312,8 +312,16 @@ fn read_page_model(seed: u64, mode: Mode) {
     let mut page = rb.alloc_read_page().unwrap();
     let mut seq = 0u64;
     let (mut swaps, mut copies) = (0, 0);
-    let mut lost_seen = 0u64;
-    let take = |model: &mut VecDeque<(u64, Vec<u8>)>, ts: u64, data: &[u8], lost: u64| {
+    // (lost counts not delivered with an event yet, lost counts delivered): a page may hold
+    // only discarded events, and its lost count then goes with the next event.
+    let mut acc = (0u64, 0u64);
+    let take = |model: &mut VecDeque<(u64, Vec<u8>)>,
+                acc: &mut (u64, u64),
+                ts: u64,
+                data: &[u8],
+                lost: u64| {
+        let lost = lost + std::mem::take(&mut acc.0);
+        acc.1 += lost;
         let pos = model
             .iter()
             .position(|e| e.0 == ts)
@@ -378,11 +386,11 @@ fn read_page_model(seed: u64, mode: Mode) {
                     if mode == Mode::ProducerConsumer {
                         assert_eq!(got.lost, 0);
                     }
-                    lost_seen += got.lost;
+                    acc.0 += got.lost;
                     let events = parse(&page);
                     assert_eq!(events.len() as u64, got.events, "seed {seed}: event count");
-                    for (i, (ts, data)) in events.iter().enumerate() {
-                        take(&mut model, *ts, data, if i == 0 { got.lost } else { 0 });
+                    for (ts, data) in events.iter() {
+                        take(&mut model, &mut acc, *ts, data, 0);
                     }
                 }
                 if mapped {
@@ -393,21 +401,21 @@ fn read_page_model(seed: u64, mode: Mode) {
                 let mut r = rb.reader(0).unwrap();
                 for _ in 0..rng.below(5) {
                     let Some(ev) = r.next_event() else { break };
-                    lost_seen += ev.lost;
-                    take(&mut model, ev.ts, ev.payload, ev.lost);
+                    take(&mut model, &mut acc, ev.ts, ev.payload, ev.lost);
                 }
             }
         }
         let st = rb.stats(0).unwrap();
         assert_eq!(
             model.len() as u64,
-            st.unread() + st.overrun - lost_seen,
+            st.unread() + st.overrun - acc.1,
             "seed {seed}: counters"
         );
     }
     while let Some(got) = rb.read_page(0, &mut page, false).unwrap() {
-        for (i, (ts, data)) in parse(&page).iter().enumerate() {
-            take(&mut model, *ts, data, if i == 0 { got.lost } else { 0 });
+        acc.0 += got.lost;
+        for (ts, data) in parse(&page).iter() {
+            take(&mut model, &mut acc, *ts, data, 0);
         }
     }
     assert_eq!(rb.stats(0).unwrap().unread(), 0, "seed {seed}");
@@ -438,4 +446,31 @@ fn read_page_matches_model_producer_consumer() {
     for seed in 200..if cfg!(miri) { 201 } else { 230 } {
         read_page_model(seed, Mode::ProducerConsumer);
     }
+}
+
+#[test]
+fn a_page_of_discarded_events_still_carries_the_lost_count() {
+    let alloc = HeapPages::default();
+    let clock = ManualClock::new(0);
+    let rb = RingBuffer::new(Config::new(1, 2), &alloc, &clock).unwrap();
+    fill(&rb, 4, LEN); // sub-buffer A: four events
+    for _ in 0..4 {
+        // sub-buffer B: four discarded reservations
+        clock.advance(1);
+        drop(rb.reserve(cpu0(), LEN).unwrap());
+    }
+    fill(&rb, 1, LEN); // back on A: the head is pushed, A's four events are lost
+    assert_eq!(rb.stats(0).unwrap().overrun, 4);
+    let mut page = rb.alloc_read_page().unwrap();
+    let got = rb.read_page(0, &mut page, false).unwrap().unwrap();
+    assert_eq!((got.events, got.lost, got.swapped), (0, 4, true));
+    assert_eq!(
+        page.subbuf().unwrap().missed_events(page.as_bytes()),
+        Some(Some(4))
+    );
+    // As on Linux, the count was handed over with that page, not again with the next event.
+    let got = rb.read_page(0, &mut page, false).unwrap().unwrap();
+    assert_eq!((got.events, got.lost), (1, 0));
+    assert_eq!(timestamps(&parse(&page)), [9]);
+    rb.free_read_page(page);
 }

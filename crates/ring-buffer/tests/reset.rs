@@ -5,7 +5,7 @@ mod common;
 use std::{
     cell::Cell,
     sync::{
-        Arc, Mutex,
+        Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
     thread,
@@ -123,7 +123,7 @@ fn reset_keeps_the_mapping_valid() {
 /// A CPU served by a thread: it writes events and runs cross-CPU calls between (and sometimes
 /// inside) its writes, like an IPI handler.
 struct Mailbox {
-    slot: Mutex<Option<usize>>,
+    slot: Mutex<Option<SendPtr>>,
     done: AtomicBool,
 }
 
@@ -131,15 +131,12 @@ struct SendPtr(*mut (dyn FnMut() + 'static));
 // SAFETY: the pointer is only used while the poster waits for it (see `run_on`).
 unsafe impl Send for SendPtr {}
 
-static CALLS: Mutex<Vec<SendPtr>> = Mutex::new(Vec::new());
-
 impl Mailbox {
     fn serve(&self) {
-        let mut slot = self.slot.lock().unwrap();
-        if let Some(i) = slot.take() {
-            let p = CALLS.lock().unwrap()[i].0;
+        let call = self.slot.lock().unwrap().take();
+        if let Some(p) = call {
             // SAFETY: the poster waits in `run_on` until `done`, so the closure is alive.
-            unsafe { (*p)() };
+            unsafe { (*p.0)() };
             self.done.store(true, Ordering::Release);
         }
     }
@@ -152,13 +149,8 @@ unsafe impl RunOn for Mailbox {
         let p: *mut (dyn FnMut() + '_) = f;
         // SAFETY: only the lifetime is erased; the closure outlives its use (we wait below).
         let p: *mut (dyn FnMut() + 'static) = unsafe { std::mem::transmute(p) };
-        let i = {
-            let mut calls = CALLS.lock().unwrap();
-            calls.push(SendPtr(p));
-            calls.len() - 1
-        };
         self.done.store(false, Ordering::Release);
-        *self.slot.lock().unwrap() = Some(i);
+        *self.slot.lock().unwrap() = Some(SendPtr(p));
         while !self.done.load(Ordering::Acquire) {
             thread::yield_now();
         }
@@ -167,20 +159,17 @@ unsafe impl RunOn for Mailbox {
 
 #[test]
 fn reset_cpu_from_another_thread_while_the_cpu_writes() {
-    let alloc: &'static HeapPages = Box::leak(Box::default());
-    let clock: &'static CountingClock = Box::leak(Box::new(CountingClock::new(1)));
-    let rb =
-        Arc::new(RingBuffer::new(Config::new(1, 3).mode(Mode::Overwrite), alloc, clock).unwrap());
-    let mailbox = Arc::new(Mailbox {
+    let alloc = HeapPages::default();
+    let clock = CountingClock::new(1);
+    let rb = RingBuffer::new(Config::new(1, 3).mode(Mode::Overwrite), &alloc, &clock).unwrap();
+    let mailbox = Mailbox {
         slot: Mutex::new(None),
         done: AtomicBool::new(false),
-    });
-    let stop = Arc::new(AtomicBool::new(false));
-    let written = Arc::new(AtomicU64::new(0));
-    let cpu = {
-        let (rb, mailbox, stop, written) =
-            (rb.clone(), mailbox.clone(), stop.clone(), written.clone());
-        thread::spawn(move || {
+    };
+    let stop = AtomicBool::new(false);
+    let written = AtomicU64::new(0);
+    thread::scope(|s| {
+        s.spawn(|| {
             // SAFETY: this thread is CPU 0's only writer.
             let cpu = unsafe { LocalCpu::new(0) };
             let mut i = 0u64;
@@ -195,26 +184,25 @@ fn reset_cpu_from_another_thread_while_the_cpu_writes() {
                 mailbox.serve(); // an IPI between writers
             }
             written.store(i, Ordering::Release);
-        })
-    };
-    let rounds = if cfg!(miri) { 3 } else { 200 };
-    for _ in 0..rounds {
-        rb.reset_cpu(0, &*mailbox).unwrap();
-        // Right after a reset only events written since are in the buffer, in order,
-        // consecutive, intact.
-        let mut r = rb.reader(0).unwrap();
-        let mut prev = None;
-        while let Some(e) = r.next_event() {
-            let n = u64::from_le_bytes(e.payload[..8].try_into().unwrap());
-            assert_eq!(&e.payload[8..], &[0; 8]);
-            if let Some(p) = prev {
-                assert_eq!(n, p + 1 + e.lost, "reordered or lost uncounted");
+        });
+        let rounds = if cfg!(miri) { 3 } else { 200 };
+        for _ in 0..rounds {
+            rb.reset_cpu(0, &mailbox).unwrap();
+            // Right after a reset only events written since are in the buffer, in order,
+            // consecutive (or reported lost), intact.
+            let mut r = rb.reader(0).unwrap();
+            let mut prev = None;
+            while let Some(e) = r.next_event() {
+                let n = u64::from_le_bytes(e.payload[..8].try_into().unwrap());
+                assert_eq!(&e.payload[8..], &[0; 8]);
+                if let Some(p) = prev {
+                    assert_eq!(n, p + 1 + e.lost, "reordered or lost uncounted");
+                }
+                prev = Some(n);
             }
-            prev = Some(n);
         }
-    }
-    stop.store(true, Ordering::Release);
-    cpu.join().unwrap();
+        stop.store(true, Ordering::Release);
+    });
     let st = rb.stats(0).unwrap();
     assert!(st.entries <= written.load(Ordering::Acquire));
     assert_eq!(
