@@ -27,6 +27,7 @@ use crate::{
 /// `buffer_data_read_page`). Get one from [`RingBuffer::alloc_read_page`] and give it back
 /// with [`RingBuffer::free_read_page`]; dropping it leaks the page.
 #[derive(Debug)]
+#[must_use = "give the page back with RingBuffer::free_read_page"]
 pub struct DataPage {
     mem: NonNull<u8>,
     order: u32,
