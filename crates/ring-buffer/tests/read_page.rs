@@ -474,3 +474,60 @@ fn a_page_of_discarded_events_still_carries_the_lost_count() {
     assert_eq!(timestamps(&parse(&page)), [9]);
     rb.free_read_page(page);
 }
+
+#[test]
+fn read_page_races_a_writer_thread() {
+    // Threads: the writer fills sub-buffers while pages are exchanged or copied under it.
+    let alloc = HeapPages::default();
+    let clock = oskit_ring_buffer::sim::CountingClock::new(1);
+    let rb = RingBuffer::new(
+        Config::new(1, 4).mode(Mode::ProducerConsumer),
+        &alloc,
+        &clock,
+    )
+    .unwrap();
+    let n = if cfg!(miri) { 60u32 } else { 20_000 };
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let mut page = rb.alloc_read_page().unwrap();
+    let mut next = 0u32;
+    let (mut swaps, mut copies) = (0u32, 0u32);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            for i in 0..n {
+                let mut data = [0u8; 200];
+                data[..4].copy_from_slice(&i.to_le_bytes());
+                // Producer/consumer: retry until the reader made room.
+                while rb.write(cpu0(), &data) == Err(Error::Full) {
+                    std::thread::yield_now();
+                }
+            }
+            done.store(true, Ordering::Release);
+        });
+        loop {
+            let finished = done.load(Ordering::Acquire);
+            match rb.read_page(0, &mut page, false).unwrap() {
+                Some(got) => {
+                    if got.swapped {
+                        swaps += 1;
+                    } else {
+                        copies += 1;
+                    }
+                    for (_, data) in parse(&page) {
+                        let i = u32::from_le_bytes(data[..4].try_into().unwrap());
+                        assert_eq!(i, next, "reordered, duplicated or lost");
+                        assert!(data[4..].iter().all(|b| *b == 0), "corrupted");
+                        next += 1;
+                    }
+                }
+                None if finished => break,
+                None => std::thread::yield_now(),
+            }
+        }
+    });
+    assert_eq!(next, n);
+    if !cfg!(miri) {
+        assert!(swaps > 0, "{swaps} exchanges, {copies} copies");
+    }
+    assert_eq!(rb.stats(0).unwrap().unread(), 0);
+    rb.free_read_page(page);
+}
