@@ -7,7 +7,7 @@ use crate::{
     error::Error,
     format::{self, MAX_SUBBUF_ORDER, PAGE_SIZE},
     hal::{Clock, LocalCpu, NoWaiter, PageAlloc, Waiter},
-    mem::PageArray,
+    mem::{PageArray, SubbufMem},
     reader::Reader,
     sync::{AtomicU32, AtomicU64, Ordering},
 };
@@ -122,7 +122,7 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
         let free_subbuf = |p: &PageDesc| {
             // SAFETY: only called on failure, for sub-buffers that came from `alloc` with this
             // order and that nothing else holds.
-            unsafe { alloc.free_pages(p.mem, order) }
+            unsafe { alloc.free_pages(p.mem.get(), order) }
         };
         let cpus = PageArray::new(
             &alloc,
@@ -361,7 +361,7 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
 
 pub(crate) fn new_page_desc(mem: NonNull<u8>) -> PageDesc {
     PageDesc {
-        mem,
+        mem: SubbufMem::new(mem),
         link: AtomicU32::new(0),
         entries: crate::sync::Local::<AtomicU32>::new(0),
         end: AtomicU32::new(0),
@@ -385,7 +385,7 @@ impl<A: PageAlloc, C: Clock, W: Waiter> Drop for RingBuffer<A, C, W> {
             }
             for p in cb.pages().iter() {
                 // SAFETY: every sub-buffer came from `alloc_pages(subbuf_order)`.
-                unsafe { self.alloc.free_pages(p.mem, self.subbuf_order) };
+                unsafe { self.alloc.free_pages(p.mem.get(), self.subbuf_order) };
             }
         }
         // SAFETY: the arrays came from `self.alloc`. `PageArray` has no drop glue, so these

@@ -16,7 +16,7 @@ use crate::{
     error::Error,
     format::{self, COMMIT_MASK, MAX_DELTA, SUBBUF_HEADER_SIZE, TIME_EXTEND_SIZE},
     hal::Clock,
-    mem::PageArray,
+    mem::{PageArray, SubbufMem},
     sync::{AtomicBool, AtomicU32, AtomicU64, Local, Ordering, SpinLock},
 };
 
@@ -59,7 +59,7 @@ const STAMP_INVALID: u64 = u64::MAX;
 /// One sub-buffer and its bookkeeping.
 pub(crate) struct PageDesc {
     /// The sub-buffer memory (header + data).
-    pub(crate) mem: NonNull<u8>,
+    pub(crate) mem: SubbufMem,
     /// Next page in the ring, with the `HEAD`/`UPDATE` flags.
     pub(crate) link: AtomicU32,
     /// Events reserved on the page (what an overwrite of it loses).

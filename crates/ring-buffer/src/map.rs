@@ -268,7 +268,7 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
                     return Err(Error::InvalidArgument);
                 }
                 let idx = cb.pages()[id as usize].by_id.load(Ordering::Relaxed);
-                let mem = cb.pages()[idx as usize].mem;
+                let mem = cb.pages()[idx as usize].mem.get();
                 // SAFETY: `page` is inside the sub-buffer.
                 Ok(Some(unsafe { mem.add(page as usize * PAGE_SIZE) }))
             }

@@ -144,14 +144,10 @@ impl CpuBuffer {
     /// the commit page), so nobody else reads its `mem`; `mem` is a sub-buffer of the same
     /// size from the buffer's allocator, which nothing else uses.
     unsafe fn exchange_reader_mem(&self, st: &ReaderState, mem: NonNull<u8>) -> NonNull<u8> {
-        let index = st.reader_page as usize;
-        let old = self.pages()[index].mem;
-        let descs = self.pages().as_mut_ptr();
-        // SAFETY: `index` is in bounds; the write goes through the array's own pointer (no
-        // shared reference to the descriptor is used for it), and by the contract no one
-        // reads this descriptor's `mem` concurrently.
-        unsafe { core::ptr::addr_of_mut!((*descs.add(index)).mem).write(mem) };
-        let pd = &self.pages()[index];
+        let pd = &self.pages()[st.reader_page as usize];
+        let old = pd.mem.get();
+        // SAFETY: by the contract nobody else reads or writes this sub-buffer's address now.
+        unsafe { pd.mem.set(mem) };
         // The spare is the new, empty reader page: the next read swaps it into the ring.
         pd.entries.store(0, Ordering::Relaxed);
         pd.end.store(0, Ordering::Relaxed);

@@ -91,7 +91,7 @@ fn next(cb: &CpuBuffer, page: u32) -> u32 {
 
 /// A copy of `pd`'s bookkeeping for the new array (same memory).
 fn moved(pd: &PageDesc) -> PageDesc {
-    let copy = new_page_desc(pd.mem);
+    let copy = new_page_desc(pd.mem.get());
     copy.entries
         .store(pd.entries.load(Ordering::Relaxed), Ordering::Relaxed);
     copy.end
@@ -141,7 +141,7 @@ fn prepare<A: PageAlloc>(
             // Only the new pages are ours to give back (indices kept .. new_len).
             if (plan.kept..plan.new_len).contains(&fresh_index) {
                 // SAFETY: allocated above with this order; nothing else knows it.
-                unsafe { alloc.free_pages(pd.mem, order) };
+                unsafe { alloc.free_pages(pd.mem.get(), order) };
             }
             fresh_index += 1;
         },
@@ -156,7 +156,7 @@ fn prepare<A: PageAlloc>(
 unsafe fn discard<A: PageAlloc>(new: PageArray<PageDesc>, plan: &Plan, alloc: &A, order: u32) {
     for pd in &new[plan.kept as usize..plan.new_len as usize] {
         // SAFETY: new pages of `prepare`, allocated with this order.
-        unsafe { alloc.free_pages(pd.mem, order) };
+        unsafe { alloc.free_pages(pd.mem.get(), order) };
     }
     // SAFETY: the array came from `alloc` (contract).
     unsafe { new.free(alloc) };
@@ -196,7 +196,7 @@ unsafe fn install<A: PageAlloc>(
             }
             // SAFETY: a sub-buffer of this buffer (allocated with `order`) that leaves it
             // now; the new array does not hold it.
-            unsafe { alloc.free_pages(pd.mem, order) };
+            unsafe { alloc.free_pages(pd.mem.get(), order) };
         }
         p = next(cb, p);
     }
@@ -354,7 +354,7 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
             for pd in pages.iter() {
                 // SAFETY: every sub-buffer of `pages` came from `alloc` with `order` and is
                 // no longer used by the caller.
-                unsafe { alloc.free_pages(pd.mem, order) };
+                unsafe { alloc.free_pages(pd.mem.get(), order) };
             }
         };
         let prepared = PageArray::new(
@@ -370,7 +370,7 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
                     },
                     |pd| {
                         // SAFETY: allocated just above with `order`.
-                        unsafe { alloc.free_pages(pd.mem, order) }
+                        unsafe { alloc.free_pages(pd.mem.get(), order) }
                     },
                 )
             },
@@ -390,7 +390,7 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
             for pd in old.iter() {
                 // SAFETY: the old sub-buffers came from `alloc_pages(old_order)`; the buffer
                 // is exclusively ours (`&mut self`) and not mapped.
-                unsafe { self.alloc.free_pages(pd.mem, old_order) };
+                unsafe { self.alloc.free_pages(pd.mem.get(), old_order) };
             }
             // SAFETY: the old array came from `self.alloc`.
             unsafe { old.free(&self.alloc) };
