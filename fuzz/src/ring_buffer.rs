@@ -7,9 +7,9 @@ use std::{
 };
 
 use oskit_ring_buffer::{
-    Clock, Config, Error, LocalCpu, MappedReader, Mode, PageAlloc, RingBuffer,
-    format::{PAGE_SIZE, Subbuf},
-    sim::ManualClock,
+    Clock, Config, DataPage, Error, LocalCpu, MappedReader, Mode, PageAlloc, RingBuffer,
+    format::{COMMIT_MASK, PAGE_SIZE, SUBBUF_HEADER_SIZE, Subbuf},
+    sim::{FailingAlloc, ManualClock},
 };
 
 struct Heap;
@@ -35,8 +35,9 @@ fn stored(data: &[u8]) -> Vec<u8> {
 }
 
 /// Arbitrary operation sequences (writes of any size, nested reservations, discards, reads,
-/// peeks, mapped reads, resets, mode switches) against a model queue of `(ts, payload)`:
-/// nothing is duplicated, reordered, corrupted, or lost without being counted.
+/// peeks, mapped reads, resets, mode switches, resizes, sub-buffer order changes, page reads,
+/// allocation failures) against a model queue of `(ts, payload)`: nothing is duplicated,
+/// reordered, corrupted, or lost without being counted.
 pub fn ops(data: &[u8]) {
     let mut bytes = data.iter().copied();
     let mut next = move || bytes.next();
@@ -48,18 +49,28 @@ pub fn ops(data: &[u8]) {
     };
     let subbufs = 2 + usize::from((cfg >> 1) & 3);
     let clock = ManualClock::new(1 << 40);
-    let rb = RingBuffer::new(Config::new(1, subbufs).mode(mode), Heap, &clock).unwrap();
+    let mut rb = RingBuffer::new(
+        Config::new(1, subbufs).mode(mode),
+        FailingAlloc::new(Heap),
+        &clock,
+    )
+    .unwrap();
     // SAFETY: this thread is the only writer of CPU 0.
     let cpu = unsafe { LocalCpu::new(0) };
-    let max = rb.max_payload();
+    let mut spare: Option<DataPage> = None;
     let mut model: VecDeque<(u64, Vec<u8>)> = VecDeque::new();
     let mut mode_now = mode;
     let mut seq = 0u8;
     // Lost counts delivered with events; the rest of `overrun` is still pending at the end.
     let lost_seen = std::cell::Cell::new(0u64);
 
+    // Lost counts `read_page` delivered with a page that held no event (only discarded ones):
+    // they were before the next event.
+    let pending_lost = std::cell::Cell::new(0u64);
+
     let check =
         |model: &mut VecDeque<(u64, Vec<u8>)>, ts: u64, payload: &[u8], lost: u64, mode: Mode| {
+            let lost = lost + pending_lost.take();
             lost_seen.set(lost_seen.get() + lost);
             let pos = model
                 .iter()
@@ -84,6 +95,7 @@ pub fn ops(data: &[u8]) {
                     _ => u64::from(arg),
                 };
                 clock.advance(gap);
+                let max = rb.max_payload();
                 let len = match op >> 3 {
                     0 => 0,
                     1 => max,
@@ -166,11 +178,12 @@ pub fn ops(data: &[u8]) {
                 }
                 rb.unmap(0).unwrap();
             }
-            _ => match arg % 4 {
+            _ => match arg % 8 {
                 0 => {
                     rb.reset(cpu).unwrap();
                     model.clear();
                     lost_seen.set(0);
+                    pending_lost.set(0);
                 }
                 1 => {
                     mode_now = if mode_now == Mode::Overwrite {
@@ -179,6 +192,81 @@ pub fn ops(data: &[u8]) {
                         Mode::Overwrite
                     };
                     rb.set_mode(mode_now);
+                }
+                2 | 3 => {
+                    // Resize (2..=9 sub-buffers) or change the order (0..=2), maybe running
+                    // out of memory part-way: then nothing may change.
+                    let before = (rb.stats(0).unwrap(), rb.nr_subbufs(0), rb.subbuf_size());
+                    let fail = arg & 0x80 != 0;
+                    if fail {
+                        rb.allocator().fail_after(u64::from(arg >> 5 & 3));
+                    }
+                    let order_change = arg % 8 == 3;
+                    let res = if order_change {
+                        rb.set_subbuf_order(u32::from(arg >> 3) % 3)
+                    } else {
+                        rb.resize(2 + usize::from(arg >> 3) % 8)
+                    };
+                    rb.allocator().heal();
+                    let after = (rb.stats(0).unwrap(), rb.nr_subbufs(0), rb.subbuf_size());
+                    match res {
+                        Ok(()) if order_change && after.2 != before.2 => {
+                            model.clear();
+                            lost_seen.set(0);
+                            pending_lost.set(0);
+                            assert_eq!(after.0, Default::default(), "order change keeps counts");
+                            if let Some(p) = spare.take() {
+                                rb.free_read_page(p);
+                            }
+                        }
+                        Ok(()) => {
+                            let (b, a) = (before.0, after.0);
+                            assert_eq!((a.entries, a.read), (b.entries, b.read));
+                            assert!(a.overrun >= b.overrun);
+                        }
+                        Err(Error::NoMemory) => {
+                            assert!(fail);
+                            assert_eq!(before, after, "NoMemory changed the buffer");
+                        }
+                        Err(e) => panic!("geometry change: {e}"),
+                    }
+                }
+                4 | 5 => {
+                    // Consume a page (exchanged or copied) and parse it as Linux would.
+                    let mapped = arg & 0x40 != 0;
+                    if mapped {
+                        rb.map(0).unwrap();
+                    }
+                    let page = match spare.as_mut() {
+                        Some(p) => p,
+                        None => spare.insert(rb.alloc_read_page().unwrap()),
+                    };
+                    if let Some(got) = rb.read_page(0, page, arg % 8 == 5).unwrap() {
+                        assert!(!(mapped && got.swapped), "exchanged a mapped sub-buffer");
+                        let bytes = page.as_bytes();
+                        let commit = u64::from_le_bytes(bytes[8..16].try_into().unwrap());
+                        assert_eq!(commit & COMMIT_MASK, got.len as u64);
+                        let mut sb = page.subbuf().expect("own page parses");
+                        match sb.missed_events(bytes) {
+                            None => assert_eq!(got.lost, 0),
+                            Some(Some(n)) => assert_eq!(n, got.lost),
+                            Some(None) => {
+                                assert!(got.len + 8 > bytes.len() - SUBBUF_HEADER_SIZE)
+                            }
+                        }
+                        pending_lost.set(pending_lost.get() + got.lost);
+                        let mut n = 0;
+                        while let Some(e) = sb.next_event().expect("own page decodes") {
+                            check(&mut model, e.ts, e.payload, 0, mode_now);
+                            n += 1;
+                        }
+                        assert_eq!(n, got.events);
+                    }
+                    if mapped {
+                        assert_eq!(rb.resize(3), Err(Error::Busy));
+                        assert_eq!(rb.set_subbuf_order(3), Err(Error::Busy));
+                        rb.unmap(0).unwrap();
+                    }
                 }
                 _ => {
                     let st = rb.stats(0).unwrap();
@@ -202,6 +290,9 @@ pub fn ops(data: &[u8]) {
         "events vanished without being counted"
     );
     assert_eq!(rb.stats(0).unwrap().unread(), 0);
+    if let Some(p) = spare {
+        rb.free_read_page(p);
+    }
 }
 
 /// Arbitrary bytes as a mapping (meta page + sub-buffers) and as sub-buffers: the user-space

@@ -266,6 +266,28 @@ fn read_group(c: &mut Criterion) {
                 total
             })
         });
+        // Whole sub-buffers handed over (`read_page`, zero copy when complete), per event.
+        let mut page = rb.alloc_read_page().unwrap();
+        g.bench_with_input(BenchmarkId::new("oskit-read-page", size), &size, |b, _| {
+            b.iter_custom(|n| {
+                let mut total = Duration::ZERO;
+                let mut done = 0;
+                while done < n {
+                    let batch = ((RING_BYTES / 2) / (size + 8)).min((n - done) as usize);
+                    for _ in 0..batch {
+                        rb.write(cpu0(), &payload).unwrap();
+                    }
+                    let start = Instant::now();
+                    while let Some(got) = rb.read_page(0, &mut page, false).unwrap() {
+                        black_box(page.as_bytes()[16]);
+                        done += got.events;
+                    }
+                    total += start.elapsed();
+                }
+                total
+            })
+        });
+        rb.free_read_page(page);
     }
     g.finish();
 }

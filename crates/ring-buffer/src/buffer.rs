@@ -7,7 +7,7 @@ use crate::{
     error::Error,
     format::{self, MAX_SUBBUF_ORDER, PAGE_SIZE},
     hal::{Clock, LocalCpu, NoWaiter, PageAlloc, Waiter},
-    mem::PageArray,
+    mem::{PageArray, SubbufMem},
     reader::Reader,
     sync::{AtomicU32, AtomicU64, Ordering},
 };
@@ -122,7 +122,7 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
         let free_subbuf = |p: &PageDesc| {
             // SAFETY: only called on failure, for sub-buffers that came from `alloc` with this
             // order and that nothing else holds.
-            unsafe { alloc.free_pages(p.mem, order) }
+            unsafe { alloc.free_pages(p.mem.get(), order) }
         };
         let cpus = PageArray::new(
             &alloc,
@@ -168,7 +168,8 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
         PAGE_SIZE << self.subbuf_order
     }
 
-    /// Sub-buffers in each ring (the reader sub-buffer not included).
+    /// Sub-buffers in each ring (the reader sub-buffer not included); CPU 0's if
+    /// [`RingBuffer::resize_cpu`] gave CPUs different numbers (see [`RingBuffer::nr_subbufs`]).
     pub fn subbufs_per_cpu(&self) -> usize {
         self.cpus[0].ring_len as usize
     }
@@ -181,6 +182,11 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
     /// The clock.
     pub fn clock(&self) -> &C {
         &self.clock
+    }
+
+    /// The page allocator.
+    pub fn allocator(&self) -> &A {
+        &self.alloc
     }
 
     pub(crate) fn cpu(&self, cpu: usize) -> Result<&CpuBuffer, Error> {
@@ -307,41 +313,6 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
         self.cpu(cpu)?.wake_armed.store(true, Ordering::SeqCst);
         Ok(())
     }
-
-    /// Empties `cpu`'s buffer and zeroes its counters (Linux's `ring_buffer_reset_cpu`), from
-    /// that CPU: `Busy` if this interrupted a writer of the CPU (an open reservation).
-    pub fn reset(&self, cpu: LocalCpu) -> Result<(), Error> {
-        // SAFETY: we run on `cpu` (the token says so), so every writer of it either finished
-        // before this call, is interrupted by it (seen in `nest`: `Busy`), or runs after it.
-        unsafe { self.reset_quiesced(cpu.id()) }
-    }
-
-    /// [`RingBuffer::reset`] from any CPU.
-    ///
-    /// # Safety
-    ///
-    /// No writer of `cpu` runs during the call: e.g. recording on it was disabled
-    /// ([`RingBuffer::record_disable_cpu`]) and every CPU has since passed a point where it
-    /// was outside any writer (Linux waits for an RCU grace period). Writers keep their
-    /// bookkeeping CPU-local without barriers, so a plain flag cannot stop them remotely.
-    pub unsafe fn reset_quiesced(&self, cpu: usize) -> Result<(), Error> {
-        let cb = self.cpu(cpu)?;
-        cb.disabled.fetch_add(1, Ordering::SeqCst);
-        let mut st = cb.reader.lock();
-        let res = if cb.writers_active() {
-            Err(Error::Busy)
-        } else {
-            cb.init_ring(&mut st);
-            if st.map_count > 0 {
-                crate::map::refresh_ids(cb, &st);
-                crate::map::update_meta(cb, &st);
-            }
-            Ok(())
-        };
-        drop(st);
-        cb.disabled.fetch_sub(1, Ordering::SeqCst);
-        res
-    }
 }
 
 impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
@@ -388,9 +359,9 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
     }
 }
 
-fn new_page_desc(mem: NonNull<u8>) -> PageDesc {
+pub(crate) fn new_page_desc(mem: NonNull<u8>) -> PageDesc {
     PageDesc {
-        mem,
+        mem: SubbufMem::new(mem),
         link: AtomicU32::new(0),
         entries: crate::sync::Local::<AtomicU32>::new(0),
         end: AtomicU32::new(0),
@@ -414,7 +385,7 @@ impl<A: PageAlloc, C: Clock, W: Waiter> Drop for RingBuffer<A, C, W> {
             }
             for p in cb.pages().iter() {
                 // SAFETY: every sub-buffer came from `alloc_pages(subbuf_order)`.
-                unsafe { self.alloc.free_pages(p.mem, self.subbuf_order) };
+                unsafe { self.alloc.free_pages(p.mem.get(), self.subbuf_order) };
             }
         }
         // SAFETY: the arrays came from `self.alloc`. `PageArray` has no drop glue, so these

@@ -16,7 +16,7 @@ use crate::{
     error::Error,
     format::{self, COMMIT_MASK, MAX_DELTA, SUBBUF_HEADER_SIZE, TIME_EXTEND_SIZE},
     hal::Clock,
-    mem::PageArray,
+    mem::{PageArray, SubbufMem},
     sync::{AtomicBool, AtomicU32, AtomicU64, Local, Ordering, SpinLock},
 };
 
@@ -59,7 +59,7 @@ const STAMP_INVALID: u64 = u64::MAX;
 /// One sub-buffer and its bookkeeping.
 pub(crate) struct PageDesc {
     /// The sub-buffer memory (header + data).
-    pub(crate) mem: NonNull<u8>,
+    pub(crate) mem: SubbufMem,
     /// Next page in the ring, with the `HEAD`/`UPDATE` flags.
     pub(crate) link: AtomicU32,
     /// Events reserved on the page (what an overwrite of it loses).
@@ -616,5 +616,40 @@ impl CpuBuffer {
         let touched = self.pages_touched.load(Ordering::Relaxed);
         let read = self.pages_read.load(Ordering::Relaxed);
         touched.saturating_sub(read).min(u64::from(self.ring_len)) * 100 / u64::from(self.ring_len)
+    }
+}
+
+// Geometry changes (`resize.rs`) rebuild a CPU buffer that nobody else can reach (`&mut`): the
+// few writer internals they need, kept apart from the write path above.
+impl CpuBuffer {
+    /// The sub-buffers, exclusively.
+    pub(crate) fn pages_mut(&mut self) -> &mut PageArray<PageDesc> {
+        self.pages.get_mut()
+    }
+
+    /// Head pushes so far: no page's `push_seq` is larger.
+    pub(crate) fn pushes(&self) -> u64 {
+        self.pushes.load(Ordering::Relaxed)
+    }
+
+    /// Puts the tail, and the commit page with it, at data offset `off` of `page`, in a new
+    /// generation (so the next event carries an absolute time stamp).
+    pub(crate) fn place_tail(&mut self, page: u32, off: usize) {
+        let generation = tail_gen(self.tail.load(Ordering::Relaxed)).wrapping_add(1);
+        self.tail
+            .store(tail_word(page, off, generation), Ordering::Release);
+        self.commit_page.store(page, Ordering::Release);
+    }
+
+    /// Moves the tail back to the start of its page, in a new generation; returns the page.
+    /// For a reset on the writers' own CPU (`reset.rs`): from then on, what a nested writer
+    /// that finds recording disabled still does (publish the tail page's commit) writes 0.
+    pub(crate) fn rewind_tail(&self) -> u32 {
+        let t = self.tail.load(Ordering::Relaxed);
+        let page = tail_page(t);
+        let generation = tail_gen(t).wrapping_add(1);
+        self.tail
+            .store(tail_word(page, 0, generation), Ordering::Release);
+        page
     }
 }

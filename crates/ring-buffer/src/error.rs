@@ -11,8 +11,9 @@ pub enum Error {
     InvalidArgument,
     /// The CPU buffer is not mapped (`ENODEV`, as `ring_buffer_unmap` returns).
     NotMapped,
-    /// The operation conflicts with the current state: the buffer is mapped, the map count
-    /// would overflow, or a nested writer hit an outer one moving the head (`EBUSY`).
+    /// The operation conflicts with the current state: the buffer is mapped (resize, order
+    /// change, `swap_cpu`), the map count would overflow, a reset landed inside a writer, or a
+    /// nested writer hit an outer one moving the head (`EBUSY`).
     Busy,
     /// The page allocator had no memory (`ENOMEM`).
     NoMemory,

@@ -12,7 +12,10 @@ pub mod hal;
 pub mod map;
 pub mod mapped;
 mod mem;
+pub mod read_page;
 pub mod reader;
+pub mod reset;
+pub mod resize;
 pub mod sim;
 mod sync;
 #[cfg(all(feature = "std", target_os = "linux"))]
@@ -25,4 +28,6 @@ pub use error::Error;
 pub use hal::{Clock, LocalCpu, NoWaiter, PageAlloc, Waiter};
 pub use map::{MapLayout, MapPage};
 pub use mapped::{GetReader, MapRegion, MappedEvent, MappedReader, RawRegion};
+pub use read_page::{DataPage, PageRead};
 pub use reader::{Event, Reader};
+pub use reset::RunOn;

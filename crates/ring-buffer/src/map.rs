@@ -237,9 +237,19 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
         Ok(self.cpu(cpu)?.reader.lock().map_count)
     }
 
-    /// The layout of `cpu`'s mapping.
+    /// The layout of a CPU's mapping when every CPU has [`RingBuffer::subbufs_per_cpu`]
+    /// sub-buffers (always, unless [`RingBuffer::resize_cpu`] made them differ: then use
+    /// [`RingBuffer::cpu_map_layout`]).
     pub fn map_layout(&self) -> MapLayout {
         MapLayout::new(self.subbuf_order, self.subbufs_per_cpu() as u32 + 1)
+    }
+
+    /// The layout of `cpu`'s mapping.
+    pub fn cpu_map_layout(&self, cpu: usize) -> Result<MapLayout, Error> {
+        Ok(MapLayout::new(
+            self.subbuf_order,
+            self.cpu(cpu)?.ring_len + 1,
+        ))
     }
 
     /// The kernel address of one page of `cpu`'s mapping (to build the user mapping from);
@@ -258,7 +268,7 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
                     return Err(Error::InvalidArgument);
                 }
                 let idx = cb.pages()[id as usize].by_id.load(Ordering::Relaxed);
-                let mem = cb.pages()[idx as usize].mem;
+                let mem = cb.pages()[idx as usize].mem.get();
                 // SAFETY: `page` is inside the sub-buffer.
                 Ok(Some(unsafe { mem.add(page as usize * PAGE_SIZE) }))
             }
@@ -351,9 +361,18 @@ pub struct MappedView<'a, A: PageAlloc, C: Clock, W: Waiter> {
     cpu: usize,
 }
 
+impl<A: PageAlloc, C: Clock, W: Waiter> MappedView<'_, A, C, W> {
+    fn layout(&self) -> MapLayout {
+        // The CPU was valid when the view was made, and `&RingBuffer` keeps it so.
+        self.rb
+            .cpu_map_layout(self.cpu)
+            .unwrap_or(MapLayout::new(0, 0))
+    }
+}
+
 impl<A: PageAlloc, C: Clock, W: Waiter> MapRegion for MappedView<'_, A, C, W> {
     fn len(&self) -> usize {
-        self.rb.map_layout().total_len()
+        self.layout().total_len()
     }
 
     fn read(&self, offset: usize, buf: &mut [u8]) -> Result<(), Error> {
@@ -363,7 +382,7 @@ impl<A: PageAlloc, C: Clock, W: Waiter> MapRegion for MappedView<'_, A, C, W> {
         if end > self.len() {
             return Err(Error::InvalidArgument);
         }
-        let layout = self.rb.map_layout();
+        let layout = self.layout();
         let mut done = 0;
         while done < buf.len() {
             let at = offset + done;

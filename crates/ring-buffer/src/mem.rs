@@ -1,7 +1,7 @@
 //! Bookkeeping arrays carved out of whole pages from the caller's [`PageAlloc`]: the crate needs
 //! no global allocator.
 
-use core::{mem, ptr::NonNull};
+use core::{cell::UnsafeCell, mem, ptr::NonNull};
 
 use crate::{error::Error, format::PAGE_SIZE, hal::PageAlloc};
 
@@ -70,10 +70,54 @@ impl<T> PageArray<T> {
     }
 }
 
+impl<T> core::ops::DerefMut for PageArray<T> {
+    fn deref_mut(&mut self) -> &mut [T] {
+        // SAFETY: `len` initialised values live at `ptr`, and `&mut self` is exclusive.
+        unsafe { core::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
 impl<T> core::ops::Deref for PageArray<T> {
     type Target = [T];
     fn deref(&self) -> &[T] {
         // SAFETY: `len` initialised values live at `ptr` for as long as `self`.
         unsafe { core::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+/// The address of a sub-buffer's memory. `read_page` exchanges the reader sub-buffer's memory
+/// for the caller's page in place, under the reader lock, while writers use other sub-buffers:
+/// a cell, so that shared references to the descriptors (which writers hold) do not claim it
+/// is frozen. Reads are plain loads.
+#[repr(transparent)]
+pub(crate) struct SubbufMem(UnsafeCell<NonNull<u8>>);
+
+impl SubbufMem {
+    pub(crate) const fn new(mem: NonNull<u8>) -> Self {
+        Self(UnsafeCell::new(mem))
+    }
+
+    /// The address.
+    #[inline(always)]
+    pub(crate) fn get(&self) -> NonNull<u8> {
+        // SAFETY: only `set` writes the cell, and its contract excludes concurrent readers.
+        unsafe { *self.0.get() }
+    }
+
+    /// The address as a raw pointer.
+    #[inline(always)]
+    pub(crate) fn as_ptr(&self) -> *mut u8 {
+        self.get().as_ptr()
+    }
+
+    /// Replaces the address.
+    ///
+    /// # Safety
+    ///
+    /// Nobody reads or writes this address concurrently (for a sub-buffer in a buffer: it is
+    /// the reader sub-buffer, the writer has left it, and the reader lock is held).
+    pub(crate) unsafe fn set(&self, mem: NonNull<u8>) {
+        // SAFETY: no concurrent access, by the contract.
+        unsafe { *self.0.get() = mem };
     }
 }

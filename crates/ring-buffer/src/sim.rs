@@ -162,3 +162,51 @@ unsafe impl<const N: usize> PageAlloc for PagePool<N> {
         });
     }
 }
+
+/// An allocator that fails on demand: it forwards to `inner` while its budget of allocations
+/// lasts, then returns `None` (for tests of the `NoMemory` paths).
+#[derive(Debug)]
+pub struct FailingAlloc<A> {
+    inner: A,
+    budget: AtomicU64,
+}
+
+impl<A> FailingAlloc<A> {
+    /// Forwards every allocation to `inner` until [`FailingAlloc::fail_after`] is called.
+    pub const fn new(inner: A) -> Self {
+        Self {
+            inner,
+            budget: AtomicU64::new(u64::MAX),
+        }
+    }
+
+    /// Lets `n` more allocations succeed, then fails every one.
+    pub fn fail_after(&self, n: u64) {
+        self.budget.store(n, Ordering::SeqCst);
+    }
+
+    /// Allocations succeed again.
+    pub fn heal(&self) {
+        self.budget.store(u64::MAX, Ordering::SeqCst);
+    }
+
+    /// The allocator it forwards to.
+    pub fn inner(&self) -> &A {
+        &self.inner
+    }
+}
+
+// SAFETY: forwards to `inner`, which upholds the contract, or returns `None`.
+unsafe impl<A: PageAlloc> PageAlloc for FailingAlloc<A> {
+    fn alloc_pages(&self, order: u32) -> Option<NonNull<u8>> {
+        self.budget
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |b| b.checked_sub(1))
+            .ok()?;
+        self.inner.alloc_pages(order)
+    }
+
+    unsafe fn free_pages(&self, pages: NonNull<u8>, order: u32) {
+        // SAFETY: the pages came from `inner` (we only hand out its pages).
+        unsafe { self.inner.free_pages(pages, order) }
+    }
+}

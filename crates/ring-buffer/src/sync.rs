@@ -40,6 +40,14 @@ impl<T> SpinLock<T> {
         }
     }
 
+    /// The lock if it is free now (for callers that may have interrupted its holder).
+    pub(crate) fn try_lock(&self) -> Option<SpinGuard<'_, T>> {
+        self.locked
+            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_ok()
+            .then_some(SpinGuard { lock: self })
+    }
+
     pub(crate) fn lock(&self) -> SpinGuard<'_, T> {
         loop {
             if self
