@@ -519,10 +519,12 @@ impl CpuBuffer {
         global_disabled: &AtomicU32,
     ) -> Result<(), Error> {
         let len = data.len();
+        // No `max_payload` check: a slice is at most `isize::MAX` bytes, so the event length
+        // cannot overflow, and `reserve_fast` finds a too-large event does not fit (then
+        // `reserve_slow` says `EventTooLarge`).
         if depth == 0
             && global_disabled.load(Ordering::Relaxed) == 0
             && self.disabled.load(Ordering::Relaxed) == 0
-            && len <= format::max_payload(self.subbuf_size)
         {
             let t = self.tail.load(Ordering::Relaxed);
             let ts = clock.now();
@@ -532,17 +534,14 @@ impl CpuBuffer {
                     unsafe { copy_payload(data, payload) };
                     self.entries.fetch_add(1);
                     // Publish. Outermost writers publish everything before they leave, so
-                    // the commit page was our page when we entered; if the tail is still
-                    // where we left it, committing `pd` up to it is the whole publication.
-                    let t = self.tail.load(Ordering::Relaxed);
-                    if t == new {
-                        debug_assert_eq!(self.commit_page.load(Ordering::Relaxed), tail_page(t));
-                        interrupt_point();
-                        pd.set_commit(tail_off(t) as u64);
-                        self.leave_outermost(t);
-                    } else {
-                        self.leave(0);
-                    }
+                    // the commit page was `pd` when we entered, and only we publish until we
+                    // leave: committing `pd` up to our event publishes everything before it.
+                    // A nested writer that reserved after our event (on `pd` or beyond) shows
+                    // in the tail check of `leave_outermost`, which then publishes it.
+                    debug_assert_eq!(self.commit_page.load(Ordering::Relaxed), tail_page(t));
+                    interrupt_point();
+                    pd.set_commit(tail_off(new) as u64);
+                    self.leave_outermost(new);
                     Ok(())
                 }
                 None => self.write_slow(clock, data, depth, Some((t, ts)), global_disabled),
@@ -611,7 +610,7 @@ impl CpuBuffer {
     }
 
     /// The fast reservation: `t` is the tail we loaded, `ts` the clock read after it, `len` at
-    /// most `max_payload`. Only for the outermost writer. `None` (nothing changed) when the
+    /// most `isize::MAX`. Only for the outermost writer. `None` (nothing changed) when the
     /// event needs a time event in front, starts a sub-buffer, does not fit, or an interrupt
     /// moved the tail.
     /// On success: the sub-buffer, where the payload goes, and the tail after the event.
@@ -900,5 +899,30 @@ impl CpuBuffer {
         let touched = self.pages_touched.load(Ordering::Relaxed);
         let read = self.pages_read.load(Ordering::Relaxed);
         touched.saturating_sub(read).min(u64::from(self.ring_len)) * 100 / u64::from(self.ring_len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use std::vec::Vec;
+
+    #[test]
+    fn copy_payload_copies_every_length_exactly() {
+        let src: Vec<u8> = (0..200u32).map(|i| (i * 7 + 1) as u8).collect();
+        for n in 0..=src.len() {
+            let mut dst = [0xeeu8; 232];
+            // SAFETY: `dst` has room for `n` bytes at offset 16 and does not overlap `src`.
+            unsafe { super::copy_payload(&src[..n], dst.as_mut_ptr().add(16)) };
+            assert_eq!(&dst[16..16 + n], &src[..n], "length {n}");
+            assert!(
+                dst[..16].iter().all(|&b| b == 0xee),
+                "length {n}: wrote before"
+            );
+            assert!(
+                dst[16 + n..].iter().all(|&b| b == 0xee),
+                "length {n}: wrote after"
+            );
+        }
     }
 }
