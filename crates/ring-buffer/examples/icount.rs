@@ -3,6 +3,8 @@
 //!
 //! - `reserve_commit_16`: reserve, fill and commit a 16-byte event (overwrite mode, so the ring
 //!   keeps turning; sub-buffer changes are included, amortised).
+//! - `write_8`, `write_64`: `write()` of an 8- or 64-byte event (overwrite mode, as the
+//!   `write` benchmark group does).
 //! - `read_event`: consume one event with the in-kernel reader (reader-page swaps included,
 //!   amortised).
 
@@ -32,6 +34,30 @@ pub extern "C" fn icount_reserve_commit_16(rb: &Buffer<'_>, iters: u64) {
     }
 }
 
+/// Writes `iters` events of `N` bytes with `write()`.
+fn write_n<const N: usize>(rb: &Buffer<'_>, iters: u64) {
+    // SAFETY: this single-threaded program is CPU 0's only writer.
+    let cpu = unsafe { LocalCpu::new(0) };
+    let data = [0x5au8; N];
+    for _ in 0..iters {
+        let _ = black_box(rb.write(cpu, black_box(&data)));
+    }
+}
+
+/// Writes `iters` 8-byte events.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn icount_write_8(rb: &Buffer<'_>, iters: u64) {
+    write_n::<8>(rb, iters)
+}
+
+/// Writes `iters` 64-byte events.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn icount_write_64(rb: &Buffer<'_>, iters: u64) {
+    write_n::<64>(rb, iters)
+}
+
 /// Consumes `iters` events.
 #[unsafe(no_mangle)]
 #[inline(never)]
@@ -57,6 +83,15 @@ fn main() {
             let config = Config::new(1, 8).mode(Mode::Overwrite);
             let rb = RingBuffer::new(config, &PAGES, &clock).expect("buffer");
             icount_reserve_commit_16(&rb, iters);
+        }
+        "write_8" | "write_64" => {
+            let config = Config::new(1, 8).mode(Mode::Overwrite);
+            let rb = RingBuffer::new(config, &PAGES, &clock).expect("buffer");
+            if probe == "write_8" {
+                icount_write_8(&rb, iters);
+            } else {
+                icount_write_64(&rb, iters);
+            }
         }
         "read_event" => {
             let config = Config::new(1, 32).mode(Mode::ProducerConsumer);

@@ -211,17 +211,13 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
     #[inline(always)]
     pub fn reserve(&self, cpu: LocalCpu, len: usize) -> Result<Reservation<'_>, Error> {
         let cb = self.cpu(cpu.id())?;
-        let nested = cb.begin();
-        let res = if self.record_disabled.load(Ordering::Relaxed) != 0 {
-            Err(Error::Disabled)
-        } else {
-            cb.reserve(&self.clock, len, nested)
-        };
-        match res {
+        let depth = cb.enter();
+        match cb.reserve(&self.clock, len, depth, &self.record_disabled) {
             Ok(slot) => Ok(Reservation {
                 cb,
                 slot,
                 len,
+                depth,
                 waiter: self
                     .waiter
                     .wants_wakeups()
@@ -230,18 +226,26 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
                 _cpu: PhantomData,
             }),
             Err(e) => {
-                cb.end();
+                cb.leave(depth);
                 Err(e)
             }
         }
     }
 
-    /// Writes one event (reserve, copy, commit).
+    /// Writes one event (reserve, copy, commit), without a [`Reservation`] in between.
+    /// Errors as [`RingBuffer::reserve`].
     #[inline]
     pub fn write(&self, cpu: LocalCpu, data: &[u8]) -> Result<(), Error> {
-        let mut r = self.reserve(cpu, data.len())?;
-        r.payload_mut()[..data.len()].copy_from_slice(data);
-        r.commit();
+        let cb = self.cpu(cpu.id())?;
+        let depth = cb.enter();
+        cb.write(&self.clock, data, depth, &self.record_disabled)?;
+        if self.waiter.wants_wakeups() {
+            wake_check(
+                cb,
+                &self.waiter,
+                self.buffer_percent.load(Ordering::Relaxed),
+            );
+        }
         Ok(())
     }
 
@@ -405,6 +409,8 @@ pub struct Reservation<'a> {
     cb: &'a CpuBuffer,
     slot: Slot,
     len: usize,
+    /// Writer sections this one is nested in.
+    depth: u32,
     waiter: Option<&'a dyn Waiter>,
     percent: u32,
     _cpu: PhantomData<*const ()>,
@@ -422,24 +428,30 @@ impl Reservation<'_> {
     #[inline]
     pub fn commit(self) {
         let cb = self.cb;
-        let waiter = self.waiter;
-        let percent = self.percent;
+        let (depth, waiter, percent) = (self.depth, self.waiter, self.percent);
         core::mem::forget(self);
         cb.count_commit();
-        cb.end();
-        if let Some(waiter) = waiter
-            && cb.wake_armed.load(Ordering::Relaxed)
-            && (percent == 0 || cb.fill_percent() >= u64::from(percent))
-            && cb.wake_armed.swap(false, Ordering::AcqRel)
-        {
-            waiter.wake(cb.cpu);
+        cb.leave(depth);
+        if let Some(waiter) = waiter {
+            wake_check(cb, waiter, percent);
         }
+    }
+}
+
+/// Wakes the waiter of `cb` if it is armed and the fill level reached `percent`.
+#[inline]
+fn wake_check(cb: &CpuBuffer, waiter: &(impl Waiter + ?Sized), percent: u32) {
+    if cb.wake_armed.load(Ordering::Relaxed)
+        && (percent == 0 || cb.fill_percent() >= u64::from(percent))
+        && cb.wake_armed.swap(false, Ordering::AcqRel)
+    {
+        waiter.wake(cb.cpu);
     }
 }
 
 impl Drop for Reservation<'_> {
     fn drop(&mut self) {
         self.cb.discard(&self.slot);
-        self.cb.end();
+        self.cb.leave(self.depth);
     }
 }

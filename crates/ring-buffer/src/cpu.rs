@@ -9,15 +9,23 @@
 //! Writers of one CPU nest (task < softirq < irq < NMI). The tail is one word (page, offset,
 //! generation) moved by compare-and-swap, so an interrupted writer simply retries. Only the
 //! outermost writer publishes `commit`, after every nested one is done (commit counting).
+//!
+//! The common write (outermost, same sub-buffer, delta fits in 27 bits) is one straight line,
+//! [`CpuBuffer::write`]; everything else ([`CpuBuffer::reserve_slow`], `move_tail`, a publish that
+//! crosses sub-buffers) is out of line.
 
-use core::{cell::UnsafeCell, ptr::NonNull};
+use core::{
+    cell::UnsafeCell,
+    ptr::NonNull,
+    sync::atomic::{Ordering::SeqCst, compiler_fence},
+};
 
 use crate::{
     error::Error,
     format::{self, COMMIT_MASK, MAX_DELTA, SUBBUF_HEADER_SIZE, TIME_EXTEND_SIZE},
     hal::Clock,
     mem::{PageArray, SubbufMem},
-    sync::{AtomicBool, AtomicU32, AtomicU64, Local, Ordering, SpinLock},
+    sync::{AtomicBool, AtomicU32, AtomicU64, Local, Ordering, SpinLock, interrupt_point},
 };
 
 pub(crate) const LINK_HEAD: u32 = 1;
@@ -51,8 +59,6 @@ const fn tail_gen(t: u64) -> u64 {
 /// Largest number of sub-buffers per CPU, reader included (16-bit page index in the tail).
 pub(crate) const MAX_PAGES: usize = 1 << 16;
 
-/// `nest`: committing depth in the low half, number of reservations ever in the high half.
-const NEST_ONE: u64 = (1 << 32) | 1;
 /// `stamp_pos` value that matches no tail: the next event gets an absolute time stamp.
 const STAMP_INVALID: u64 = u64::MAX;
 
@@ -87,6 +93,7 @@ unsafe impl Send for PageDesc {}
 unsafe impl Sync for PageDesc {}
 
 impl PageDesc {
+    #[inline(always)]
     fn header_word(&self, offset: usize) -> &core::sync::atomic::AtomicU64 {
         // SAFETY: the page is at least 4 KiB, page-aligned, lives as long as `self`, and the
         // header words are only ever accessed atomically.
@@ -94,6 +101,7 @@ impl PageDesc {
     }
 
     /// Publishes the commit word (data size and flags).
+    #[inline(always)]
     pub(crate) fn set_commit(&self, value: u64) {
         self.commit.store(value, Ordering::Release);
         self.header_word(8).store(value, Ordering::Release);
@@ -113,6 +121,7 @@ impl PageDesc {
     }
 
     /// Start of the data area.
+    #[inline(always)]
     pub(crate) fn data(&self) -> *mut u8 {
         // SAFETY: the header is inside the page.
         unsafe { self.mem.as_ptr().add(SUBBUF_HEADER_SIZE) }
@@ -123,10 +132,86 @@ impl PageDesc {
     /// # Safety
     ///
     /// `off + 4` is inside the data area and the caller owns those bytes (reserved or padding).
+    #[inline(always)]
     unsafe fn put(&self, off: usize, word: u32) {
         // SAFETY: in bounds and 4-aligned (offsets are multiples of 4 from a page boundary);
         // the caller owns the bytes.
         unsafe { self.data().add(off).cast::<u32>().write(word.to_le()) }
+    }
+
+    /// Writes the header of a data event of `len` payload bytes at data offset `off` (and the
+    /// zero padding of its last payload word); returns where the payload goes.
+    ///
+    /// # Safety
+    ///
+    /// The caller owns `format::event_len(len)` bytes at `off`, inside the data area.
+    #[inline(always)]
+    unsafe fn put_data_header(&self, off: usize, len: usize, delta: u32) -> *mut u8 {
+        let stored = format::stored_len(len);
+        // SAFETY: the event lies in the caller's bytes.
+        unsafe {
+            let payload = if len > format::MAX_SMALL_DATA {
+                self.put(off, format::header(0, delta));
+                self.put(off + 4, stored as u32 + 4);
+                self.data().add(off + 8)
+            } else {
+                self.put(off, format::header((stored / 4) as u32, delta));
+                self.data().add(off + 4)
+            };
+            // Zero the last word when it has padding, so the padding to 4 bytes is
+            // deterministic whatever the caller fills in (the caller owns all `len` bytes, so
+            // a payload without padding needs no store).
+            if stored != len {
+                payload.add(stored - 4).cast::<u32>().write(0);
+            }
+            payload
+        }
+    }
+}
+
+/// Copies a payload into its reserved bytes.
+///
+/// # Safety
+///
+/// `dst` is valid for `data.len()` bytes of writes and does not overlap `data`.
+#[inline(always)]
+unsafe fn copy_payload(data: &[u8], dst: *mut u8) {
+    let (src, n) = (data.as_ptr(), data.len());
+    /// Copies `n` bytes, `W <= n <= 2 * W`, as two possibly overlapping `W`-byte words.
+    ///
+    /// # Safety
+    ///
+    /// As `copy_payload`, and `W <= n <= 2 * W`.
+    #[inline(always)]
+    unsafe fn two_words<const W: usize>(src: *const u8, dst: *mut u8, n: usize) {
+        // SAFETY: both words lie within the `n` bytes of `src` and of `dst`.
+        unsafe {
+            let head = src.cast::<[u8; W]>().read_unaligned();
+            let tail = src.add(n - W).cast::<[u8; W]>().read_unaligned();
+            dst.cast::<[u8; W]>().write_unaligned(head);
+            dst.add(n - W).cast::<[u8; W]>().write_unaligned(tail);
+        }
+    }
+    // Small payloads in line (trace events are mostly small, and a `no_std` kernel's
+    // `memcpy` is often a byte loop); the rest with `memcpy`.
+    // SAFETY: by the contract, with the size of each branch as `two_words` requires.
+    unsafe {
+        match n {
+            0 => {}
+            1..4 => {
+                for i in 0..n {
+                    *dst.add(i) = *src.add(i);
+                }
+            }
+            4..8 => two_words::<4>(src, dst, n),
+            8..16 => two_words::<8>(src, dst, n),
+            16..=32 => two_words::<16>(src, dst, n),
+            33..=64 => {
+                two_words::<16>(src, dst, 32);
+                two_words::<16>(src.add(n - 32), dst.add(n - 32), 32);
+            }
+            _ => core::ptr::copy_nonoverlapping(src, dst, n),
+        }
     }
 }
 
@@ -168,7 +253,10 @@ pub(crate) struct CpuBuffer {
     pub(crate) overwrite: AtomicBool,
     pub(crate) tail: Local<AtomicU64>,
     pub(crate) commit_page: AtomicU32,
-    nest: Local<AtomicU64>,
+    /// Writer sections open on this CPU (Linux's `committing`). Only this CPU's writers touch
+    /// it, and each interrupting writer leaves it as it found it, so plain loads and stores
+    /// are exact: see [`CpuBuffer::enter`].
+    nest: AtomicU32,
     last_stamp: AtomicU64,
     stamp_pos: AtomicU64,
     pub(crate) entries: Local<AtomicU64>,
@@ -216,7 +304,6 @@ impl CpuBuffer {
         };
         for (a, b) in [
             (&self.tail.0, &other.tail.0),
-            (&self.nest.0, &other.nest.0),
             (&self.last_stamp, &other.last_stamp),
             (&self.stamp_pos, &other.stamp_pos),
             (&self.entries.0, &other.entries.0),
@@ -229,10 +316,14 @@ impl CpuBuffer {
         ] {
             swap64(a, b);
         }
-        let t = self.commit_page.load(Ordering::Relaxed);
-        self.commit_page
-            .store(other.commit_page.load(Ordering::Relaxed), Ordering::Release);
-        other.commit_page.store(t, Ordering::Release);
+        for (a, b) in [
+            (&self.nest, &other.nest),
+            (&self.commit_page, &other.commit_page),
+        ] {
+            let t = a.load(Ordering::Relaxed);
+            a.store(b.load(Ordering::Relaxed), Ordering::Release);
+            b.store(t, Ordering::Release);
+        }
     }
 }
 
@@ -270,7 +361,7 @@ impl CpuBuffer {
             overwrite: AtomicBool::new(overwrite),
             tail: Local::<AtomicU64>::new(0),
             commit_page: AtomicU32::new(0),
-            nest: Local::<AtomicU64>::new(0),
+            nest: AtomicU32::new(0),
             last_stamp: AtomicU64::new(0),
             stamp_pos: AtomicU64::new(STAMP_INVALID),
             entries: Local::<AtomicU64>::new(0),
@@ -346,24 +437,228 @@ impl CpuBuffer {
         self.subbuf_size - SUBBUF_HEADER_SIZE
     }
 
+    #[inline(always)]
     fn page(&self, i: u32) -> &PageDesc {
         &self.pages()[i as usize]
     }
 
-    /// Enters a writer section; returns whether it interrupted another writer.
-    pub(crate) fn begin(&self) -> bool {
-        let prev = self.nest.fetch_add(NEST_ONE);
-        prev as u32 != 0
+    /// Enters a writer section; returns the depth it found (0: outermost writer).
+    ///
+    /// A plain load and store, not a read-modify-write: only this CPU's writers change `nest`,
+    /// and a writer that interrupts us between the two runs to completion and leaves `nest`
+    /// as it found it (see [`CpuBuffer::leave`]), so our store is exact. The interrupting
+    /// writer saw the depth without us and behaved as if it ran just before we entered.
+    #[inline(always)]
+    pub(crate) fn enter(&self) -> u32 {
+        let depth = self.nest.load(Ordering::Relaxed);
+        interrupt_point();
+        self.nest.store(depth + 1, Ordering::Relaxed);
+        // Interrupts see this CPU's memory operations in program order; keep the compiler
+        // from moving the reservation above the store.
+        compiler_fence(SeqCst);
+        depth
     }
 
-    /// Reserves room for a `len`-byte payload. The caller did [`CpuBuffer::begin`] and will call
-    /// [`CpuBuffer::end`] whatever happens.
-    #[inline]
+    /// Leaves a writer section entered at `depth`; the outermost one publishes everything
+    /// written so far, nested ones leave that to it.
+    #[inline(always)]
+    pub(crate) fn leave(&self, depth: u32) {
+        if depth != 0 {
+            compiler_fence(SeqCst);
+            // Exact as in `enter`: interrupts of ours restore `depth + 1` before we resume.
+            self.nest.store(depth, Ordering::Release);
+            return;
+        }
+        let t = self.publish();
+        self.leave_outermost(t);
+    }
+
+    /// Leaves the outermost writer section after publishing up to tail `t`.
+    #[inline(always)]
+    fn leave_outermost(&self, t: u64) {
+        // Release: the publication before happens before a later writer can see itself as
+        // outermost and publish too (a nested publisher must not interleave with ours).
+        self.nest.store(0, Ordering::Release);
+        compiler_fence(SeqCst);
+        interrupt_point();
+        // A writer that interrupted us after our publish saw `nest` = 1 and left its event to
+        // us: the tail moved. (One that came after the store above published itself; telling
+        // the two apart is not worth it, publishing again is harmless.)
+        if self.tail.load(Ordering::Relaxed) != t {
+            self.republish();
+        }
+    }
+
+    /// Re-enters as the outermost writer and publishes until no interrupt slipped in between
+    /// publish and leave.
+    #[cold]
+    #[inline(never)]
+    fn republish(&self) {
+        loop {
+            self.nest.store(1, Ordering::Relaxed);
+            compiler_fence(SeqCst);
+            let t = self.publish();
+            self.nest.store(0, Ordering::Release);
+            compiler_fence(SeqCst);
+            interrupt_point();
+            if self.tail.load(Ordering::Relaxed) == t {
+                return;
+            }
+        }
+    }
+
+    /// The common write, straight-line: the outermost writer (`depth` 0, recording enabled)
+    /// appends a data event to the sub-buffer it already writes, with a delta that fits the
+    /// header. Everything else goes to [`CpuBuffer::write_slow`]. The caller entered.
+    #[inline(always)]
+    pub(crate) fn write(
+        &self,
+        clock: &impl Clock,
+        data: &[u8],
+        depth: u32,
+        global_disabled: &AtomicU32,
+    ) -> Result<(), Error> {
+        let len = data.len();
+        // No `max_payload` check: a slice is at most `isize::MAX` bytes, so the event length
+        // cannot overflow, and `reserve_fast` finds a too-large event does not fit (then
+        // `reserve_slow` says `EventTooLarge`).
+        if depth == 0
+            && global_disabled.load(Ordering::Relaxed) == 0
+            && self.disabled.load(Ordering::Relaxed) == 0
+        {
+            let t = self.tail.load(Ordering::Relaxed);
+            let ts = clock.now();
+            match self.reserve_fast(t, ts, len) {
+                Some((pd, payload, new)) => {
+                    // SAFETY: `payload` has `len` reserved bytes, ours until the leave.
+                    unsafe { copy_payload(data, payload) };
+                    self.entries.fetch_add(1);
+                    // Publish. Outermost writers publish everything before they leave, so
+                    // the commit page was `pd` when we entered, and only we publish until we
+                    // leave: committing `pd` up to our event publishes everything before it.
+                    // A nested writer that reserved after our event (on `pd` or beyond) shows
+                    // in the tail check of `leave_outermost`, which then publishes it.
+                    debug_assert_eq!(self.commit_page.load(Ordering::Relaxed), tail_page(t));
+                    interrupt_point();
+                    pd.set_commit(tail_off(new) as u64);
+                    self.leave_outermost(new);
+                    Ok(())
+                }
+                None => self.write_slow(clock, data, depth, Some((t, ts)), global_disabled),
+            }
+        } else {
+            self.write_slow(clock, data, depth, None, global_disabled)
+        }
+    }
+
+    /// Everything [`CpuBuffer::write`] does not do in line; leaves the writer section.
+    #[cold]
+    #[inline(never)]
+    fn write_slow(
+        &self,
+        clock: &impl Clock,
+        data: &[u8],
+        depth: u32,
+        seen: Option<(u64, u64)>,
+        global_disabled: &AtomicU32,
+    ) -> Result<(), Error> {
+        let res = if global_disabled.load(Ordering::Relaxed) != 0 {
+            Err(Error::Disabled)
+        } else {
+            self.reserve_slow(clock, data.len(), depth != 0, seen)
+        };
+        let res = res.map(|slot| {
+            // SAFETY: `slot.payload` has `len` reserved bytes, ours until the leave.
+            unsafe { copy_payload(data, slot.payload) };
+            self.entries.fetch_add(1);
+        });
+        self.leave(depth);
+        res
+    }
+
+    /// Reserves room for a `len`-byte payload. The caller entered (at `depth`) and will
+    /// [`CpuBuffer::leave`] whatever happens.
+    #[inline(always)]
     pub(crate) fn reserve(
         &self,
         clock: &impl Clock,
         len: usize,
+        depth: u32,
+        global_disabled: &AtomicU32,
+    ) -> Result<Slot, Error> {
+        if depth == 0
+            && global_disabled.load(Ordering::Relaxed) == 0
+            && self.disabled.load(Ordering::Relaxed) == 0
+            && len <= format::max_payload(self.subbuf_size)
+        {
+            let t = self.tail.load(Ordering::Relaxed);
+            let ts = clock.now();
+            match self.reserve_fast(t, ts, len) {
+                Some((_, payload, new)) => Ok(Slot {
+                    page: tail_page(t),
+                    event_off: tail_off(t),
+                    event_len: (new - t) as usize,
+                    payload,
+                }),
+                None => self.reserve_slow(clock, len, false, Some((t, ts))),
+            }
+        } else if global_disabled.load(Ordering::Relaxed) != 0 {
+            Err(Error::Disabled)
+        } else {
+            self.reserve_slow(clock, len, depth != 0, None)
+        }
+    }
+
+    /// The fast reservation: `t` is the tail we loaded, `ts` the clock read after it, `len` at
+    /// most `isize::MAX`. Only for the outermost writer. `None` (nothing changed) when the
+    /// event needs a time event in front, starts a sub-buffer, does not fit, or an interrupt
+    /// moved the tail.
+    /// On success: the sub-buffer, where the payload goes, and the tail after the event.
+    #[inline(always)]
+    fn reserve_fast(&self, t: u64, ts: u64, len: usize) -> Option<(&PageDesc, *mut u8, u64)> {
+        let off = tail_off(t);
+        let delta = ts.wrapping_sub(self.last_stamp.load(Ordering::Relaxed));
+        let stored = format::stored_len(len);
+        let large = len > format::MAX_SMALL_DATA;
+        let payload_off = if large { 8 } else { 4 };
+        let event_len = stored + payload_off;
+        // `stamp_pos == t`: the event before ours was written by the writer that stored
+        // `last_stamp`, so the delta is from its time (an interrupted or discarded one left
+        // `stamp_pos` elsewhere). `off != 0`: the first event of a sub-buffer sets its
+        // `time_stamp` instead (slow path).
+        if off == 0
+            || self.stamp_pos.load(Ordering::Relaxed) != t
+            || delta > MAX_DELTA
+            || off + event_len > self.data_size()
+        {
+            return None;
+        }
+        let new = t + event_len as u64;
+        interrupt_point();
+        if !self.tail.cas(t, new) {
+            return None;
+        }
+        interrupt_point();
+        let pd = self.page(tail_page(t));
+        pd.entries.fetch_add(1);
+        // SAFETY: the bytes [off, off + event_len) of the page are ours (the CAS above).
+        let payload = unsafe { pd.put_data_header(off, len, delta as u32) };
+        self.last_stamp.store(ts, Ordering::Relaxed);
+        self.stamp_pos.store(new, Ordering::Release);
+        interrupt_point();
+        Some((pd, payload, new))
+    }
+
+    /// Reserves room for a `len`-byte payload, every case. `seen` is the tail and clock the
+    /// fast path already read (so the clock is read once per attempt, as before).
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn reserve_slow(
+        &self,
+        clock: &impl Clock,
+        len: usize,
         nested: bool,
+        mut seen: Option<(u64, u64)>,
     ) -> Result<Slot, Error> {
         if self.disabled.load(Ordering::Relaxed) != 0 {
             return Err(Error::Disabled);
@@ -372,8 +667,7 @@ impl CpuBuffer {
             return Err(Error::EventTooLarge);
         }
         // The event's shape, once: `stored_len` payload bytes behind a one-word header, or
-        // behind a header and a length word for payloads above `MAX_SMALL_DATA` (the same
-        // values as `format::event_len` and `format::data_header`, without recomputing them).
+        // behind a header and a length word for payloads above `MAX_SMALL_DATA`.
         let stored = format::stored_len(len);
         let large = len > format::MAX_SMALL_DATA;
         let payload_off = if large { 8 } else { 4 };
@@ -381,8 +675,13 @@ impl CpuBuffer {
         debug_assert_eq!(event_len, format::event_len(len));
         let data_size = self.data_size();
         loop {
-            let t = self.tail.load(Ordering::Acquire);
-            let ts = clock.now();
+            let (t, ts) = match seen.take() {
+                Some(seen) => seen,
+                None => {
+                    let t = self.tail.load(Ordering::Acquire);
+                    (t, clock.now())
+                }
+            };
             let (page, off) = (tail_page(t), tail_off(t));
             let time = if off == 0 {
                 Time::PageStart
@@ -408,9 +707,11 @@ impl CpuBuffer {
                 continue;
             }
             let new = t + need as u64;
+            interrupt_point();
             if !self.tail.cas(t, new) {
                 continue;
             }
+            interrupt_point();
             // The bytes [off, off + need) of `page` are ours.
             let pd = self.page(page);
             pd.entries.fetch_add(1);
@@ -440,24 +741,10 @@ impl CpuBuffer {
                 }
             };
             // SAFETY: the event lies in the reserved bytes.
-            let payload = unsafe {
-                if large {
-                    pd.put(event_off, format::header(0, delta));
-                    pd.put(event_off + 4, stored as u32 + 4);
-                } else {
-                    pd.put(event_off, format::header((stored / 4) as u32, delta));
-                }
-                let payload = pd.data().add(event_off + payload_off);
-                // Zero the last word when it has padding, so the padding to 4 bytes is
-                // deterministic whatever the caller fills in (the caller owns all `len`
-                // bytes, so a payload without padding needs no store).
-                if stored != len {
-                    payload.add(stored - 4).cast::<u32>().write(0);
-                }
-                payload
-            };
+            let payload = unsafe { pd.put_data_header(event_off, len, delta) };
             self.last_stamp.store(ts, Ordering::Relaxed);
             self.stamp_pos.store(new, Ordering::Release);
+            interrupt_point();
             return Ok(Slot {
                 page,
                 event_off,
@@ -499,6 +786,7 @@ impl CpuBuffer {
                 {
                     return Ok(()); // the reader swapped the head away: look again
                 }
+                interrupt_point();
                 // We own the old head: its events are lost.
                 let np = self.page(next);
                 let lost = u64::from(np.entries.load(Ordering::Relaxed));
@@ -511,6 +799,7 @@ impl CpuBuffer {
                 newhead.head_overrun.store(total, Ordering::Relaxed);
                 newhead.push_seq.store(seq, Ordering::Relaxed);
                 np.link.store(link(nl, LINK_HEAD), Ordering::Release);
+                interrupt_point();
                 pd.link.store(link(next, 0), Ordering::Release);
             }
             _ => {}
@@ -521,9 +810,11 @@ impl CpuBuffer {
         np.real_end.store(0, Ordering::Relaxed);
         np.set_commit(0);
         let new = tail_word(next, 0, tail_gen(t).wrapping_add(1));
+        interrupt_point();
         if !self.tail.cas(t, new) {
             return Ok(());
         }
+        interrupt_point();
         // The rest of `page` from `off` is ours: pad it the way Linux does.
         let data_size = self.data_size();
         let rest = data_size - off;
@@ -555,60 +846,52 @@ impl CpuBuffer {
             pd.put(slot.event_off, format::header(format::TYPE_PADDING, 1));
             pd.put(slot.event_off + 4, (slot.event_len - 4) as u32);
         }
+        interrupt_point();
         pd.entries.fetch_add(u32::MAX); // -1
         // Readers ignore a discarded event's delta: make the next event carry an absolute time.
         self.stamp_pos.store(STAMP_INVALID, Ordering::Release);
     }
 
     /// Counts a committed event.
+    #[inline(always)]
     pub(crate) fn count_commit(&self) {
         self.entries.fetch_add(1);
     }
 
-    /// Leaves a writer section; the outermost one publishes everything written so far.
+    /// Sets the commit of every page from the commit page up to the tail; returns the tail
+    /// it published. Only the outermost writer calls it, so publications never interleave.
     #[inline(always)]
-    pub(crate) fn end(&self) {
-        loop {
-            let v = self.nest.load(Ordering::Relaxed);
-            if v as u32 == 1 {
-                self.publish();
-            }
-            let after = self.nest.fetch_add(u64::MAX).wrapping_sub(1);
-            if (after >> 32) != (v >> 32) && after as u32 == 0 {
-                // A writer came in between our publish and the decrement and did not publish.
-                self.nest.fetch_add(1);
-                continue;
-            }
-            return;
+    fn publish(&self) -> u64 {
+        let t = self.tail.load(Ordering::Relaxed);
+        let tp = tail_page(t);
+        if self.commit_page.load(Ordering::Relaxed) != tp {
+            self.publish_full_pages(tp);
         }
+        interrupt_point();
+        self.page(tp).set_commit(tail_off(t) as u64);
+        t
     }
 
-    /// Sets the commit of every page from the commit page up to the tail.
-    #[inline(always)]
-    fn publish(&self) {
-        loop {
-            let t = self.tail.load(Ordering::Acquire);
-            let tp = tail_page(t);
-            let mut cp = self.commit_page.load(Ordering::Relaxed);
-            let mut steps = 0;
-            while cp != tp && steps <= self.ring_len {
-                let pd = self.page(cp);
-                pd.set_commit(u64::from(pd.end.load(Ordering::Acquire)));
-                cp = link_next(pd.link.load(Ordering::Acquire));
-                self.commit_page.store(cp, Ordering::Release);
-                steps += 1;
-            }
-            debug_assert_eq!(cp, tp, "commit page lost its way to the tail");
-            self.page(tp).set_commit(tail_off(t) as u64);
-            if self.tail.load(Ordering::Acquire) == t {
-                return;
-            }
+    /// Publishes the pages the tail left, from the commit page up to `tp`.
+    #[cold]
+    #[inline(never)]
+    fn publish_full_pages(&self, tp: u32) {
+        let mut cp = self.commit_page.load(Ordering::Relaxed);
+        let mut steps = 0;
+        while cp != tp && steps <= self.ring_len {
+            let pd = self.page(cp);
+            pd.set_commit(u64::from(pd.end.load(Ordering::Acquire)));
+            cp = link_next(pd.link.load(Ordering::Acquire));
+            self.commit_page.store(cp, Ordering::Release);
+            steps += 1;
+            interrupt_point();
         }
+        debug_assert_eq!(cp, tp, "commit page lost its way to the tail");
     }
 
     /// Whether a writer section is open; exact only on the writers' own CPU.
     pub(crate) fn writers_active(&self) -> bool {
-        self.nest.load(Ordering::Relaxed) as u32 != 0
+        self.nest.load(Ordering::Relaxed) != 0
     }
 
     /// Fill level in percent of the ring, for `buffer_percent` wake-ups.
@@ -651,5 +934,30 @@ impl CpuBuffer {
         self.tail
             .store(tail_word(page, 0, generation), Ordering::Release);
         page
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use std::vec::Vec;
+
+    #[test]
+    fn copy_payload_copies_every_length_exactly() {
+        let src: Vec<u8> = (0..200u32).map(|i| (i * 7 + 1) as u8).collect();
+        for n in 0..=src.len() {
+            let mut dst = [0xeeu8; 232];
+            // SAFETY: `dst` has room for `n` bytes at offset 16 and does not overlap `src`.
+            unsafe { super::copy_payload(&src[..n], dst.as_mut_ptr().add(16)) };
+            assert_eq!(&dst[16..16 + n], &src[..n], "length {n}");
+            assert!(
+                dst[..16].iter().all(|&b| b == 0xee),
+                "length {n}: wrote before"
+            );
+            assert!(
+                dst[16 + n..].iter().all(|&b| b == 0xee),
+                "length {n}: wrote after"
+            );
+        }
     }
 }

@@ -23,6 +23,10 @@ pub mod tracefs;
 #[cfg(all(feature = "x86", target_arch = "x86_64"))]
 pub mod x86;
 
+#[cfg(loom)]
+#[doc(hidden)]
+pub use sync::interrupts;
+
 pub use buffer::{Config, Mode, Reservation, RingBuffer, Stats};
 pub use error::Error;
 pub use hal::{Clock, LocalCpu, NoWaiter, PageAlloc, Waiter};

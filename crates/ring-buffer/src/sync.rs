@@ -173,3 +173,56 @@ macro_rules! local_impl {
 
 local_impl!(AtomicU64, u64, "qword", "r");
 local_impl!(AtomicU32, u32, "dword", "e");
+
+/// A place in the write path where an interrupt on the writer's CPU may run a nested writer.
+/// Nothing outside loom models; under loom, [`interrupts`] lets a test run a nested write
+/// exactly there.
+#[inline(always)]
+pub(crate) fn interrupt_point() {
+    #[cfg(loom)]
+    interrupts::point();
+}
+
+/// Loom only: simulated interrupts at the write path's interrupt points.
+#[cfg(loom)]
+pub mod interrupts {
+    extern crate std;
+    use std::{boxed::Box, cell::RefCell};
+
+    type Hook = Box<dyn FnMut()>;
+
+    std::thread_local! {
+        /// Points still to pass before the hook runs, and the hook. Per OS thread: loom runs
+        /// a model's threads on the test's own thread, and tests run in parallel.
+        static ARMED: RefCell<Option<(usize, Hook)>> = const { RefCell::new(None) };
+    }
+
+    /// Runs `hook` (once, as an interrupt of the writer) at the `n`-th interrupt point from
+    /// now (0 = the next one). Only the writer thread of a model may pass interrupt points.
+    pub fn arm(n: usize, hook: impl FnMut() + 'static) {
+        ARMED.with(|a| *a.borrow_mut() = Some((n, Box::new(hook))));
+    }
+
+    /// Disarms; returns whether the hook had run.
+    pub fn disarm() -> bool {
+        ARMED.with(|a| a.borrow_mut().take().is_none())
+    }
+
+    pub(crate) fn point() {
+        let hook = ARMED.with(|a| {
+            let mut armed = a.borrow_mut();
+            match armed.as_mut() {
+                Some((0, _)) => armed.take(),
+                Some((n, _)) => {
+                    *n -= 1;
+                    None
+                }
+                None => None,
+            }
+        });
+        // Taken out first: the nested writer passes interrupt points of its own.
+        if let Some((_, mut hook)) = hook {
+            hook();
+        }
+    }
+}
