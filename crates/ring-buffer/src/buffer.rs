@@ -168,12 +168,6 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
         PAGE_SIZE << self.subbuf_order
     }
 
-    /// Sub-buffers in each ring (the reader sub-buffer not included); CPU 0's if
-    /// [`RingBuffer::resize_cpu`] gave CPUs different numbers (see [`RingBuffer::nr_subbufs`]).
-    pub fn subbufs_per_cpu(&self) -> usize {
-        self.cpus[0].ring_len as usize
-    }
-
     /// Largest payload one event takes.
     pub fn max_payload(&self) -> usize {
         format::max_payload(self.subbuf_size())

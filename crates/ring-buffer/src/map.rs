@@ -237,15 +237,10 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
         Ok(self.cpu(cpu)?.reader.lock().map_count)
     }
 
-    /// The layout of a CPU's mapping when every CPU has [`RingBuffer::subbufs_per_cpu`]
-    /// sub-buffers (always, unless [`RingBuffer::resize_cpu`] made them differ: then use
-    /// [`RingBuffer::cpu_map_layout`]).
-    pub fn map_layout(&self) -> MapLayout {
-        MapLayout::new(self.subbuf_order, self.subbufs_per_cpu() as u32 + 1)
-    }
-
-    /// The layout of `cpu`'s mapping.
-    pub fn cpu_map_layout(&self, cpu: usize) -> Result<MapLayout, Error> {
+    /// The layout of `cpu`'s mapping: which pages an mmap request of it covers.
+    ///
+    /// Errors: `InvalidArgument` for a CPU the buffer does not have.
+    pub fn map_layout(&self, cpu: usize) -> Result<MapLayout, Error> {
         Ok(MapLayout::new(
             self.subbuf_order,
             self.cpu(cpu)?.ring_len + 1,
@@ -364,9 +359,7 @@ pub struct MappedView<'a, A: PageAlloc, C: Clock, W: Waiter> {
 impl<A: PageAlloc, C: Clock, W: Waiter> MappedView<'_, A, C, W> {
     fn layout(&self) -> MapLayout {
         // The CPU was valid when the view was made, and `&RingBuffer` keeps it so.
-        self.rb
-            .cpu_map_layout(self.cpu)
-            .unwrap_or(MapLayout::new(0, 0))
+        self.rb.map_layout(self.cpu).unwrap_or(MapLayout::new(0, 0))
     }
 }
 

@@ -62,7 +62,7 @@ fn growing_keeps_every_event_and_adds_room() {
     let pages = alloc.outstanding.load(Ordering::Relaxed);
     rb.resize(5).unwrap();
     assert_eq!(rb.nr_subbufs(0), Ok(5));
-    assert_eq!(rb.subbufs_per_cpu(), 5);
+    assert_eq!(rb.nr_subbufs(0).unwrap(), 5);
     assert_eq!(rb.stats(0).unwrap(), before, "growing changes no counter");
     assert_eq!(
         alloc.outstanding.load(Ordering::Relaxed),
@@ -215,8 +215,8 @@ fn resize_one_cpu_or_all() {
     assert_eq!((rb.nr_subbufs(0), rb.nr_subbufs(1)), (Ok(3), Ok(7)));
     assert_eq!(rb.nr_subbufs(2), Err(Error::InvalidArgument));
     assert_eq!(rb.resize_cpu(2, 4), Err(Error::InvalidArgument));
-    assert_eq!(rb.cpu_map_layout(1).unwrap().total_pages(), 9);
-    assert_eq!(rb.cpu_map_layout(0).unwrap().total_pages(), 5);
+    assert_eq!(rb.map_layout(1).unwrap().total_pages(), 9);
+    assert_eq!(rb.map_layout(0).unwrap().total_pages(), 5);
     // The mapping of the resized CPU has its own geometry.
     rb.map(1).unwrap();
     {

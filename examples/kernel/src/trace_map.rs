@@ -96,7 +96,9 @@ fn sys_map_trace_buffer(frame: &mut TrapFrame) -> i64 {
     }
     // From here on the ring stays mapped until `release`, even on error: PTEs made by a failed
     // `map_fixed` may already point at its pages.
-    let layout = rb.map_layout();
+    let Ok(layout) = rb.map_layout(cpu) else {
+        return -EINVAL;
+    };
     let len = layout.total_len() as u64;
     let Ok(pages) = layout.pages(0, layout.total_pages()) else {
         return -EINVAL;
