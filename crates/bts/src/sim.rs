@@ -247,7 +247,11 @@ unsafe impl<const P: usize> LockedAlloc for PagePool<P> {
                         for u in &self.used[start..start + pages] {
                             u.store(true, Ordering::Relaxed);
                         }
-                        return NonNull::new(self.pages[start].0.get().cast::<u8>());
+                        // From the whole array, not from page `start` (whose pointer covers
+                        // that page only), so the run is reachable; every byte is inside an
+                        // `UnsafeCell`, so it may be written through a pointer from `&self`.
+                        let run = self.pages.as_ptr().wrapping_add(start);
+                        return NonNull::new(run.cast::<u8>().cast_mut());
                     }
                 }
             }
@@ -267,5 +271,29 @@ unsafe impl<const P: usize> LockedAlloc for PagePool<P> {
                 u.store(false, Ordering::Relaxed);
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A run of several pages is one writable block (under Miri: the pointer's provenance
+    /// covers the whole run, not only its first page).
+    #[test]
+    fn a_multi_page_run_is_writable_end_to_end() {
+        extern crate std;
+        let pool = std::boxed::Box::new(PagePool::<4>::new());
+        let first = pool.alloc_pages(1).unwrap();
+        let run = pool.alloc_pages(3).unwrap();
+        // SAFETY: `run` is 3 pages we own; `first` one page, disjoint from it.
+        unsafe {
+            run.as_ptr().write_bytes(0xa5, 3 * PAGE_SIZE);
+            assert_eq!(*run.as_ptr().add(3 * PAGE_SIZE - 1), 0xa5);
+            assert_eq!(*first.as_ptr(), 0, "the run overlapped the first page");
+            pool.free_pages(run, 3);
+            pool.free_pages(first, 1);
+        }
+        assert!(pool.alloc_pages(4).is_some());
     }
 }

@@ -146,7 +146,15 @@ unsafe impl<const N: usize> PageAlloc for PagePool<N> {
             }
             None
         })?;
-        let p = self.pages[start].0.get().cast::<u8>();
+        // Derived from the whole array, not from page `start` (whose pointer would cover that
+        // page only): a run of several pages must be reachable through it. Every byte is
+        // inside an `UnsafeCell`, so writing through a pointer derived from `&self` is allowed.
+        let p = self
+            .pages
+            .as_ptr()
+            .wrapping_add(start)
+            .cast::<u8>()
+            .cast_mut();
         // SAFETY: the run `start..start + count` is ours and contiguous (`[Page; N]`).
         unsafe { p.write_bytes(0, count * PAGE_SIZE) };
         NonNull::new(p)
@@ -208,5 +216,29 @@ unsafe impl<A: PageAlloc> PageAlloc for FailingAlloc<A> {
     unsafe fn free_pages(&self, pages: NonNull<u8>, order: u32) {
         // SAFETY: the pages came from `inner` (we only hand out its pages).
         unsafe { self.inner.free_pages(pages, order) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A run of several pages is one writable block (under Miri: the pointer's provenance
+    /// covers the whole run, not only its first page).
+    #[test]
+    fn a_multi_page_run_is_writable_end_to_end() {
+        extern crate std;
+        let pool = std::boxed::Box::new(PagePool::<4>::new());
+        let first = pool.alloc_pages(0).unwrap();
+        let run = pool.alloc_pages(1).unwrap();
+        // SAFETY: `run` is 2 pages we own; `first` one page, disjoint from it.
+        unsafe {
+            run.as_ptr().write_bytes(0xa5, 2 * PAGE_SIZE);
+            assert_eq!(*run.as_ptr().add(2 * PAGE_SIZE - 1), 0xa5);
+            assert_eq!(*first.as_ptr(), 0, "the run overlapped the first page");
+            pool.free_pages(run, 1);
+            pool.free_pages(first, 0);
+        }
+        assert!(pool.alloc_pages(2).is_some());
     }
 }
