@@ -618,10 +618,7 @@ impl CpuBuffer {
     fn reserve_fast(&self, t: u64, ts: u64, len: usize) -> Option<(&PageDesc, *mut u8, u64)> {
         let off = tail_off(t);
         let delta = ts.wrapping_sub(self.last_stamp.load(Ordering::Relaxed));
-        let stored = format::stored_len(len);
-        let large = len > format::MAX_SMALL_DATA;
-        let payload_off = if large { 8 } else { 4 };
-        let event_len = stored + payload_off;
+        let event_len = format::event_len(len);
         // `stamp_pos == t`: the event before ours was written by the writer that stored
         // `last_stamp`, so the delta is from its time (an interrupted or discarded one left
         // `stamp_pos` elsewhere). `off != 0`: the first event of a sub-buffer sets its
@@ -666,13 +663,7 @@ impl CpuBuffer {
         if len > format::max_payload(self.subbuf_size) {
             return Err(Error::EventTooLarge);
         }
-        // The event's shape, once: `stored_len` payload bytes behind a one-word header, or
-        // behind a header and a length word for payloads above `MAX_SMALL_DATA`.
-        let stored = format::stored_len(len);
-        let large = len > format::MAX_SMALL_DATA;
-        let payload_off = if large { 8 } else { 4 };
-        let event_len = stored + payload_off;
-        debug_assert_eq!(event_len, format::event_len(len));
+        let event_len = format::event_len(len);
         let data_size = self.data_size();
         loop {
             let (t, ts) = match seen.take() {
@@ -918,9 +909,7 @@ impl CpuBuffer {
     /// Puts the tail, and the commit page with it, at data offset `off` of `page`, in a new
     /// generation (so the next event carries an absolute time stamp).
     pub(crate) fn place_tail(&mut self, page: u32, off: usize) {
-        let generation = tail_gen(self.tail.load(Ordering::Relaxed)).wrapping_add(1);
-        self.tail
-            .store(tail_word(page, off, generation), Ordering::Release);
+        self.restart_tail(page, off);
         self.commit_page.store(page, Ordering::Release);
     }
 
@@ -928,12 +917,16 @@ impl CpuBuffer {
     /// For a reset on the writers' own CPU (`reset.rs`): from then on, what a nested writer
     /// that finds recording disabled still does (publish the tail page's commit) writes 0.
     pub(crate) fn rewind_tail(&self) -> u32 {
-        let t = self.tail.load(Ordering::Relaxed);
-        let page = tail_page(t);
-        let generation = tail_gen(t).wrapping_add(1);
-        self.tail
-            .store(tail_word(page, 0, generation), Ordering::Release);
+        let page = tail_page(self.tail.load(Ordering::Relaxed));
+        self.restart_tail(page, 0);
         page
+    }
+
+    /// Puts the tail at data offset `off` of `page`, in the next generation.
+    fn restart_tail(&self, page: u32, off: usize) {
+        let generation = tail_gen(self.tail.load(Ordering::Relaxed)).wrapping_add(1);
+        self.tail
+            .store(tail_word(page, off, generation), Ordering::Release);
     }
 }
 
