@@ -124,11 +124,12 @@ impl<'m, M: FolioOps> Zap<'m, M> {
                 Stop::Done => break,
                 Stop::GatherFull => {}
                 Stop::Entry(pte) => {
-                    addr += self.zap_other(table, addr, pte, &mut acc) as u64 * PAGE_SIZE;
+                    // `zap_run` stops at an entry only with room in the gather, and
+                    // `zap_other` gathers nothing: go on.
+                    self.zap_other(table, addr, pte, &mut acc);
+                    addr += PAGE_SIZE;
                     cleared = true;
-                    if self.gathered < GATHER {
-                        continue;
-                    }
+                    continue;
                 }
             }
             // The gather is full: flush what was cleared so far, then drop its references.
@@ -154,26 +155,19 @@ impl<'m, M: FolioOps> Zap<'m, M> {
         Ok(())
     }
 
-    /// Everything [`zap_run`] declines: a non-present (swap) entry, a present one without
-    /// `struct page`. Returns how many entries were cleared (1).
+    /// Everything [`zap_run`] declines, one entry: a non-present (swap) entry, a present one
+    /// without `struct page`.
     #[inline(never)]
-    fn zap_other<T: PageTable>(
-        &mut self,
-        table: &mut T,
-        addr: u64,
-        pte: u64,
-        acc: &mut Acc,
-    ) -> usize {
+    fn zap_other<T: PageTable>(&mut self, table: &mut T, addr: u64, pte: u64, acc: &mut Acc) {
         if !T::Format::is_present(pte) {
             let pte = table.get_and_clear(addr);
             self.mem.swap_free(pte);
             acc.swap += 1;
-            return 1;
+            return;
         }
         // Special, or a frame without (or outside its) folio metadata: nothing to account.
         table.get_and_clear(addr);
         acc.pageless += 1;
-        1
     }
 
     /// Flushes `[start, end)` from the TLB, then drops the gathered references.
@@ -247,40 +241,26 @@ fn zap_run<M: FolioOps, T: PageTable>(
         let Some(folio) = mem.folio(pfn) else {
             break Stop::Entry(pte);
         };
-        // A small folio contains the frame if it starts there (one compare, not two).
-        let inside = if folio.is_large() {
-            folio.contains(pfn)
-        } else {
-            folio.pfn == pfn && folio.nr_pages != 0
-        };
-        if !inside {
-            break Stop::Entry(pte);
-        }
-        any = true;
         if folio.is_large() {
+            if !folio.contains(pfn) {
+                break Stop::Entry(pte);
+            }
+            any = true;
             let max_nr = ((end - a) / PAGE_SIZE) as usize;
             *gathered = n;
             let nr = zap_batch(mem, gather, gathered, acc, table, a, pte, folio, max_nr);
             n = *gathered;
             a += nr as u64 * PAGE_SIZE;
         } else {
+            // A small folio contains the frame if it starts there (one compare, not two).
+            if folio.pfn != pfn || folio.nr_pages == 0 {
+                break Stop::Entry(pte);
+            }
+            any = true;
             // Cleared atomically: the value returned has the MMU's last dirty/accessed bits.
             let pte = table.get_and_clear(a);
-            if folio.anon {
-                // Anon pages need no up-to-date dirty/accessed state.
-                anon += 1;
-            } else {
-                if F::<T>::is_dirty(pte) {
-                    mem.mark_dirty(&folio);
-                }
-                if F::<T>::is_young(pte) {
-                    mem.mark_accessed(&folio);
-                }
-                file += 1;
-            }
-            mem.remove_rmap(&folio, pfn, 1);
-            gather[n] = (folio, 1);
-            n += 1;
+            let counts = (&mut anon, &mut file);
+            unmap_folio::<M, F<T>>(mem, gather, &mut n, counts, folio, pfn, pte, 1);
             a += PAGE_SIZE;
         }
         if n == GATHER {
@@ -312,7 +292,7 @@ fn zap_batch<M: FolioOps, T: PageTable>(
     max_nr: usize,
 ) -> usize {
     let pfn = T::Format::pfn(pte);
-    let nr = if folio.is_large() && max_nr > 1 {
+    let nr = if max_nr > 1 {
         let flags = BatchFlags::IGNORE_DIRTY | BatchFlags::IGNORE_SOFT_DIRTY;
         folio_pte_batch(table, &folio, addr, pte, max_nr, flags).nr
     } else {
@@ -323,21 +303,39 @@ fn zap_batch<M: FolioOps, T: PageTable>(
     } else {
         table.get_and_clear_ptes(addr, nr)
     };
+    let counts = (&mut acc.anon, &mut acc.file);
+    unmap_folio::<M, T::Format>(mem, gather, gathered, counts, folio, pfn, gathered_pte, nr);
+    acc.batched_extra += nr as u64 - 1;
+    nr
+}
+
+/// Accounts `nr` cleared entries of `folio` from `pfn`, `pte` holding their last dirty and
+/// accessed bits: the anon or file count in `counts`, dirty/accessed for a file folio (anon
+/// pages need no up-to-date state), the rmap removal, and one gather entry.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn unmap_folio<M: FolioOps, F: PteFormat>(
+    mem: &mut M,
+    gather: &mut [(Folio, usize); GATHER],
+    gathered: &mut usize,
+    (anon, file): (&mut i64, &mut i64),
+    folio: Folio,
+    pfn: u64,
+    pte: u64,
+    nr: usize,
+) {
     if folio.anon {
-        // Anon pages need no up-to-date dirty/accessed state.
-        acc.anon += nr as i64;
+        *anon += nr as i64;
     } else {
-        if T::Format::is_dirty(gathered_pte) {
+        if F::is_dirty(pte) {
             mem.mark_dirty(&folio);
         }
-        if T::Format::is_young(gathered_pte) {
+        if F::is_young(pte) {
             mem.mark_accessed(&folio);
         }
-        acc.file += nr as i64;
+        *file += nr as i64;
     }
     mem.remove_rmap(&folio, pfn, nr);
     gather[*gathered] = (folio, nr);
     *gathered += 1;
-    acc.batched_extra += nr as u64 - 1;
-    nr
 }
