@@ -249,9 +249,9 @@ impl<'m, M: FolioOps + PageAlloc> Fork<'m, M> {
         }
     }
 
-    /// Everything [`small_run`] declines: a batch of a large folio, a non-present entry, a
-    /// frame without `struct page`, a possibly pinned anon page (the [`Error::Again`] →
-    /// preallocate → retry cycle), and any entry while a page is preallocated. Returns how
+    /// Everything [`small_run`] declines: a non-present entry, a frame without `struct page`,
+    /// a possibly pinned anon page or large folio (the [`Error::Again`] → preallocate → retry
+    /// cycle), and any entry while a page is preallocated. Returns how
     /// many entries were copied, 0 when a page was just preallocated and the entry must be
     /// tried again.
     #[inline(never)]
@@ -375,16 +375,8 @@ impl<'m, M: FolioOps + PageAlloc> Fork<'m, M> {
         // One entry: a small folio, the range's last entry, or a page is preallocated (a copy
         // is likely, so don't bother batching).
         if !folio.is_large() || max_nr <= 1 || self.prealloc.is_some() {
-            self.mem.ref_add(&folio, 1);
-            if folio.anon {
-                if self.mem.try_dup_anon_rmap(&folio, pfn, 1).is_err() {
-                    self.mem.ref_sub(&folio, 1);
-                    return self.copy_present_page(dst, addr, pte, hot);
-                }
-                hot.rss.anon += 1;
-            } else {
-                self.mem.dup_file_rmap(&folio, pfn, 1);
-                hot.rss.file += 1;
+            if !dup_folio(&mut *self.mem, &mut hot.rss, &folio, pfn, 1) {
+                return self.copy_present_page(dst, addr, pte, hot);
             }
             hot.set_child(dst, src, addr, pte);
             return Ok(1);
@@ -466,10 +458,7 @@ impl<'m, M: FolioOps + PageAlloc> Fork<'m, M> {
 struct Hot {
     /// Private, possibly writable mapping: writable parent entries are write-protected.
     cow: bool,
-    /// Shared mapping: the child maps clean.
-    shared: bool,
-    /// The child keeps uffd-wp bits.
-    keep_uffd_wp: bool,
+    child: ChildPte,
     batch_flags: BatchFlags,
     rss: Rss,
     /// Present entries copied without a `struct page` (not in RSS).
@@ -493,8 +482,10 @@ impl Hot {
         }
         Self {
             cow: src.is_cow(),
-            shared: src.is_shared(),
-            keep_uffd_wp: dst.uffd_wp(),
+            child: ChildPte {
+                shared: src.is_shared(),
+                keep_uffd_wp: dst.uffd_wp(),
+            },
             batch_flags,
             rss: Rss::default(),
             pageless: 0,
@@ -503,21 +494,6 @@ impl Hot {
             nonpresent: 0,
             wp: WrprotectRange::default(),
         }
-    }
-
-    /// The child's entry from the parent's (already write-protected if COW): clean in a
-    /// shared mapping, always old, uffd-wp only if the child keeps it.
-    #[inline(always)]
-    fn child_pte<F: PteFormat>(&self, pte: u64) -> u64 {
-        let mut pte = pte;
-        if self.shared {
-            pte = F::mkclean(pte);
-        }
-        pte = F::mkold(pte);
-        if !self.keep_uffd_wp {
-            pte = F::clear_uffd_wp(pte);
-        }
-        pte
     }
 
     /// `__copy_present_ptes` for one entry (the slow paths): write-protect a COW parent,
@@ -536,7 +512,33 @@ impl Hot {
             self.wp.add(addr, 1);
             pte = D::Format::wrprotect(pte);
         }
-        dst.set(addr, self.child_pte::<D::Format>(pte));
+        dst.set(addr, self.child.apply::<D::Format>(pte));
+    }
+}
+
+/// How the child's entry derives from the parent's.
+#[derive(Clone, Copy)]
+struct ChildPte {
+    /// Shared mapping: the child maps clean.
+    shared: bool,
+    /// The child keeps uffd-wp bits.
+    keep_uffd_wp: bool,
+}
+
+impl ChildPte {
+    /// The child's entry from the parent's (already write-protected if COW): clean in a
+    /// shared mapping, always old, uffd-wp only if the child keeps it.
+    #[inline(always)]
+    fn apply<F: PteFormat>(self, pte: u64) -> u64 {
+        let mut pte = pte;
+        if self.shared {
+            pte = F::mkclean(pte);
+        }
+        pte = F::mkold(pte);
+        if !self.keep_uffd_wp {
+            pte = F::clear_uffd_wp(pte);
+        }
+        pte
     }
 }
 
@@ -581,7 +583,7 @@ where
 {
     type F<D> = <D as PageTable>::Format;
     let (mut a, mut done) = (*addr, *progress);
-    let (cow, shared, keep_uffd_wp) = (hot.cow, hot.shared, hot.keep_uffd_wp);
+    let (cow, child) = (hot.cow, hot.child);
     let mut wp = hot.wp;
     let stop = loop {
         if a >= end {
@@ -630,38 +632,20 @@ where
         if folio.pfn != pfn || folio.nr_pages == 0 {
             break Stop::Entry(pte);
         }
-        mem.ref_add(&folio, 1);
-        if folio.anon {
-            if mem.try_dup_anon_rmap(&folio, pfn, 1).is_err() {
-                undo_ref(mem, &folio, 1);
-                break Stop::Entry(pte);
-            }
-            hot.rss.anon += 1;
-        } else {
-            mem.dup_file_rmap(&folio, pfn, 1);
-            hot.rss.file += 1;
+        if !dup_folio(mem, &mut hot.rss, &folio, pfn, 1) {
+            break Stop::Entry(pte);
         }
         if cow && F::<D>::is_writable(pte) {
             // The backend's write-protect: on real hardware it is atomic, so a dirty bit the
             // MMU sets meanwhile is not lost.
             src.wrprotect_ptes(a, 1);
-            if WP_OPEN {
-                wp.end = a + PAGE_SIZE;
-            } else {
+            if !WP_OPEN {
                 wp.start = a;
-                wp.end = a + PAGE_SIZE;
             }
+            wp.end = a + PAGE_SIZE;
             pte = F::<D>::wrprotect(pte);
         }
-        // `Hot::child_pte`, from the flags in locals.
-        if shared {
-            pte = F::<D>::mkclean(pte);
-        }
-        pte = F::<D>::mkold(pte);
-        if !keep_uffd_wp {
-            pte = F::<D>::clear_uffd_wp(pte);
-        }
-        dst.set(a, pte);
+        dst.set(a, child.apply::<F<D>>(pte));
         if RESCHED {
             done += 8;
         }
@@ -673,6 +657,25 @@ where
     (*addr, *progress) = (a, done);
     hot.wp = wp;
     stop
+}
+
+/// Takes the references and rmap duplicates of `nr` pages of `folio` from `pfn` for the
+/// child, and counts them in `rss`; false (nothing changed) when the anon folio may be pinned
+/// and the child needs its own copy.
+#[inline(always)]
+fn dup_folio<M: FolioOps>(mem: &mut M, rss: &mut Rss, folio: &Folio, pfn: u64, nr: usize) -> bool {
+    mem.ref_add(folio, nr);
+    if folio.anon {
+        if mem.try_dup_anon_rmap(folio, pfn, nr).is_err() {
+            undo_ref(mem, folio, nr);
+            return false;
+        }
+        rss.anon += nr as i64;
+    } else {
+        mem.dup_file_rmap(folio, pfn, nr);
+        rss.file += nr as i64;
+    }
+    true
 }
 
 /// Drops the references of a copy that cannot go ahead (rare: out of line).
@@ -707,16 +710,8 @@ where
     let pfn = D::Format::pfn(pte);
     let batch = folio_pte_batch(src, &folio, addr, pte, max_nr, hot.batch_flags);
     let nr = batch.nr;
-    mem.ref_add(&folio, nr);
-    if folio.anon {
-        if mem.try_dup_anon_rmap(&folio, pfn, nr).is_err() {
-            undo_ref(mem, &folio, nr);
-            return 0;
-        }
-        hot.rss.anon += nr as i64;
-    } else {
-        mem.dup_file_rmap(&folio, pfn, nr);
-        hot.rss.file += nr as i64;
+    if !dup_folio(mem, &mut hot.rss, &folio, pfn, nr) {
+        return 0;
     }
     let mut pte = pte;
     if batch.any_writable {
@@ -730,7 +725,7 @@ where
             pte = D::Format::wrprotect(pte);
         }
     }
-    dst.set_ptes(addr, hot.child_pte::<D::Format>(pte), nr);
+    dst.set_ptes(addr, hot.child.apply::<D::Format>(pte), nr);
     hot.batched_extra += nr as u64 - 1;
     nr
 }
@@ -756,6 +751,6 @@ impl WrprotectRange {
         self.start != self.end
     }
     fn range(&self) -> Option<(u64, u64)> {
-        (self.start != self.end).then_some((self.start, self.end))
+        self.is_open().then_some((self.start, self.end))
     }
 }
