@@ -27,7 +27,7 @@ pub struct Batch {
 }
 
 /// The entry with the bits a batch ignores cleared (`__pte_batch_clear_ignored`).
-#[inline]
+#[inline(always)]
 pub fn batch_key<F: PteFormat>(pte: u64, flags: BatchFlags) -> u64 {
     let mut pte = pte;
     if flags.contains(BatchFlags::IGNORE_DIRTY) {
@@ -92,14 +92,10 @@ pub fn folio_pte_batch<T: PageTable + ?Sized>(
 /// [`batch_key`] with the flags known at compile time.
 #[inline(always)]
 fn key<F: PteFormat, const DIRTY: bool, const SOFT: bool>(pte: u64) -> u64 {
-    let mut pte = pte;
-    if DIRTY {
-        pte = F::mkclean(pte);
-    }
-    if SOFT {
-        pte = F::clear_soft_dirty(pte);
-    }
-    F::wrprotect(F::mkold(pte))
+    let mut flags = BatchFlags::empty();
+    flags.set(BatchFlags::IGNORE_DIRTY, DIRTY);
+    flags.set(BatchFlags::IGNORE_SOFT_DIRTY, SOFT);
+    batch_key::<F>(pte, flags)
 }
 
 /// The scan of [`folio_pte_batch`] once `limit` (>= 2) entries are known to stay in the
