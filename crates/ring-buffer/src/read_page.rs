@@ -16,9 +16,7 @@ use crate::{
     buffer::RingBuffer,
     cpu::{CpuBuffer, ReaderState},
     error::Error,
-    format::{
-        self, PAGE_SIZE, RB_MISSED_EVENTS, RB_MISSED_STORED, Record, SUBBUF_HEADER_SIZE, Subbuf,
-    },
+    format::{PAGE_SIZE, RB_MISSED_EVENTS, RB_MISSED_STORED, SUBBUF_HEADER_SIZE, Subbuf},
     hal::{Clock, PageAlloc, Waiter},
     sync::Ordering,
 };
@@ -99,41 +97,15 @@ impl CpuBuffer {
     /// event) into `out` (a data area of the same size); returns the bytes and data events
     /// copied and the time the copy starts from.
     fn copy_reader_page(&self, st: &mut ReaderState, out: &mut [u8]) -> (usize, u64, u64) {
+        let (events, range, start_stamp) = self.take_reader_page(st);
         let pd = &self.pages()[st.reader_page as usize];
-        let size = pd.size();
-        if st.read == 0 {
-            st.read_stamp = pd.time_stamp();
-        }
-        let start_stamp = st.read_stamp;
-        // SAFETY: the bytes below the published commit are written and stay as they are
-        // while the page is the reader page (we hold the reader lock).
-        let data = unsafe { core::slice::from_raw_parts(pd.data(), size) };
-        let read = |off: usize| {
-            u32::from_le_bytes([data[off], data[off + 1], data[off + 2], data[off + 3]])
-        };
-        let (mut pos, mut events) = (0, 0);
-        while st.read < size {
-            let Ok((rec, next)) = format::decode_record(read, st.read, size) else {
-                // Cannot happen with our own writer; skip the rest rather than loop.
-                st.read = size;
-                break;
-            };
-            // Everything left fits: `out` is as large as the page's data area.
-            let len = next - st.read;
-            out[pos..pos + len].copy_from_slice(&data[st.read..next]);
-            pos += len;
-            match rec {
-                Record::Data { delta, .. } => {
-                    st.read_stamp = st.read_stamp.wrapping_add(u64::from(delta));
-                    events += 1;
-                }
-                Record::TimeExtend(d) => st.read_stamp = st.read_stamp.wrapping_add(d),
-                Record::TimeStamp(abs) => st.read_stamp = format::fix_abs_ts(abs, st.read_stamp),
-                Record::PaddingToEnd | Record::Discarded => {}
-            }
-            st.read = next;
-        }
-        (pos, events, start_stamp)
+        // SAFETY: the walk above found `range` below the published commit: those bytes are
+        // written and stay as they are while the page is the reader page (we hold the reader
+        // lock).
+        let data = unsafe { core::slice::from_raw_parts(pd.data(), range.end) };
+        // Everything left fits: `out` is as large as the page's data area.
+        out[..range.len()].copy_from_slice(&data[range.clone()]);
+        (range.len(), events, start_stamp)
     }
 
     /// Exchanges the memory of the reader page with `mem`; returns the old memory.
