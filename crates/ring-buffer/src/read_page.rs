@@ -197,7 +197,6 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
             // the page is the buffer's size from its allocator (order checked, `DataPage`'s
             // contract).
             page.mem = unsafe { cb.exchange_reader_mem(&st, page.mem) };
-            st.read = 0;
             (len, events)
         } else {
             let data_size = cb.data_size();
