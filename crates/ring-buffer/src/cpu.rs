@@ -112,6 +112,17 @@ impl PageDesc {
         (self.commit.load(Ordering::Acquire) & COMMIT_MASK) as usize
     }
 
+    /// Where the events of the page end, before any end padding (`real_end`, or the committed
+    /// size when the writer has not set it), at most the committed size: where a lost-event
+    /// count can go.
+    pub(crate) fn data_end(&self) -> usize {
+        let size = self.size();
+        match self.real_end.load(Ordering::Relaxed) as usize {
+            0 => size,
+            end => end.min(size),
+        }
+    }
+
     pub(crate) fn time_stamp(&self) -> u64 {
         self.header_word(0).load(Ordering::Acquire)
     }

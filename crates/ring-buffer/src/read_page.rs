@@ -16,7 +16,7 @@ use crate::{
     buffer::RingBuffer,
     cpu::{CpuBuffer, ReaderState},
     error::Error,
-    format::{PAGE_SIZE, RB_MISSED_EVENTS, RB_MISSED_STORED, SUBBUF_HEADER_SIZE, Subbuf},
+    format::{self, PAGE_SIZE, RB_MISSED_STORED, SUBBUF_HEADER_SIZE, Subbuf},
     hal::{Clock, PageAlloc, Waiter},
     sync::Ordering,
 };
@@ -189,10 +189,7 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
             let pd = &cb.pages()[st.reader_page as usize];
             let events = u64::from(pd.entries.load(Ordering::Relaxed));
             // The end of the last event, so the lost count can go where the end padding was.
-            let len = match pd.real_end.load(Ordering::Relaxed) as usize {
-                0 => pd.size(),
-                end => end.min(pd.size()),
-            };
+            let len = pd.data_end();
             // SAFETY: reader lock held, the writer left the page (not the commit page), and
             // the page is the buffer's size from its allocator (order checked, `DataPage`'s
             // contract).
@@ -214,15 +211,15 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
 
         let bytes = page.as_bytes_mut();
         let data = &mut bytes[SUBBUF_HEADER_SIZE..];
-        let mut commit = len as u64;
+        let commit = if lost > 0 {
+            format::missed_commit(len, data.len())
+        } else {
+            len as u64
+        };
         let mut end = len;
-        if lost > 0 {
-            if data.len() - len >= 8 {
-                data[len..len + 8].copy_from_slice(&lost.to_le_bytes());
-                commit |= RB_MISSED_STORED;
-                end += 8;
-            }
-            commit |= RB_MISSED_EVENTS;
+        if commit & RB_MISSED_STORED != 0 {
+            data[len..len + 8].copy_from_slice(&lost.to_le_bytes());
+            end += 8;
         }
         data[end..].fill(0);
         bytes[8..16].copy_from_slice(&commit.to_le_bytes());
