@@ -112,6 +112,14 @@ impl PageDesc {
         (self.commit.load(Ordering::Acquire) & COMMIT_MASK) as usize
     }
 
+    /// Empties the page's bookkeeping: no events, no end, nothing committed.
+    pub(crate) fn clear(&self) {
+        self.entries.store(0, Ordering::Relaxed);
+        self.end.store(0, Ordering::Relaxed);
+        self.real_end.store(0, Ordering::Relaxed);
+        self.set_commit(0);
+    }
+
     /// Where the events of the page end, before any end padding (`real_end`, or the committed
     /// size when the writer has not set it), at most the committed size: where a lost-event
     /// count can go.
@@ -411,10 +419,7 @@ impl CpuBuffer {
             let next = if i + 1 >= n { 0 } else { i + 1 };
             let flag = if i == n - 1 { LINK_HEAD } else { 0 };
             p.link.store(link(next, flag), Ordering::Relaxed);
-            p.entries.store(0, Ordering::Relaxed);
-            p.end.store(0, Ordering::Relaxed);
-            p.real_end.store(0, Ordering::Relaxed);
-            p.set_commit(0);
+            p.clear();
             p.set_time_stamp(0);
             p.head_overrun.store(0, Ordering::Relaxed);
             p.push_seq.store(0, Ordering::Relaxed);

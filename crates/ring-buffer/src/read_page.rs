@@ -121,10 +121,7 @@ impl CpuBuffer {
         // SAFETY: by the contract nobody else reads or writes this sub-buffer's address now.
         unsafe { pd.mem.set(mem) };
         // The spare is the new, empty reader page: the next read swaps it into the ring.
-        pd.entries.store(0, Ordering::Relaxed);
-        pd.end.store(0, Ordering::Relaxed);
-        pd.real_end.store(0, Ordering::Relaxed);
-        pd.set_commit(0);
+        pd.clear();
         old
     }
 }

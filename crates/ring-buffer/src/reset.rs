@@ -17,7 +17,7 @@
 
 use crate::{
     buffer::RingBuffer,
-    cpu::{CpuBuffer, LINK_HEAD, ReaderState, link, link_flag, link_next},
+    cpu::{CpuBuffer, LINK_HEAD, PageDesc, ReaderState, link, link_flag, link_next},
     error::Error,
     hal::{Clock, LocalCpu, PageAlloc, Waiter},
     map::update_meta,
@@ -84,12 +84,7 @@ impl CpuBuffer {
             }
         }
         let (prev, head) = head.unwrap_or_else(|| self.find_head(st).unwrap_or((rp, tail)));
-        for pd in pages.iter() {
-            pd.entries.store(0, Ordering::Relaxed);
-            pd.end.store(0, Ordering::Relaxed);
-            pd.real_end.store(0, Ordering::Relaxed);
-            pd.set_commit(0);
-        }
+        pages.iter().for_each(PageDesc::clear);
         for c in [
             &self.entries,
             &self.overrun,
