@@ -260,6 +260,22 @@ pub(crate) struct ReaderState {
 // SAFETY: the meta page pointer is owned memory handed between CPUs under the lock.
 unsafe impl Send for ReaderState {}
 
+impl ReaderState {
+    /// Starts afresh on the reader page: nothing read or lost, the time from the next page.
+    /// `next_head` is the ring's head and `push_seq` the head pushes so far (so the next swap
+    /// of that head finds nothing lost); the head search starts at `head_hint`.
+    pub(crate) fn restart(&mut self, next_head: u32, push_seq: u64, head_hint: u32) {
+        self.read = 0;
+        self.read_stamp = 0;
+        self.last_overrun = 0;
+        self.next_head = next_head;
+        self.last_push_seq = push_seq;
+        self.lost = 0;
+        self.meta_lost = 0;
+        self.head_hint = head_hint;
+    }
+}
+
 /// One CPU's buffer.
 pub(crate) struct CpuBuffer {
     pub(crate) cpu: usize,
@@ -427,10 +443,18 @@ impl CpuBuffer {
         self.tail.store(tail_word(0, 0, 0), Ordering::Release);
         self.commit_page.store(0, Ordering::Release);
         self.stamp_pos.store(STAMP_INVALID, Ordering::Relaxed);
+        self.pushes.store(0, Ordering::Relaxed);
+        self.zero_counters();
+        st.reader_page = n;
+        st.restart(0, 0, n - 1);
+    }
+
+    /// Zeroes the event and page counters (not the head pushes, which the pages' `push_seq`
+    /// are compared with). Writers must be quiescent or unable to count.
+    pub(crate) fn zero_counters(&self) {
         for c in [
             &self.entries,
             &self.overrun,
-            &self.pushes,
             &self.dropped,
             &self.pages_touched,
         ] {
@@ -438,15 +462,6 @@ impl CpuBuffer {
         }
         self.read.store(0, Ordering::Relaxed);
         self.pages_read.store(0, Ordering::Relaxed);
-        st.reader_page = n;
-        st.read = 0;
-        st.read_stamp = 0;
-        st.last_overrun = 0;
-        st.next_head = 0;
-        st.last_push_seq = 0;
-        st.lost = 0;
-        st.meta_lost = 0;
-        st.head_hint = n - 1;
     }
 
     pub(crate) fn data_size(&self) -> usize {

@@ -85,25 +85,9 @@ impl CpuBuffer {
         }
         let (prev, head) = head.unwrap_or_else(|| self.find_head(st).unwrap_or((rp, tail)));
         pages.iter().for_each(PageDesc::clear);
-        for c in [
-            &self.entries,
-            &self.overrun,
-            &self.dropped,
-            &self.pages_touched,
-        ] {
-            c.store(0, Ordering::Relaxed);
-        }
-        self.read.store(0, Ordering::Relaxed);
-        self.pages_read.store(0, Ordering::Relaxed);
-        st.read = 0;
-        st.read_stamp = 0;
-        st.last_overrun = 0;
+        self.zero_counters();
         // No push since: the next swap of `head` finds nothing lost.
-        st.next_head = head;
-        st.last_push_seq = self.pushes();
-        st.lost = 0;
-        st.meta_lost = 0;
-        st.head_hint = prev;
+        st.restart(head, self.pushes(), prev);
         if st.map_count > 0 {
             update_meta(self, st);
         }
