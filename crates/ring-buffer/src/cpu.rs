@@ -40,6 +40,17 @@ pub(crate) const fn link_next(l: u32) -> u32 {
 pub(crate) const fn link_flag(l: u32) -> u32 {
     l & 3
 }
+/// The link of page `i` in a fresh ring of `n` pages plus the reader page (index `n`):
+/// 0 -> 1 -> ... -> n - 1 -> 0 with page 0 the head, and the reader page leading to it.
+pub(crate) const fn ring_link(i: u32, n: u32) -> u32 {
+    if i + 1 == n {
+        link(0, LINK_HEAD)
+    } else if i >= n {
+        link(0, 0)
+    } else {
+        link(i + 1, 0)
+    }
+}
 
 // The tail word: offset in bits 0..24, page in 24..40, generation in 40..64.
 const PAGE_SHIFT: u32 = 24;
@@ -431,10 +442,7 @@ impl CpuBuffer {
     pub(crate) fn init_ring(&self, st: &mut ReaderState) {
         let n = self.ring_len;
         for (i, p) in self.pages().iter().enumerate() {
-            let i = i as u32;
-            let next = if i + 1 >= n { 0 } else { i + 1 };
-            let flag = if i == n - 1 { LINK_HEAD } else { 0 };
-            p.link.store(link(next, flag), Ordering::Relaxed);
+            p.link.store(ring_link(i as u32, n), Ordering::Relaxed);
             p.clear();
             p.set_time_stamp(0);
             p.head_overrun.store(0, Ordering::Relaxed);

@@ -29,7 +29,7 @@ use core::mem;
 
 use crate::{
     buffer::{RingBuffer, new_page_desc},
-    cpu::{CpuBuffer, LINK_HEAD, MAX_PAGES, PageDesc, link, link_next, tail_off, tail_page},
+    cpu::{CpuBuffer, MAX_PAGES, PageDesc, link_next, ring_link, tail_off, tail_page},
     error::Error,
     format::{MAX_SUBBUF_ORDER, PAGE_SIZE},
     hal::{Clock, PageAlloc, Waiter},
@@ -203,15 +203,7 @@ unsafe fn install<A: PageAlloc>(
     // The new ring: 0 -> 1 -> ... -> new_len - 1 -> 0, head 0; the reader page points at it.
     let n = plan.new_len;
     for (i, pd) in new.iter().enumerate() {
-        let i = i as u32;
-        let l = if i + 1 == n {
-            link(0, LINK_HEAD)
-        } else if i == n {
-            link(0, 0)
-        } else {
-            link(i + 1, 0)
-        };
-        pd.link.store(l, Ordering::Relaxed);
+        pd.link.store(ring_link(i as u32, n), Ordering::Relaxed);
     }
     let tail = cb.tail.load(Ordering::Relaxed);
     debug_assert_eq!(
