@@ -28,7 +28,7 @@
 use core::mem;
 
 use crate::{
-    buffer::{RingBuffer, new_page_desc},
+    buffer::{RingBuffer, alloc_subbufs, free_subbufs, new_page_desc},
     cpu::{CpuBuffer, MAX_PAGES, PageDesc, link_next, ring_link, tail_off, tail_page},
     error::Error,
     format::{MAX_SUBBUF_ORDER, PAGE_SIZE},
@@ -342,34 +342,14 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
             return Err(Error::InvalidArgument);
         }
         let alloc = &self.alloc;
-        let free_subbufs = |pages: &PageArray<PageDesc>, order: u32| {
-            for pd in pages.iter() {
-                // SAFETY: every sub-buffer of `pages` came from `alloc` with `order` and is
-                // no longer used by the caller.
-                unsafe { alloc.free_pages(pd.mem.get(), order) };
-            }
-        };
         let prepared = PageArray::new(
             alloc,
             self.cpus.len(),
-            |cpu| {
-                PageArray::new(
-                    alloc,
-                    count(&self.cpus[cpu]) + 1,
-                    |_| {
-                        let mem = alloc.alloc_pages(order).ok_or(Error::NoMemory)?;
-                        Ok(new_page_desc(mem))
-                    },
-                    |pd| {
-                        // SAFETY: allocated just above with `order`.
-                        unsafe { alloc.free_pages(pd.mem.get(), order) }
-                    },
-                )
-            },
+            |cpu| alloc_subbufs(alloc, count(&self.cpus[cpu]) + 1, order),
             |new| {
-                free_subbufs(new, order);
-                // SAFETY: from `alloc`; the bitwise copy is the only one used.
-                unsafe { core::ptr::read(new).free(alloc) };
+                // SAFETY: made above by `alloc_subbufs(alloc, .., order)`, not installed; the
+                // bitwise copy is the only one used.
+                unsafe { free_subbufs(alloc, core::ptr::read(new), order) };
             },
         )?;
         let old_order = self.subbuf_order;
@@ -379,13 +359,10 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
             let cb = &mut self.cpus[cpu];
             let ring_len = (new.len() - 1) as u32;
             let old = mem::replace(cb.pages_mut(), new);
-            for pd in old.iter() {
-                // SAFETY: the old sub-buffers came from `alloc_pages(old_order)`; the buffer
-                // is exclusively ours (`&mut self`) and not mapped.
-                unsafe { self.alloc.free_pages(pd.mem.get(), old_order) };
-            }
-            // SAFETY: the old array came from `self.alloc`.
-            unsafe { old.free(&self.alloc) };
+            // SAFETY: the old array and its sub-buffers came from `self.alloc`, the sub-buffers
+            // from `alloc_pages(old_order)`; the buffer is exclusively ours (`&mut self`) and
+            // not mapped.
+            unsafe { free_subbufs(&self.alloc, old, old_order) };
             cb.ring_len = ring_len;
             cb.subbuf_size = new_size;
             let cb = &self.cpus[cpu];
