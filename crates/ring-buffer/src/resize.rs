@@ -54,6 +54,9 @@ struct Plan {
     kept: u32,
     /// Position of the tail page; `None` when the writer is on the reader page.
     tail_pos: Option<u32>,
+    /// The reader page, and the page the reader's last swap made the head.
+    reader_page: u32,
+    next_head: u32,
 }
 
 impl Plan {
@@ -81,6 +84,8 @@ impl Plan {
             start,
             kept: new_len.min(old_len - start),
             tail_pos,
+            reader_page: st.reader_page,
+            next_head: st.next_head,
         })
     }
 }
@@ -119,7 +124,6 @@ fn prepare<A: PageAlloc>(
     for _ in 0..plan.start {
         p = next(cb, p);
     }
-    let reader = cb.reader.lock().reader_page;
     let mut fresh_index = 0;
     PageArray::new(
         alloc,
@@ -134,7 +138,7 @@ fn prepare<A: PageAlloc>(
                 let mem = alloc.alloc_pages(order).ok_or(Error::NoMemory)?;
                 Ok(new_page_desc(mem))
             } else {
-                Ok(moved(&cb.pages()[reader as usize]))
+                Ok(moved(&cb.pages()[plan.reader_page as usize]))
             }
         },
         |pd| {
@@ -175,10 +179,6 @@ unsafe fn install<A: PageAlloc>(
     alloc: &A,
     order: u32,
 ) {
-    let (next_head, reader_page) = {
-        let st = cb.reader.lock();
-        (st.next_head, st.reader_page)
-    };
     // Walk the old ring: drop what is not kept, and find where the reader's `next_head` goes.
     let mut dropped_events = 0u64;
     let mut new_next_head = NO_PAGE;
@@ -187,7 +187,7 @@ unsafe fn install<A: PageAlloc>(
         let pd = &cb.pages()[p as usize];
         let in_window = (plan.start..plan.start + plan.kept).contains(&pos);
         if in_window {
-            if p == next_head {
+            if p == plan.next_head {
                 new_next_head = pos - plan.start;
             }
         } else {
@@ -219,7 +219,7 @@ unsafe fn install<A: PageAlloc>(
         Some(pos) => pos - plan.start,
         None => n,
     };
-    debug_assert!(plan.tail_pos.is_some() || tail_page(tail) == reader_page);
+    debug_assert!(plan.tail_pos.is_some() || tail_page(tail) == plan.reader_page);
     cb.place_tail(tail_index, tail_off(tail));
 
     let mut st = cb.reader.lock();
