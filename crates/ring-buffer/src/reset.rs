@@ -97,13 +97,15 @@ impl CpuBuffer {
     /// (with `try_lock`) a holder of the reader lock.
     fn reset_here(&self, try_lock: bool) -> Result<(), Error> {
         self.disabled.fetch_add(1, Ordering::SeqCst);
-        let res = match if try_lock {
+        let guard = if try_lock {
             self.reader.try_lock()
         } else {
             Some(self.reader.lock())
-        } {
+        };
+        // `filter` drops a guard it rejects, so the lock is released before recording is
+        // enabled again, whichever way this goes.
+        let res = match guard.filter(|_| !self.writers_active()) {
             None => Err(Error::Busy),
-            Some(_) if self.writers_active() => Err(Error::Busy),
             Some(mut st) => {
                 self.reset_in_place(&mut st);
                 Ok(())
