@@ -239,10 +239,12 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
     ///
     /// Errors: `InvalidArgument` for a CPU the buffer does not have.
     pub fn map_layout(&self, cpu: usize) -> Result<MapLayout, Error> {
-        Ok(MapLayout::new(
-            self.subbuf_order,
-            self.cpu(cpu)?.ring_len + 1,
-        ))
+        Ok(self.layout_of(self.cpu(cpu)?))
+    }
+
+    /// The layout of `cb`'s mapping.
+    fn layout_of(&self, cb: &CpuBuffer) -> MapLayout {
+        MapLayout::new(self.subbuf_order, cb.ring_len + 1)
     }
 
     /// The kernel address of one page of `cpu`'s mapping (to build the user mapping from);
@@ -353,7 +355,7 @@ pub struct MappedView<'a, A: PageAlloc, C: Clock, W: Waiter> {
 impl<A: PageAlloc, C: Clock, W: Waiter> MappedView<'_, A, C, W> {
     fn layout(&self) -> MapLayout {
         // The CPU was valid when the view was made, and `&RingBuffer` keeps it so.
-        self.rb.map_layout(self.cpu).unwrap_or(MapLayout::new(0, 0))
+        self.rb.layout_of(&self.rb.cpus[self.cpu])
     }
 }
 
