@@ -228,3 +228,52 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use std::{boxed::Box, vec};
+
+    use crate::{
+        Config, LocalCpu, RingBuffer,
+        format::{event_len, header},
+        sim::{ManualClock, PagePool},
+    };
+
+    /// A record that does not decode ends the copy right after the last record that did, and
+    /// the rest of the page counts as read (skipped), as the copy always did.
+    #[test]
+    fn a_corrupt_record_ends_the_copy_at_the_last_good_one() {
+        let pool = Box::new(PagePool::<16>::new());
+        let rb = RingBuffer::new(Config::new(1, 2), &*pool, ManualClock::new(1000)).unwrap();
+        // SAFETY: this test thread is CPU 0's only writer.
+        let cpu = unsafe { LocalCpu::new(0) };
+        for i in 0..3u8 {
+            rb.clock().advance(10);
+            rb.write(cpu, &[i + 1; 8]).unwrap();
+        }
+        let cb = rb.cpu(0).unwrap();
+        let mut st = cb.reader.lock();
+        assert!(cb.reader_ready(&mut st));
+        let pd = &cb.pages()[st.reader_page as usize];
+        let (first, size) = (event_len(8), pd.size());
+        assert_eq!(size, 3 * first);
+        // The second event claims a payload far past the end of the page.
+        // SAFETY: inside the data area of a page no writer uses (no write runs); we hold the
+        // reader lock.
+        unsafe {
+            let rec = pd.data().add(first).cast::<u32>();
+            rec.write_unaligned(header(0, 0).to_le());
+            rec.add(1).write_unaligned(0xffff_fff0u32.to_le());
+        }
+        let mut out = vec![0u8; cb.data_size()];
+        let (len, events, stamp) = cb.copy_reader_page(&mut st, &mut out);
+        assert_eq!((len, events), (first, 1));
+        assert_eq!(stamp, pd.time_stamp());
+        assert_eq!(st.read, size, "the rest of the page is skipped");
+        // SAFETY: the first event's bytes, committed and unchanged.
+        let good = unsafe { core::slice::from_raw_parts(pd.data(), first) };
+        assert_eq!(&out[..first], good);
+        assert!(out[first..].iter().all(|&b| b == 0));
+    }
+}
