@@ -119,31 +119,18 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
         let subbuf_size = PAGE_SIZE << config.subbuf_order;
         let overwrite = config.mode == Mode::Overwrite;
         let order = config.subbuf_order;
-        let free_subbuf = |p: &PageDesc| {
-            // SAFETY: only called on failure, for sub-buffers that came from `alloc` with this
-            // order and that nothing else holds.
-            unsafe { alloc.free_pages(p.mem.get(), order) }
-        };
         let cpus = PageArray::new(
             &alloc,
             config.cpus,
             |cpu| {
-                let pages = PageArray::new(
-                    &alloc,
-                    config.subbufs_per_cpu + 1,
-                    |_| {
-                        let mem = alloc.alloc_pages(order).ok_or(Error::NoMemory)?;
-                        Ok(new_page_desc(mem))
-                    },
-                    free_subbuf,
-                )?;
+                let pages = alloc_subbufs(&alloc, config.subbufs_per_cpu + 1, order)?;
                 Ok(CpuBuffer::new(cpu, pages, subbuf_size, overwrite))
             },
             |cb: &CpuBuffer| {
-                cb.pages().iter().for_each(free_subbuf);
-                // SAFETY: the page array came from `alloc`; `CpuBuffer` has no drop glue
-                // that frees it, so this bitwise copy is its only owner.
-                unsafe { core::ptr::read(cb.pages()).free(&alloc) };
+                // SAFETY: only called on failure, for a CPU buffer made above from
+                // `alloc_subbufs(&alloc, .., order)` that nothing else holds; `CpuBuffer` has
+                // no drop glue that frees its pages, so this bitwise copy is their only owner.
+                unsafe { free_subbufs(&alloc, core::ptr::read(cb.pages()), order) };
             },
         )?;
         Ok(Self {
@@ -357,6 +344,43 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
     }
 }
 
+/// `n` sub-buffers of `PAGE_SIZE << order` bytes from `alloc`, in a page array from `alloc`.
+/// On `NoMemory` whatever was allocated is given back.
+pub(crate) fn alloc_subbufs<A: PageAlloc>(
+    alloc: &A,
+    n: usize,
+    order: u32,
+) -> Result<PageArray<PageDesc>, Error> {
+    PageArray::new(
+        alloc,
+        n,
+        |_| {
+            let mem = alloc.alloc_pages(order).ok_or(Error::NoMemory)?;
+            Ok(new_page_desc(mem))
+        },
+        |pd| {
+            // SAFETY: allocated just above with `order`; nothing else knows it.
+            unsafe { alloc.free_pages(pd.mem.get(), order) }
+        },
+    )
+}
+
+/// Gives every sub-buffer of `pages`, then the array, back to `alloc`.
+///
+/// # Safety
+///
+/// The array and its sub-buffers came from `alloc`, the sub-buffers from
+/// `alloc_pages(order)` (as [`alloc_subbufs`] makes them), and nothing uses any of them any
+/// more (no writer, reader or mapping).
+pub(crate) unsafe fn free_subbufs<A: PageAlloc>(alloc: &A, pages: PageArray<PageDesc>, order: u32) {
+    for pd in pages.iter() {
+        // SAFETY: from `alloc_pages(order)` and unused (contract).
+        unsafe { alloc.free_pages(pd.mem.get(), order) };
+    }
+    // SAFETY: the array came from `alloc` (contract).
+    unsafe { pages.free(alloc) };
+}
+
 pub(crate) fn new_page_desc(mem: NonNull<u8>) -> PageDesc {
     PageDesc {
         mem: SubbufMem::new(mem),
@@ -381,19 +405,14 @@ impl<A: PageAlloc, C: Clock, W: Waiter> Drop for RingBuffer<A, C, W> {
                 // so no mapping is used any more.
                 unsafe { self.alloc.free_pages(meta, 0) };
             }
-            for p in cb.pages().iter() {
-                // SAFETY: every sub-buffer came from `alloc_pages(subbuf_order)`.
-                unsafe { self.alloc.free_pages(p.mem.get(), self.subbuf_order) };
-            }
+            // SAFETY: the array and every sub-buffer came from `self.alloc`, the sub-buffers
+            // from `alloc_pages(subbuf_order)`; the buffer is going away, so nothing uses them.
+            // `PageArray` has no drop glue, so this bitwise copy is the only owner, freed once.
+            unsafe { free_subbufs(&self.alloc, core::ptr::read(cb.pages()), self.subbuf_order) };
         }
-        // SAFETY: the arrays came from `self.alloc`. `PageArray` has no drop glue, so these
-        // bitwise copies are the only owners, each freed once; `self.cpus` is not used again.
-        unsafe {
-            for cb in self.cpus.iter() {
-                core::ptr::read(cb.pages()).free(&self.alloc);
-            }
-            core::ptr::read(&self.cpus).free(&self.alloc);
-        }
+        // SAFETY: the array came from `self.alloc`. `PageArray` has no drop glue, so this
+        // bitwise copy is the only owner, freed once; `self.cpus` is not used again.
+        unsafe { core::ptr::read(&self.cpus).free(&self.alloc) };
     }
 }
 

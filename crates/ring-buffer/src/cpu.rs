@@ -40,6 +40,17 @@ pub(crate) const fn link_next(l: u32) -> u32 {
 pub(crate) const fn link_flag(l: u32) -> u32 {
     l & 3
 }
+/// The link of page `i` in a fresh ring of `n` pages plus the reader page (index `n`):
+/// 0 -> 1 -> ... -> n - 1 -> 0 with page 0 the head, and the reader page leading to it.
+pub(crate) const fn ring_link(i: u32, n: u32) -> u32 {
+    if i + 1 == n {
+        link(0, LINK_HEAD)
+    } else if i >= n {
+        link(0, 0)
+    } else {
+        link(i + 1, 0)
+    }
+}
 
 // The tail word: offset in bits 0..24, page in 24..40, generation in 40..64.
 const PAGE_SHIFT: u32 = 24;
@@ -110,6 +121,25 @@ impl PageDesc {
     /// Committed data bytes.
     pub(crate) fn size(&self) -> usize {
         (self.commit.load(Ordering::Acquire) & COMMIT_MASK) as usize
+    }
+
+    /// Empties the page's bookkeeping: no events, no end, nothing committed.
+    pub(crate) fn clear(&self) {
+        self.entries.store(0, Ordering::Relaxed);
+        self.end.store(0, Ordering::Relaxed);
+        self.real_end.store(0, Ordering::Relaxed);
+        self.set_commit(0);
+    }
+
+    /// Where the events of the page end, before any end padding (`real_end`, or the committed
+    /// size when the writer has not set it), at most the committed size: where a lost-event
+    /// count can go.
+    pub(crate) fn data_end(&self) -> usize {
+        let size = self.size();
+        match self.real_end.load(Ordering::Relaxed) as usize {
+            0 => size,
+            end => end.min(size),
+        }
     }
 
     pub(crate) fn time_stamp(&self) -> u64 {
@@ -240,6 +270,22 @@ pub(crate) struct ReaderState {
 
 // SAFETY: the meta page pointer is owned memory handed between CPUs under the lock.
 unsafe impl Send for ReaderState {}
+
+impl ReaderState {
+    /// Starts afresh on the reader page: nothing read or lost, the time from the next page.
+    /// `next_head` is the ring's head and `push_seq` the head pushes so far (so the next swap
+    /// of that head finds nothing lost); the head search starts at `head_hint`.
+    pub(crate) fn restart(&mut self, next_head: u32, push_seq: u64, head_hint: u32) {
+        self.read = 0;
+        self.read_stamp = 0;
+        self.last_overrun = 0;
+        self.next_head = next_head;
+        self.last_push_seq = push_seq;
+        self.lost = 0;
+        self.meta_lost = 0;
+        self.head_hint = head_hint;
+    }
+}
 
 /// One CPU's buffer.
 pub(crate) struct CpuBuffer {
@@ -396,14 +442,8 @@ impl CpuBuffer {
     pub(crate) fn init_ring(&self, st: &mut ReaderState) {
         let n = self.ring_len;
         for (i, p) in self.pages().iter().enumerate() {
-            let i = i as u32;
-            let next = if i + 1 >= n { 0 } else { i + 1 };
-            let flag = if i == n - 1 { LINK_HEAD } else { 0 };
-            p.link.store(link(next, flag), Ordering::Relaxed);
-            p.entries.store(0, Ordering::Relaxed);
-            p.end.store(0, Ordering::Relaxed);
-            p.real_end.store(0, Ordering::Relaxed);
-            p.set_commit(0);
+            p.link.store(ring_link(i as u32, n), Ordering::Relaxed);
+            p.clear();
             p.set_time_stamp(0);
             p.head_overrun.store(0, Ordering::Relaxed);
             p.push_seq.store(0, Ordering::Relaxed);
@@ -411,10 +451,18 @@ impl CpuBuffer {
         self.tail.store(tail_word(0, 0, 0), Ordering::Release);
         self.commit_page.store(0, Ordering::Release);
         self.stamp_pos.store(STAMP_INVALID, Ordering::Relaxed);
+        self.pushes.store(0, Ordering::Relaxed);
+        self.zero_counters();
+        st.reader_page = n;
+        st.restart(0, 0, n - 1);
+    }
+
+    /// Zeroes the event and page counters (not the head pushes, which the pages' `push_seq`
+    /// are compared with). Writers must be quiescent or unable to count.
+    pub(crate) fn zero_counters(&self) {
         for c in [
             &self.entries,
             &self.overrun,
-            &self.pushes,
             &self.dropped,
             &self.pages_touched,
         ] {
@@ -422,15 +470,6 @@ impl CpuBuffer {
         }
         self.read.store(0, Ordering::Relaxed);
         self.pages_read.store(0, Ordering::Relaxed);
-        st.reader_page = n;
-        st.read = 0;
-        st.read_stamp = 0;
-        st.last_overrun = 0;
-        st.next_head = 0;
-        st.last_push_seq = 0;
-        st.lost = 0;
-        st.meta_lost = 0;
-        st.head_hint = n - 1;
     }
 
     pub(crate) fn data_size(&self) -> usize {

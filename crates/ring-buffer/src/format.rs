@@ -113,6 +113,18 @@ pub const fn time_event(type_len: u32, value: u64) -> (u32, u32) {
     )
 }
 
+/// The `commit` word of a sub-buffer with `len` bytes of events that follow lost events, in a
+/// data area of `data_size` bytes: `RB_MISSED_EVENTS`, and `RB_MISSED_STORED` when the 8-byte
+/// count fits after the events (the caller stores it at `len`).
+pub(crate) const fn missed_commit(len: usize, data_size: usize) -> u64 {
+    let commit = len as u64 | RB_MISSED_EVENTS;
+    if data_size - len >= 8 {
+        commit | RB_MISSED_STORED
+    } else {
+        commit
+    }
+}
+
 /// Restores the top bits of an absolute time stamp from the time before it (Linux's
 /// `rb_fix_abs_ts`).
 pub const fn fix_abs_ts(abs: u64, prev: u64) -> u64 {

@@ -13,9 +13,7 @@ use crate::{
     buffer::RingBuffer,
     cpu::{CpuBuffer, ReaderState, link_next},
     error::Error,
-    format::{
-        COMMIT_MASK, PAGE_SIZE, RB_MISSED_EVENTS, RB_MISSED_STORED, ReaderMeta, TraceBufferMeta,
-    },
+    format::{self, PAGE_SIZE, RB_MISSED_STORED, ReaderMeta, TraceBufferMeta},
     hal::{Clock, PageAlloc, Waiter},
     mapped::MapRegion,
     sync::Ordering,
@@ -241,10 +239,12 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
     ///
     /// Errors: `InvalidArgument` for a CPU the buffer does not have.
     pub fn map_layout(&self, cpu: usize) -> Result<MapLayout, Error> {
-        Ok(MapLayout::new(
-            self.subbuf_order,
-            self.cpu(cpu)?.ring_len + 1,
-        ))
+        Ok(self.layout_of(self.cpu(cpu)?))
+    }
+
+    /// The layout of `cb`'s mapping.
+    fn layout_of(&self, cb: &CpuBuffer) -> MapLayout {
+        MapLayout::new(self.subbuf_order, cb.ring_len + 1)
     }
 
     /// The kernel address of one page of `cpu`'s mapping (to build the user mapping from);
@@ -330,13 +330,10 @@ fn mark_missed(cb: &CpuBuffer, st: &ReaderState) {
     if st.reader_page == cb.commit_page.load(Ordering::Acquire) {
         return;
     }
-    // Use the real end of data so the count can go in the end padding.
-    let size = match pd.real_end.load(Ordering::Relaxed) as usize {
-        0 => (pd.commit.load(Ordering::Acquire) & COMMIT_MASK) as usize,
-        re => re,
-    };
-    let mut commit = size as u64 | RB_MISSED_EVENTS;
-    if cb.data_size() - size >= 8 {
+    // The real end of data, so the count can go in the end padding.
+    let size = pd.data_end();
+    let commit = format::missed_commit(size, cb.data_size());
+    if commit & RB_MISSED_STORED != 0 {
         // SAFETY: `size + 8` is inside the data area, past the events, on a page the writer
         // has left; we hold the reader lock.
         unsafe {
@@ -345,7 +342,6 @@ fn mark_missed(cb: &CpuBuffer, st: &ReaderState) {
                 .cast::<u64>()
                 .write_unaligned(st.meta_lost.to_le())
         };
-        commit |= RB_MISSED_STORED;
     }
     pd.set_commit(commit);
 }
@@ -359,7 +355,7 @@ pub struct MappedView<'a, A: PageAlloc, C: Clock, W: Waiter> {
 impl<A: PageAlloc, C: Clock, W: Waiter> MappedView<'_, A, C, W> {
     fn layout(&self) -> MapLayout {
         // The CPU was valid when the view was made, and `&RingBuffer` keeps it so.
-        self.rb.map_layout(self.cpu).unwrap_or(MapLayout::new(0, 0))
+        self.rb.layout_of(&self.rb.cpus[self.cpu])
     }
 }
 

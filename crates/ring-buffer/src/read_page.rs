@@ -16,9 +16,7 @@ use crate::{
     buffer::RingBuffer,
     cpu::{CpuBuffer, ReaderState},
     error::Error,
-    format::{
-        self, PAGE_SIZE, RB_MISSED_EVENTS, RB_MISSED_STORED, Record, SUBBUF_HEADER_SIZE, Subbuf,
-    },
+    format::{self, PAGE_SIZE, RB_MISSED_STORED, SUBBUF_HEADER_SIZE, Subbuf},
     hal::{Clock, PageAlloc, Waiter},
     sync::Ordering,
 };
@@ -99,41 +97,15 @@ impl CpuBuffer {
     /// event) into `out` (a data area of the same size); returns the bytes and data events
     /// copied and the time the copy starts from.
     fn copy_reader_page(&self, st: &mut ReaderState, out: &mut [u8]) -> (usize, u64, u64) {
+        let (events, range, start_stamp) = self.take_reader_page(st);
         let pd = &self.pages()[st.reader_page as usize];
-        let size = pd.size();
-        if st.read == 0 {
-            st.read_stamp = pd.time_stamp();
-        }
-        let start_stamp = st.read_stamp;
-        // SAFETY: the bytes below the published commit are written and stay as they are
-        // while the page is the reader page (we hold the reader lock).
-        let data = unsafe { core::slice::from_raw_parts(pd.data(), size) };
-        let read = |off: usize| {
-            u32::from_le_bytes([data[off], data[off + 1], data[off + 2], data[off + 3]])
-        };
-        let (mut pos, mut events) = (0, 0);
-        while st.read < size {
-            let Ok((rec, next)) = format::decode_record(read, st.read, size) else {
-                // Cannot happen with our own writer; skip the rest rather than loop.
-                st.read = size;
-                break;
-            };
-            // Everything left fits: `out` is as large as the page's data area.
-            let len = next - st.read;
-            out[pos..pos + len].copy_from_slice(&data[st.read..next]);
-            pos += len;
-            match rec {
-                Record::Data { delta, .. } => {
-                    st.read_stamp = st.read_stamp.wrapping_add(u64::from(delta));
-                    events += 1;
-                }
-                Record::TimeExtend(d) => st.read_stamp = st.read_stamp.wrapping_add(d),
-                Record::TimeStamp(abs) => st.read_stamp = format::fix_abs_ts(abs, st.read_stamp),
-                Record::PaddingToEnd | Record::Discarded => {}
-            }
-            st.read = next;
-        }
-        (pos, events, start_stamp)
+        // SAFETY: the walk above found `range` below the published commit: those bytes are
+        // written and stay as they are while the page is the reader page (we hold the reader
+        // lock).
+        let data = unsafe { core::slice::from_raw_parts(pd.data(), range.end) };
+        // Everything left fits: `out` is as large as the page's data area.
+        out[..range.len()].copy_from_slice(&data[range.clone()]);
+        (range.len(), events, start_stamp)
     }
 
     /// Exchanges the memory of the reader page with `mem`; returns the old memory.
@@ -149,10 +121,7 @@ impl CpuBuffer {
         // SAFETY: by the contract nobody else reads or writes this sub-buffer's address now.
         unsafe { pd.mem.set(mem) };
         // The spare is the new, empty reader page: the next read swaps it into the ring.
-        pd.entries.store(0, Ordering::Relaxed);
-        pd.end.store(0, Ordering::Relaxed);
-        pd.real_end.store(0, Ordering::Relaxed);
-        pd.set_commit(0);
+        pd.clear();
         old
     }
 }
@@ -217,15 +186,11 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
             let pd = &cb.pages()[st.reader_page as usize];
             let events = u64::from(pd.entries.load(Ordering::Relaxed));
             // The end of the last event, so the lost count can go where the end padding was.
-            let len = match pd.real_end.load(Ordering::Relaxed) as usize {
-                0 => pd.size(),
-                end => end.min(pd.size()),
-            };
+            let len = pd.data_end();
             // SAFETY: reader lock held, the writer left the page (not the commit page), and
             // the page is the buffer's size from its allocator (order checked, `DataPage`'s
             // contract).
             page.mem = unsafe { cb.exchange_reader_mem(&st, page.mem) };
-            st.read = 0;
             (len, events)
         } else {
             let data_size = cb.data_size();
@@ -243,15 +208,15 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
 
         let bytes = page.as_bytes_mut();
         let data = &mut bytes[SUBBUF_HEADER_SIZE..];
-        let mut commit = len as u64;
+        let commit = if lost > 0 {
+            format::missed_commit(len, data.len())
+        } else {
+            len as u64
+        };
         let mut end = len;
-        if lost > 0 {
-            if data.len() - len >= 8 {
-                data[len..len + 8].copy_from_slice(&lost.to_le_bytes());
-                commit |= RB_MISSED_STORED;
-                end += 8;
-            }
-            commit |= RB_MISSED_EVENTS;
+        if commit & RB_MISSED_STORED != 0 {
+            data[len..len + 8].copy_from_slice(&lost.to_le_bytes());
+            end += 8;
         }
         data[end..].fill(0);
         bytes[8..16].copy_from_slice(&commit.to_le_bytes());
@@ -261,5 +226,54 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
             lost,
             swapped,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use std::{boxed::Box, vec};
+
+    use crate::{
+        Config, LocalCpu, RingBuffer,
+        format::{event_len, header},
+        sim::{ManualClock, PagePool},
+    };
+
+    /// A record that does not decode ends the copy right after the last record that did, and
+    /// the rest of the page counts as read (skipped), as the copy always did.
+    #[test]
+    fn a_corrupt_record_ends_the_copy_at_the_last_good_one() {
+        let pool = Box::new(PagePool::<16>::new());
+        let rb = RingBuffer::new(Config::new(1, 2), &*pool, ManualClock::new(1000)).unwrap();
+        // SAFETY: this test thread is CPU 0's only writer.
+        let cpu = unsafe { LocalCpu::new(0) };
+        for i in 0..3u8 {
+            rb.clock().advance(10);
+            rb.write(cpu, &[i + 1; 8]).unwrap();
+        }
+        let cb = rb.cpu(0).unwrap();
+        let mut st = cb.reader.lock();
+        assert!(cb.reader_ready(&mut st));
+        let pd = &cb.pages()[st.reader_page as usize];
+        let (first, size) = (event_len(8), pd.size());
+        assert_eq!(size, 3 * first);
+        // The second event claims a payload far past the end of the page.
+        // SAFETY: inside the data area of a page no writer uses (no write runs); we hold the
+        // reader lock.
+        unsafe {
+            let rec = pd.data().add(first).cast::<u32>();
+            rec.write_unaligned(header(0, 0).to_le());
+            rec.add(1).write_unaligned(0xffff_fff0u32.to_le());
+        }
+        let mut out = vec![0u8; cb.data_size()];
+        let (len, events, stamp) = cb.copy_reader_page(&mut st, &mut out);
+        assert_eq!((len, events), (first, 1));
+        assert_eq!(stamp, pd.time_stamp());
+        assert_eq!(st.read, size, "the rest of the page is skipped");
+        // SAFETY: the first event's bytes, committed and unchanged.
+        let good = unsafe { core::slice::from_raw_parts(pd.data(), first) };
+        assert_eq!(&out[..first], good);
+        assert!(out[first..].iter().all(|&b| b == 0));
     }
 }

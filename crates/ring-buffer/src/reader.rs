@@ -1,6 +1,8 @@
 //! The consuming reader: reads the reader sub-buffer, and swaps it with the head of the ring
 //! (lockless against writers) when it is used up.
 
+use core::ops::Range;
+
 use crate::{
     cpu::{CpuBuffer, LINK_HEAD, LINK_UPDATE, ReaderState, link, link_flag, link_next},
     format::{self, Record},
@@ -162,8 +164,12 @@ impl CpuBuffer {
         }
     }
 
-    /// Consumes every committed event left on the reader page; returns how many.
-    pub(crate) fn consume_reader_page(&self, st: &mut ReaderState) -> u64 {
+    /// Walks the unread records of the reader page up to its committed size, consuming them:
+    /// returns the data events passed, the data-area bytes of the whole records passed, and
+    /// the time the walk started from. A record that does not decode (cannot happen with our
+    /// own writer) ends the walk and skips the rest of the page; the range ends at the last
+    /// record that decoded. Does not count the events in `read`.
+    pub(crate) fn take_reader_page(&self, st: &mut ReaderState) -> (u64, Range<usize>, u64) {
         let pd = &self.pages()[st.reader_page as usize];
         let size = pd.size();
         // SAFETY: as in `next_event`.
@@ -171,31 +177,37 @@ impl CpuBuffer {
         let read = |off: usize| {
             u32::from_le_bytes([data[off], data[off + 1], data[off + 2], data[off + 3]])
         };
-        let mut n = 0;
         if st.read == 0 {
             st.read_stamp = pd.time_stamp();
         }
+        let (start, start_stamp) = (st.read, st.read_stamp);
+        let mut events = 0;
         while st.read < size {
-            match format::decode_record(read, st.read, size) {
-                Ok((rec, next)) => {
-                    match rec {
-                        Record::Data { delta, .. } => {
-                            st.read_stamp = st.read_stamp.wrapping_add(u64::from(delta));
-                            n += 1;
-                        }
-                        Record::TimeExtend(d) => st.read_stamp = st.read_stamp.wrapping_add(d),
-                        Record::TimeStamp(abs) => {
-                            st.read_stamp = format::fix_abs_ts(abs, st.read_stamp)
-                        }
-                        _ => {}
-                    }
-                    st.read = next;
+            let Ok((rec, next)) = format::decode_record(read, st.read, size) else {
+                // Skip the rest rather than loop; the range ends where the last record did.
+                let end = st.read;
+                st.read = size;
+                return (events, start..end, start_stamp);
+            };
+            match rec {
+                Record::Data { delta, .. } => {
+                    st.read_stamp = st.read_stamp.wrapping_add(u64::from(delta));
+                    events += 1;
                 }
-                Err(_) => st.read = size,
+                Record::TimeExtend(d) => st.read_stamp = st.read_stamp.wrapping_add(d),
+                Record::TimeStamp(abs) => st.read_stamp = format::fix_abs_ts(abs, st.read_stamp),
+                Record::PaddingToEnd | Record::Discarded => {}
             }
+            st.read = next;
         }
-        self.read.fetch_add(n, Ordering::Relaxed);
-        n
+        (events, start..st.read, start_stamp)
+    }
+
+    /// Consumes every committed event left on the reader page; returns how many.
+    pub(crate) fn consume_reader_page(&self, st: &mut ReaderState) -> u64 {
+        let (events, _, _) = self.take_reader_page(st);
+        self.read.fetch_add(events, Ordering::Relaxed);
+        events
     }
 }
 

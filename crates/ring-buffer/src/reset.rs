@@ -17,7 +17,7 @@
 
 use crate::{
     buffer::RingBuffer,
-    cpu::{CpuBuffer, LINK_HEAD, ReaderState, link, link_flag, link_next},
+    cpu::{CpuBuffer, LINK_HEAD, PageDesc, ReaderState, link, link_flag, link_next},
     error::Error,
     hal::{Clock, LocalCpu, PageAlloc, Waiter},
     map::update_meta,
@@ -84,31 +84,10 @@ impl CpuBuffer {
             }
         }
         let (prev, head) = head.unwrap_or_else(|| self.find_head(st).unwrap_or((rp, tail)));
-        for pd in pages.iter() {
-            pd.entries.store(0, Ordering::Relaxed);
-            pd.end.store(0, Ordering::Relaxed);
-            pd.real_end.store(0, Ordering::Relaxed);
-            pd.set_commit(0);
-        }
-        for c in [
-            &self.entries,
-            &self.overrun,
-            &self.dropped,
-            &self.pages_touched,
-        ] {
-            c.store(0, Ordering::Relaxed);
-        }
-        self.read.store(0, Ordering::Relaxed);
-        self.pages_read.store(0, Ordering::Relaxed);
-        st.read = 0;
-        st.read_stamp = 0;
-        st.last_overrun = 0;
+        pages.iter().for_each(PageDesc::clear);
+        self.zero_counters();
         // No push since: the next swap of `head` finds nothing lost.
-        st.next_head = head;
-        st.last_push_seq = self.pushes();
-        st.lost = 0;
-        st.meta_lost = 0;
-        st.head_hint = prev;
+        st.restart(head, self.pushes(), prev);
         if st.map_count > 0 {
             update_meta(self, st);
         }
@@ -118,13 +97,15 @@ impl CpuBuffer {
     /// (with `try_lock`) a holder of the reader lock.
     fn reset_here(&self, try_lock: bool) -> Result<(), Error> {
         self.disabled.fetch_add(1, Ordering::SeqCst);
-        let res = match if try_lock {
+        let guard = if try_lock {
             self.reader.try_lock()
         } else {
             Some(self.reader.lock())
-        } {
+        };
+        // `filter` drops a guard it rejects, so the lock is released before recording is
+        // enabled again, whichever way this goes.
+        let res = match guard.filter(|_| !self.writers_active()) {
             None => Err(Error::Busy),
-            Some(_) if self.writers_active() => Err(Error::Busy),
             Some(mut st) => {
                 self.reset_in_place(&mut st);
                 Ok(())

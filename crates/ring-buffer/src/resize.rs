@@ -28,8 +28,8 @@
 use core::mem;
 
 use crate::{
-    buffer::{RingBuffer, new_page_desc},
-    cpu::{CpuBuffer, LINK_HEAD, MAX_PAGES, PageDesc, link, link_next, tail_off, tail_page},
+    buffer::{RingBuffer, alloc_subbufs, free_subbufs, new_page_desc},
+    cpu::{CpuBuffer, MAX_PAGES, PageDesc, link_next, ring_link, tail_off, tail_page},
     error::Error,
     format::{MAX_SUBBUF_ORDER, PAGE_SIZE},
     hal::{Clock, PageAlloc, Waiter},
@@ -54,6 +54,9 @@ struct Plan {
     kept: u32,
     /// Position of the tail page; `None` when the writer is on the reader page.
     tail_pos: Option<u32>,
+    /// The reader page, and the page the reader's last swap made the head.
+    reader_page: u32,
+    next_head: u32,
 }
 
 impl Plan {
@@ -81,6 +84,8 @@ impl Plan {
             start,
             kept: new_len.min(old_len - start),
             tail_pos,
+            reader_page: st.reader_page,
+            next_head: st.next_head,
         })
     }
 }
@@ -119,7 +124,6 @@ fn prepare<A: PageAlloc>(
     for _ in 0..plan.start {
         p = next(cb, p);
     }
-    let reader = cb.reader.lock().reader_page;
     let mut fresh_index = 0;
     PageArray::new(
         alloc,
@@ -134,7 +138,7 @@ fn prepare<A: PageAlloc>(
                 let mem = alloc.alloc_pages(order).ok_or(Error::NoMemory)?;
                 Ok(new_page_desc(mem))
             } else {
-                Ok(moved(&cb.pages()[reader as usize]))
+                Ok(moved(&cb.pages()[plan.reader_page as usize]))
             }
         },
         |pd| {
@@ -175,10 +179,6 @@ unsafe fn install<A: PageAlloc>(
     alloc: &A,
     order: u32,
 ) {
-    let (next_head, reader_page) = {
-        let st = cb.reader.lock();
-        (st.next_head, st.reader_page)
-    };
     // Walk the old ring: drop what is not kept, and find where the reader's `next_head` goes.
     let mut dropped_events = 0u64;
     let mut new_next_head = NO_PAGE;
@@ -187,7 +187,7 @@ unsafe fn install<A: PageAlloc>(
         let pd = &cb.pages()[p as usize];
         let in_window = (plan.start..plan.start + plan.kept).contains(&pos);
         if in_window {
-            if p == next_head {
+            if p == plan.next_head {
                 new_next_head = pos - plan.start;
             }
         } else {
@@ -203,15 +203,7 @@ unsafe fn install<A: PageAlloc>(
     // The new ring: 0 -> 1 -> ... -> new_len - 1 -> 0, head 0; the reader page points at it.
     let n = plan.new_len;
     for (i, pd) in new.iter().enumerate() {
-        let i = i as u32;
-        let l = if i + 1 == n {
-            link(0, LINK_HEAD)
-        } else if i == n {
-            link(0, 0)
-        } else {
-            link(i + 1, 0)
-        };
-        pd.link.store(l, Ordering::Relaxed);
+        pd.link.store(ring_link(i as u32, n), Ordering::Relaxed);
     }
     let tail = cb.tail.load(Ordering::Relaxed);
     debug_assert_eq!(
@@ -227,7 +219,7 @@ unsafe fn install<A: PageAlloc>(
         Some(pos) => pos - plan.start,
         None => n,
     };
-    debug_assert!(plan.tail_pos.is_some() || tail_page(tail) == reader_page);
+    debug_assert!(plan.tail_pos.is_some() || tail_page(tail) == plan.reader_page);
     cb.place_tail(tail_index, tail_off(tail));
 
     let mut st = cb.reader.lock();
@@ -350,34 +342,14 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
             return Err(Error::InvalidArgument);
         }
         let alloc = &self.alloc;
-        let free_subbufs = |pages: &PageArray<PageDesc>, order: u32| {
-            for pd in pages.iter() {
-                // SAFETY: every sub-buffer of `pages` came from `alloc` with `order` and is
-                // no longer used by the caller.
-                unsafe { alloc.free_pages(pd.mem.get(), order) };
-            }
-        };
         let prepared = PageArray::new(
             alloc,
             self.cpus.len(),
-            |cpu| {
-                PageArray::new(
-                    alloc,
-                    count(&self.cpus[cpu]) + 1,
-                    |_| {
-                        let mem = alloc.alloc_pages(order).ok_or(Error::NoMemory)?;
-                        Ok(new_page_desc(mem))
-                    },
-                    |pd| {
-                        // SAFETY: allocated just above with `order`.
-                        unsafe { alloc.free_pages(pd.mem.get(), order) }
-                    },
-                )
-            },
+            |cpu| alloc_subbufs(alloc, count(&self.cpus[cpu]) + 1, order),
             |new| {
-                free_subbufs(new, order);
-                // SAFETY: from `alloc`; the bitwise copy is the only one used.
-                unsafe { core::ptr::read(new).free(alloc) };
+                // SAFETY: made above by `alloc_subbufs(alloc, .., order)`, not installed; the
+                // bitwise copy is the only one used.
+                unsafe { free_subbufs(alloc, core::ptr::read(new), order) };
             },
         )?;
         let old_order = self.subbuf_order;
@@ -387,13 +359,10 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
             let cb = &mut self.cpus[cpu];
             let ring_len = (new.len() - 1) as u32;
             let old = mem::replace(cb.pages_mut(), new);
-            for pd in old.iter() {
-                // SAFETY: the old sub-buffers came from `alloc_pages(old_order)`; the buffer
-                // is exclusively ours (`&mut self`) and not mapped.
-                unsafe { self.alloc.free_pages(pd.mem.get(), old_order) };
-            }
-            // SAFETY: the old array came from `self.alloc`.
-            unsafe { old.free(&self.alloc) };
+            // SAFETY: the old array and its sub-buffers came from `self.alloc`, the sub-buffers
+            // from `alloc_pages(old_order)`; the buffer is exclusively ours (`&mut self`) and
+            // not mapped.
+            unsafe { free_subbufs(&self.alloc, old, old_order) };
             cb.ring_len = ring_len;
             cb.subbuf_size = new_size;
             let cb = &self.cpus[cpu];
