@@ -7,19 +7,32 @@ use core::{
 };
 
 use crate::{
-    apic,
+    arch::apic,
+    arch::gdt,
+    arch::idt,
+    arch::percpu,
+    arch::pvh::{self, BootInfo},
+    arch::qemu::{self, Exit},
+    arch::serial,
+    arch::smp,
+    arch::syscall,
+    arch::trap::{self, Handled, TrapFrame},
     checks::{self, Check, Outcome},
-    ensure, fail, fault, framemeta, frames, gdt, idt, percpu, println,
-    pvh::{self, BootInfo},
-    qemu::{self, Exit},
-    sched, sched_checks, serial, smp,
+    ensure, fail,
+    mm::fault,
+    mm::framemeta,
+    mm::frames,
+    mm::vm,
+    println,
     spin::SpinLock,
-    syscall, trace, trace_check,
-    trap::{self, Handled, TrapFrame},
-    user_checks, usermode, vm, workqueue,
+    steps,
+    task::sched,
+    task::usermode,
+    task::workqueue,
+    trace,
 };
 
-global_asm!(include_str!("boot.S"), options(att_syntax));
+global_asm!(include_str!("arch/boot.S"), options(att_syntax));
 
 /// What the loader told us, set once by the boot CPU before any check runs.
 static BOOT: SpinLock<Option<BootInfo>> = SpinLock::new(None);
@@ -221,80 +234,80 @@ const CHECKS: &[Check] = &[
     },
     Check {
         name: "timer",
-        run: sched_checks::timer,
+        run: checks::sched::timer,
     },
     Check {
         name: "preemption",
-        run: sched_checks::preemption,
+        run: checks::sched::preemption,
     },
     Check {
         name: "block-unblock",
-        run: sched_checks::block_unblock,
+        run: checks::sched::block_unblock,
     },
     Check {
         name: "smp",
-        run: sched_checks::smp,
+        run: checks::sched::smp,
     },
     Check {
         name: "workqueue",
-        run: sched_checks::workqueue,
+        run: checks::sched::workqueue,
     },
     Check {
         name: "user-syscalls",
-        run: user_checks::syscalls,
+        run: checks::user::syscalls,
     },
     Check {
         name: "user-preemption",
-        run: user_checks::user_preemption,
+        run: checks::user::user_preemption,
     },
     Check {
         name: "task-exhaustion",
-        run: user_checks::exhaustion,
+        run: checks::user::exhaustion,
     },
     Check {
         name: "user-isolation",
-        run: user_checks::isolation,
+        run: checks::user::isolation,
     },
     Check {
         name: "demand-paging",
-        run: user_checks::demand_paging,
+        run: checks::user::demand_paging,
     },
     Check {
         name: "fork-cow",
-        run: user_checks::fork_cow,
+        run: checks::user::fork_cow,
     },
     Check {
         name: "orphans",
-        run: user_checks::orphans,
+        run: checks::user::orphans,
     },
     Check {
         name: "fork-stress",
-        run: user_checks::fork_stress,
+        run: checks::user::fork_stress,
     },
     Check {
         name: "fault-hook",
-        run: user_checks::fault_hook,
+        run: checks::user::fault_hook,
     },
     Check {
         name: "fork",
-        run: crate::fork_check::fork,
+        run: crate::steps::fork::fork,
     },
     Check {
         name: "bts",
-        run: crate::bts_step::bts,
+        run: crate::steps::bts::bts,
     },
     Check {
         name: "apf",
-        run: crate::apf_step::apf,
+        run: crate::steps::apf::apf,
     },
     Check {
         name: "xen",
-        run: crate::xen_step::xen_suspend,
+        run: crate::steps::xen::xen_suspend,
     },
     // Last: it reads the events every step before it logged.
     Check {
         name: "trace",
-        run: trace_check::check,
+        run: steps::trace::check,
     },
 ];
 

@@ -14,69 +14,23 @@
 #![allow(clippy::result_large_err)]
 
 #[cfg(target_os = "none")]
-mod apf_step;
-#[cfg(target_os = "none")]
-mod apic;
-#[cfg(target_os = "none")]
-mod bts_step;
+mod arch;
 #[cfg(target_os = "none")]
 mod checks;
 #[cfg(target_os = "none")]
-mod fault;
-#[cfg(target_os = "none")]
-mod fork_check;
-#[cfg(target_os = "none")]
-mod framemeta;
-#[cfg(target_os = "none")]
-mod frames;
-#[cfg(target_os = "none")]
-mod gdt;
-#[cfg(target_os = "none")]
-mod idt;
-#[cfg(target_os = "none")]
 mod kmain;
 #[cfg(target_os = "none")]
-mod percpu;
-#[cfg(target_os = "none")]
-mod ptbatch;
-#[cfg(target_os = "none")]
-mod pvh;
-#[cfg(target_os = "none")]
-mod qemu;
-#[cfg(target_os = "none")]
-mod sched;
-#[cfg(target_os = "none")]
-mod sched_checks;
-#[cfg(target_os = "none")]
-mod serial;
-#[cfg(target_os = "none")]
-mod smp;
+mod mm;
 #[cfg(target_os = "none")]
 mod spin;
 #[cfg(target_os = "none")]
-mod syscall;
+mod steps;
+#[cfg(target_os = "none")]
+mod task;
 #[cfg(target_os = "none")]
 mod text;
 #[cfg(target_os = "none")]
 mod trace;
-#[cfg(target_os = "none")]
-mod trace_check;
-#[cfg(target_os = "none")]
-mod trace_map;
-#[cfg(target_os = "none")]
-mod trap;
-#[cfg(target_os = "none")]
-mod ulib;
-#[cfg(target_os = "none")]
-mod user_checks;
-#[cfg(target_os = "none")]
-mod usermode;
-#[cfg(target_os = "none")]
-mod vm;
-#[cfg(target_os = "none")]
-mod workqueue;
-#[cfg(target_os = "none")]
-mod xen_step;
 
 #[cfg(not(target_os = "none"))]
 fn main() {

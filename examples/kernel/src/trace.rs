@@ -7,7 +7,7 @@
 //!
 //! [`record`] also keeps a tally per step name (events written, events refused), which the
 //! `trace` check compares with what a ring-3 reader finds in the buffer
-//! (see [`crate::trace_check`]).
+//! (see [`crate::steps::trace`]).
 
 use core::{
     cell::UnsafeCell,
@@ -19,7 +19,7 @@ use core::{
 
 use oskit_ring_buffer::{Config, Error, LocalCpu, Mode, RingBuffer, hal::PageAlloc, x86::Tsc};
 
-use crate::{frames, percpu, spin, text::Text};
+use crate::{arch::percpu, mm::frames, spin, text::Text};
 
 /// Sub-buffers of 4 KiB in each CPU's ring (the reader's spare comes on top).
 pub const SUBBUFS_PER_CPU: usize = 32;

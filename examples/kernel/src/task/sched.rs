@@ -16,7 +16,7 @@
 //! Every task slot has its own kernel stack, mapped once at boot in the kernel half at a
 //! fixed address ([`stack_top`]) with unmapped guard pages below it, so an overflow faults
 //! (and is reported as one) instead of overwriting memory. User tasks also own an address
-//! space ([`crate::vm`]), which the loop loads into CR3 for them; the loop itself always runs
+//! space ([`crate::mm::vm`]), which the loop loads into CR3 for them; the loop itself always runs
 //! on the kernel page tables, so a CPU never keeps a user address space loaded while it is not
 //! running that space's task (no TLB shootdowns are needed: one task per address space).
 
@@ -27,11 +27,12 @@ use core::{
 };
 
 use crate::{
-    frames, gdt,
-    percpu::{self, NO_TASK},
+    arch::gdt,
+    arch::percpu::{self, NO_TASK},
+    arch::trap::TrapFrame,
+    mm::frames,
+    mm::vm,
     spin::{irq_restore, irq_save},
-    trap::TrapFrame,
-    vm,
 };
 
 /// The most tasks alive at once (running, runnable, blocked, or exited and not yet joined).
@@ -339,13 +340,13 @@ fn start(
 /// Wakes one halted CPU (other than this one) to pick up a task just queued.
 fn kick_idle_cpu() {
     let me = percpu::this_cpu().id.load(Ordering::Relaxed);
-    let idle = (0..crate::gdt::MAX_CPUS)
+    let idle = (0..crate::arch::gdt::MAX_CPUS)
         .map(percpu::cpu)
         .find(|c| c.id.load(Ordering::Relaxed) != me && c.idle.load(Ordering::SeqCst));
     if let Some(cpu) = idle
         && cpu.online.load(Ordering::Acquire)
     {
-        crate::apic::send_reschedule(cpu.apic_id.load(Ordering::Relaxed));
+        crate::arch::apic::send_reschedule(cpu.apic_id.load(Ordering::Relaxed));
     }
 }
 
@@ -529,7 +530,7 @@ pub fn yield_now() {
     irq_restore(irq);
 }
 
-/// The kernel's clock: timer ticks of the boot CPU since boot ([`crate::apic::HZ`] a second).
+/// The kernel's clock: timer ticks of the boot CPU since boot ([`crate::arch::apic::HZ`] a second).
 pub fn ticks() -> u64 {
     percpu::cpu(0).ticks.load(Ordering::Relaxed)
 }

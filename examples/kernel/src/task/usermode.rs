@@ -3,13 +3,16 @@
 //!
 //! A user task's address space has a 64 KiB stack just below [`STACK_TOP`] and a 1 MiB data
 //! region at [`DATA_START`], both anonymous (filled on first touch). The task enters ring 3 at
-//! [`crate::ulib::user_start`] with interrupts on.
+//! [`crate::task::ulib::user_start`] with interrupts on.
 
 use crate::{
-    gdt, println, sched,
-    syscall::{self, nr},
-    trap::TrapFrame,
-    ulib, vm,
+    arch::gdt,
+    arch::syscall::{self, nr},
+    arch::trap::TrapFrame,
+    mm::vm,
+    println,
+    task::sched,
+    task::ulib,
 };
 
 /// Start of every user task's data region.
@@ -87,7 +90,7 @@ fn sys_write(frame: &mut TrapFrame) -> i64 {
     // SAFETY: the range is readable by this task (checked above); the kernel reads it through
     // the same mapping, and an untouched anonymous page is filled by the fault handler.
     let bytes = unsafe { core::slice::from_raw_parts(addr as *const u8, len as usize) };
-    crate::serial::write_bytes(bytes);
+    crate::arch::serial::write_bytes(bytes);
     len as i64
 }
 

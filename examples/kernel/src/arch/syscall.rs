@@ -14,7 +14,7 @@ use core::{
     sync::atomic::{AtomicU64, AtomicUsize, Ordering},
 };
 
-use crate::{gdt, percpu, trap::TrapFrame};
+use crate::{arch::gdt, arch::percpu, arch::trap::TrapFrame};
 
 /// System-call numbers.
 pub mod nr {
@@ -140,7 +140,7 @@ extern "C" fn syscall_dispatch(frame: &mut TrapFrame) {
     // SYSRET to a non-canonical RIP would fault in ring 0 on the user's stack: a handler that
     // redirects the task must keep RIP in the user half.
     assert!(
-        frame.rip < crate::vm::USER_END,
+        frame.rip < crate::mm::vm::USER_END,
         "system call {number} returns to non-canonical {:#x}",
         frame.rip
     );

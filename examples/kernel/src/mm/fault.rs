@@ -2,16 +2,16 @@
 //! handler), then demand paging and copy-on-write in the running task's address space.
 //!
 //! A fault nobody resolves is passed on as unhandled: from ring 3 it kills the task (with a
-//! `user fault:` line), from ring 0 it is fatal for the run (see [`crate::trap`]). Kernel code
+//! `user fault:` line), from ring 0 it is fatal for the run (see [`crate::arch::trap`]). Kernel code
 //! touching a user address of the running task's space (a system call reading its buffer) is
 //! resolved the same way as the task's own access.
 
 use core::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::{
-    sched,
-    trap::{self, Handled, TrapFrame},
-    vm,
+    arch::trap::{self, Handled, TrapFrame},
+    mm::vm,
+    task::sched,
 };
 
 /// The #PF vector.

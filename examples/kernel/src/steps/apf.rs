@@ -34,15 +34,17 @@ use oskit_pv_apf::{
 };
 
 use crate::{
-    apic,
+    arch::apic,
+    arch::gdt::MAX_CPUS,
+    arch::percpu,
+    arch::smp,
+    arch::trap::{self, Handled, TrapFrame},
     checks::{self, Outcome},
-    ensure, fail, fault,
-    gdt::MAX_CPUS,
-    percpu, println,
-    sched::{self, TaskId},
-    smp, spin,
+    ensure, fail,
+    mm::fault,
+    println, spin,
     spin::SpinLock,
-    trap::{self, Handled, TrapFrame},
+    task::sched::{self, TaskId},
 };
 
 /// The page-ready vector.

@@ -4,8 +4,8 @@
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use crate::{
-    sched::{self, TaskId},
     spin::SpinLock,
+    task::sched::{self, TaskId},
 };
 
 /// The most work items waiting at once.

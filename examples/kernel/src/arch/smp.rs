@@ -9,9 +9,16 @@ use core::{
 };
 
 use crate::{
-    apic, frames, gdt, idt, percpu, println, sched, spin, syscall,
-    trap::{self, Handled, TrapFrame},
-    vm,
+    arch::apic,
+    arch::gdt,
+    arch::idt,
+    arch::percpu,
+    arch::syscall,
+    arch::trap::{self, Handled, TrapFrame},
+    mm::frames,
+    mm::vm,
+    println, spin,
+    task::sched,
 };
 
 /// Vector of the function-call IPI of [`on_each_cpu`].

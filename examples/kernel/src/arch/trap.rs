@@ -6,7 +6,7 @@
 //!
 //! A trap from ring 3 (saved CS with RPL 3) runs `swapgs` on entry and again on the way out
 //! (`trap_return`), so the kernel always finds its per-CPU data at `gs:0` (see
-//! [`crate::percpu`]). `trap_return` is also how new user tasks first enter ring 3.
+//! [`crate::arch::percpu`]). `trap_return` is also how new user tasks first enter ring 3.
 //!
 //! An exception no handler claims is fatal when it came from ring 0 (the run fails with the
 //! vector, error code, RIP and CR2), and kills only the task when it came from ring 3.
@@ -16,7 +16,7 @@ use core::{
     sync::atomic::{AtomicUsize, Ordering},
 };
 
-use crate::qemu::{self, Exit};
+use crate::arch::qemu::{self, Exit};
 
 global_asm!(
     r#"
@@ -248,17 +248,17 @@ fn name_of(vector: usize) -> &'static str {
 /// Reports an exception a user task took and nobody resolved, and ends that task only.
 fn kill_user(frame: &TrapFrame) -> ! {
     let vector = frame.vector as usize;
-    let pid = crate::sched::current().map_or(0, |t| t.pid());
+    let pid = crate::task::sched::current().map_or(0, |t| t.pid());
     crate::println!(
         "user fault: task {pid:#x} ({}) on cpu {} killed by {} (vector {vector}) error={:#x} rip={:#x} cr2={:#x}",
-        crate::sched::current_name(),
-        crate::percpu::cpu_id(),
+        crate::task::sched::current_name(),
+        crate::arch::percpu::cpu_id(),
         name_of(vector),
         frame.error_code,
         frame.rip,
         cr2()
     );
-    crate::sched::exit_current(crate::sched::EXIT_KILLED)
+    crate::task::sched::exit_current(crate::task::sched::EXIT_KILLED)
 }
 
 /// Reports an unhandled trap and fails the run.
@@ -266,12 +266,12 @@ fn fatal(frame: &TrapFrame) -> ! {
     let cr2 = cr2();
     let vector = frame.vector as usize;
     let name = name_of(vector);
-    if let Some(slot) = crate::sched::stack_guard_slot(cr2) {
-        crate::serial::print_emergency(format_args!(
+    if let Some(slot) = crate::task::sched::stack_guard_slot(cr2) {
+        crate::arch::serial::print_emergency(format_args!(
             "\nkernel stack overflow: task slot {slot} ran into its guard page at {cr2:#x}"
         ));
     }
-    crate::serial::print_emergency(format_args!(
+    crate::arch::serial::print_emergency(format_args!(
         "\nEXCEPTION: {name} (vector {vector}) error={:#x} rip={:#x} cr2={cr2:#x} cs={:#x} rsp={:#x} rflags={:#x}\n",
         frame.error_code, frame.rip, frame.cs, frame.rsp, frame.rflags
     ));

@@ -67,12 +67,12 @@ pub fn print_emergency(args: fmt::Arguments<'_>) {
 /// Prints to the console.
 #[macro_export]
 macro_rules! print {
-    ($($arg:tt)*) => { $crate::serial::print(format_args!($($arg)*)) };
+    ($($arg:tt)*) => { $crate::arch::serial::print(format_args!($($arg)*)) };
 }
 
 /// Prints a line to the console.
 #[macro_export]
 macro_rules! println {
     () => { $crate::print!("\n") };
-    ($($arg:tt)*) => { $crate::serial::print(format_args!("{}\n", format_args!($($arg)*))) };
+    ($($arg:tt)*) => { $crate::arch::serial::print(format_args!("{}\n", format_args!($($arg)*))) };
 }

@@ -1,14 +1,14 @@
 //! The ring-3 side: system-call wrappers and the entry trampoline of user tasks.
 //!
 //! User tasks run plain Rust functions compiled into the kernel image (whose code and read-only
-//! data ring 3 may read and execute, see [`crate::vm`]). Such a function must touch no kernel
+//! data ring 3 may read and execute, see [`crate::mm::vm`]). Such a function must touch no kernel
 //! statics (`.data`/`.bss` are supervisor-only: the access faults and kills the task), so it
 //! works on its stack, on its own user regions through raw pointers, and on string literals,
 //! and talks to the kernel only through these wrappers. A panic in user code is a fault too.
 
 use core::arch::asm;
 
-use crate::syscall::nr;
+use crate::arch::syscall::nr;
 
 /// A raw system call with up to three arguments.
 #[inline(always)]

@@ -27,13 +27,14 @@ use oskit_ring_buffer::{
 };
 
 use crate::{
-    gdt::MAX_CPUS,
-    println, sched,
+    arch::gdt::MAX_CPUS,
+    arch::syscall::{self, nr},
+    arch::trap::TrapFrame,
+    mm::vm,
+    println,
     spin::SpinLock,
-    syscall::{self, nr},
+    task::sched,
     trace::{self, TraceBuffer},
-    trap::TrapFrame,
-    vm,
 };
 
 const EINVAL: i64 = 22;

@@ -1,8 +1,8 @@
-//! The interrupt descriptor table: every vector points at its stub in [`crate::trap`].
+//! The interrupt descriptor table: every vector points at its stub in [`crate::arch::trap`].
 
 use core::{arch::asm, mem::size_of, ptr::addr_of};
 
-use crate::{gdt, spin::SpinLock, trap};
+use crate::{arch::gdt, arch::trap, spin::SpinLock};
 
 #[repr(C)]
 #[derive(Clone, Copy)]

@@ -33,15 +33,17 @@ use oskit_bts::{
 };
 
 use crate::{
-    apic,
+    arch::apic,
+    arch::gdt::MAX_CPUS,
+    arch::percpu,
+    arch::trap::{self, Handled, TrapFrame},
     checks::{self, Outcome},
-    ensure, fail, frames,
-    gdt::MAX_CPUS,
-    percpu, println,
-    sched::{self, TaskId},
+    ensure, fail,
+    mm::frames,
+    println,
     spin::{self, SpinLock},
-    trap::{self, Handled, TrapFrame},
-    workqueue,
+    task::sched::{self, TaskId},
+    task::workqueue,
 };
 
 /// The vector of the (real or modelled) BTS threshold interrupt.

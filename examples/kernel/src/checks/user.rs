@@ -1,20 +1,24 @@
 //! Checks of user mode: system calls from ring 3, isolation of kernel memory, demand paging,
 //! fork with copy-on-write, and that every frame comes back.
 //!
-//! The `u_*` functions run in ring 3 (see [`crate::ulib`] for what they may touch).
+//! The `u_*` functions run in ring 3 (see [`crate::task::ulib`] for what they may touch).
 
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::{
-    apic,
+    arch::apic,
+    arch::syscall,
+    arch::trap::{Handled, TrapFrame},
     checks::Outcome,
-    ensure, fail, fault, framemeta, frames, println,
-    sched::{self, EXIT_KILLED},
-    syscall,
-    trap::{Handled, TrapFrame},
-    ulib,
-    usermode::{self, DATA_START},
-    vm,
+    ensure, fail,
+    mm::fault,
+    mm::framemeta,
+    mm::frames,
+    mm::vm,
+    println,
+    task::sched::{self, EXIT_KILLED},
+    task::ulib,
+    task::usermode::{self, DATA_START},
 };
 
 const PAGE: u64 = 4096;
@@ -331,7 +335,7 @@ pub fn orphans() -> Outcome {
     };
     let code = sched::join(task);
     ensure!(code == Some(5), "the parent ended with {code:?}");
-    let reaped = crate::sched_checks::wait_for(|| {
+    let reaped = crate::checks::sched::wait_for(|| {
         sched::free_slots() == slots && frames::free_count() == free
     });
     ensure!(
@@ -468,7 +472,7 @@ pub fn user_preemption() -> Outcome {
         frames::free(frame, 0);
         fail!("cannot start the user task")
     };
-    let progressed = crate::sched_checks::wait_for(|| {
+    let progressed = crate::checks::sched::wait_for(|| {
         // SAFETY: the frame stays ours while the task runs; the task writes only the count
         // word and reads only the stop word.
         let seen = unsafe { count.read_volatile() };

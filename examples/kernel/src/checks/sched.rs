@@ -3,14 +3,16 @@
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::{
-    apic,
+    arch::apic,
+    arch::gdt::MAX_CPUS,
+    arch::percpu,
+    arch::smp,
     checks::Outcome,
     ensure, fail,
-    gdt::MAX_CPUS,
     kmain::CPUS_FOUND,
-    percpu, println,
-    sched::{self, TaskId},
-    smp, workqueue,
+    println,
+    task::sched::{self, TaskId},
+    task::workqueue,
 };
 
 /// Deadline of a check's waiting loop, in microseconds of TSC time (generous for TCG).

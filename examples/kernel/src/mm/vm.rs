@@ -5,7 +5,7 @@
 //! makes the image's code and read-only data (`__kernel_start..__user_visible_end`) readable
 //! and executable from ring 3, but never writable; `.data`, `.bss`, stacks, page tables and
 //! all other RAM stay supervisor-only. So user tasks can run plain Rust functions compiled into
-//! the kernel (as long as they touch no kernel statics: see [`crate::ulib`]), and a user write
+//! the kernel (as long as they touch no kernel statics: see [`crate::task::ulib`]), and a user write
 //! (or read) of kernel data faults. This relies on SMEP/SMAP being off (they are never enabled
 //! here): with SMEP, ring 0 could not execute its own user-visible code.
 //!
@@ -16,7 +16,7 @@
 //! (e.g. a buffer shared read-only with ring 3), which the space never frees.
 //!
 //! **Copy-on-write.** [`fork`] copies the user page tables with `oskit-pte-batch` on the real
-//! tables ([`crate::ptbatch`]): a run of PTEs mapping consecutive pages of one large folio is
+//! tables ([`crate::mm::ptbatch`]): a run of PTEs mapping consecutive pages of one large folio is
 //! one batch (one reference add, one map-count duplication, one write-protect of the parent's
 //! range, one `set_ptes` into the child), and the parent's write-protected range is flushed
 //! once per page table. Private writable regions are copy-on-write: both sides end up
@@ -26,7 +26,7 @@
 //! mappings (the child maps the same kernel frames, unchanged). Teardown ([`destroy`]) zaps
 //! each region with the crate's batched zap (one clear, one map-count drop and, after one TLB
 //! flush, one reference drop per batch). References and map counts live in
-//! [`crate::framemeta`]; each space counts its resident folio pages ([`rss`]).
+//! [`crate::mm::framemeta`]; each space counts its resident folio pages ([`rss`]).
 //!
 //! **TLBs.** Only one task uses a space, and a CPU's scheduler loop always switches back to the
 //! kernel page tables, so a space is loaded on at most one CPU, and only while its task runs
@@ -37,9 +37,9 @@ use core::sync::atomic::{AtomicU64, Ordering};
 use oskit_pte_batch::{Fork, PageTable, VmFlags, Vma, Zap};
 
 use crate::{
-    framemeta,
-    frames::{self, FRAME_SIZE},
-    ptbatch,
+    mm::framemeta,
+    mm::frames::{self, FRAME_SIZE},
+    mm::ptbatch,
     spin::SpinLock,
 };
 

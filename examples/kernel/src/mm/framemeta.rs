@@ -8,7 +8,7 @@
 //! [`put_folio`], which frees the whole block when the last reference goes.
 //!
 //! [`Folios`] is the same metadata seen through `oskit-pte-batch`'s [`FolioOps`] (Linux's
-//! `struct page` array), for the batched fork and teardown in [`crate::vm`]. Every operation
+//! `struct page` array), for the batched fork and teardown in [`crate::mm::vm`]. Every operation
 //! through it checks the folio's reference count against the sum of its pages' map counts (a
 //! reference count below it would free a mapped folio) and counts [`violations`].
 
@@ -16,7 +16,7 @@ use core::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering}
 
 use oskit_pte_batch::{Error, Folio, FolioOps, MaybePinned, PageAlloc};
 
-use crate::frames::{self, FRAME_SIZE};
+use crate::mm::frames::{self, FRAME_SIZE};
 
 /// The metadata of one frame.
 #[derive(Debug)]
@@ -132,7 +132,7 @@ fn refs_cover_maps(head: u64) -> bool {
 /// belongs to a folio (order from its metadata); everything is anonymous memory (the kernel
 /// has no page cache); nothing is ever DMA-pinned, so an anon rmap duplication never fails.
 /// Frames the crate must not count (a space's fixed mappings of kernel frames) carry
-/// [`crate::vm::PTE_FIXED`], the x86 `_PAGE_SPECIAL` bit, and never reach these methods.
+/// [`crate::mm::vm::PTE_FIXED`], the x86 `_PAGE_SPECIAL` bit, and never reach these methods.
 ///
 /// Callers hold the lock that serialises changes to user page tables (`vm`'s space table), so
 /// the counts seen here are stable between two operations.

@@ -1,7 +1,7 @@
 //! The physical frame allocator: a bitmap over RAM below 4 GiB, built from the PVH memory map,
 //! handing out naturally aligned blocks of 2^order frames.
 
-use crate::{pvh::BootInfo, spin::SpinLock};
+use crate::{arch::pvh::BootInfo, spin::SpinLock};
 
 /// Frame size.
 pub const FRAME_SIZE: u64 = 4096;
@@ -52,7 +52,7 @@ pub fn init(boot: &BootInfo) {
     for entry in boot
         .memmap
         .iter()
-        .filter(|e| e.kind == crate::pvh::MEMMAP_RAM)
+        .filter(|e| e.kind == crate::arch::pvh::MEMMAP_RAM)
     {
         let first = entry.addr.div_ceil(FRAME_SIZE);
         let last = (entry.addr.saturating_add(entry.size) / FRAME_SIZE).min(MAX_FRAMES as u64);

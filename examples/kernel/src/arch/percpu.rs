@@ -4,14 +4,14 @@
 //! user's GS base (always 0 here). Every entry from ring 3 (SYSCALL, and interrupts or
 //! exceptions whose saved CS has RPL 3) executes `swapgs` first and again just before returning
 //! to ring 3, so kernel code always finds its `PerCpu` at `gs:0`. Entries from ring 0 do not
-//! swap. The assembly in [`crate::syscall`] uses the fixed offsets below.
+//! swap. The assembly in [`crate::arch::syscall`] uses the fixed offsets below.
 
 use core::{
     arch::asm,
     sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering},
 };
 
-use crate::gdt::MAX_CPUS;
+use crate::arch::gdt::MAX_CPUS;
 
 /// `gs:` offset of the user RSP saved by the SYSCALL entry.
 pub const USER_RSP_OFFSET: usize = 8;

@@ -9,8 +9,8 @@ use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use x86::io::{inb, outb};
 
 use crate::{
-    percpu,
-    trap::{self, Handled, TrapFrame},
+    arch::percpu,
+    arch::trap::{self, Handled, TrapFrame},
 };
 
 /// The xAPIC's physical (and, identity-mapped, virtual) base.
@@ -202,7 +202,7 @@ fn on_timer(frame: &mut TrapFrame) -> Handled {
             hook(percpu::cpu_id());
         }
     }
-    crate::sched::preempt(frame);
+    crate::task::sched::preempt(frame);
     Handled::Yes
 }
 

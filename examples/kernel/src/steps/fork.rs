@@ -20,18 +20,23 @@
 //! Ring 3 and the kernel talk through a control page (a fixed, writable mapping of a kernel
 //! frame, which the fork shares rather than copies): the tasks report their progress in it and
 //! wait for the kernel's go-ahead, so the kernel can look at both spaces between the steps.
-//! The `u_*` functions run in ring 3 (see [`crate::ulib`]).
+//! The `u_*` functions run in ring 3 (see [`crate::task::ulib`]).
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use crate::{
-    apic,
+    arch::apic,
+    checks::sched::wait_for,
     checks::{self, Outcome},
-    ensure, fail, framemeta, frames, println, ptbatch, sched,
-    sched_checks::wait_for,
-    ulib,
-    usermode::{self, DATA_START},
-    vm::{self, PTE_FIXED, PTE_P, PTE_W},
+    ensure, fail,
+    mm::framemeta,
+    mm::frames,
+    mm::ptbatch,
+    mm::vm::{self, PTE_FIXED, PTE_P, PTE_W},
+    println,
+    task::sched,
+    task::ulib,
+    task::usermode::{self, DATA_START},
 };
 
 const PAGE: u64 = 4096;

@@ -33,11 +33,13 @@ use oskit_xen_suspend::{
 };
 
 use crate::{
-    apic,
+    arch::apic,
+    arch::gdt::MAX_CPUS,
+    arch::percpu,
+    arch::smp,
     checks::{self, Outcome},
-    ensure, fail,
-    gdt::MAX_CPUS,
-    percpu, println, sched, smp,
+    ensure, fail, println,
+    task::sched,
 };
 
 /// Event-channel ports of the simulated domain (and of the guest's table).

@@ -1,4 +1,8 @@
-//! The in-kernel test runner: named checks, each printed as `check NAME ... ok|FAILED: why`.
+//! The in-kernel test runner: named checks, each printed as `check NAME ... ok|FAILED: why`;
+//! `sched` and `user` hold the checks of the scheduler and of ring 3.
+
+pub mod sched;
+pub mod user;
 
 use core::fmt;
 

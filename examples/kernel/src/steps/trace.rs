@@ -1,5 +1,5 @@
 //! The `trace` check: a ring-3 task per CPU consumes that CPU's trace buffer through the
-//! read-only mapping ([`crate::trace_map`]) with the crate's `MappedReader`, counting events
+//! read-only mapping ([`crate::steps::trace_map`]) with the crate's `MappedReader`, counting events
 //! per step; the counts must match the buffer's counters and the kernel's tally of what each
 //! step logged.
 //!
@@ -10,13 +10,19 @@
 use oskit_ring_buffer::{Error, MappedReader, RawRegion, Stats};
 
 use crate::{
+    arch::gdt::MAX_CPUS,
+    arch::smp,
+    arch::syscall::nr,
     checks::{self, Outcome},
-    ensure, fail, frames,
-    gdt::MAX_CPUS,
-    println, sched, smp,
-    syscall::nr,
+    ensure, fail,
+    mm::frames,
+    mm::vm,
+    println,
+    steps::trace_map,
+    task::sched,
+    task::ulib,
+    task::usermode,
     trace::{self, MAX_STEPS, STEP_NAME},
-    trace_map, ulib, usermode, vm,
 };
 
 /// Where the ring-3 reader maps the buffer.

@@ -1,8 +1,8 @@
 //! The kernel's side of `oskit-pte-batch`'s real x86-64 backend: the physical-memory window
 //! (the boot identity map), frames for a child's new page tables, a TLB flush that counts what
 //! it issues, and a page-table wrapper that observes (and traces) every batch the crate makes.
-//! [`crate::vm`] runs the crate's `Fork` and `Zap` over these for fork and teardown; the folio
-//! metadata side is [`crate::framemeta::Folios`].
+//! [`crate::mm::vm`] runs the crate's `Fork` and `Zap` over these for fork and teardown; the folio
+//! metadata side is [`crate::mm::framemeta::Folios`].
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
@@ -11,7 +11,7 @@ use oskit_pte_batch::{
     x86::{DirectMap, FrameAlloc, NoFrames, NoTlb, TlbFlush, X86PageTables, X86Tlb},
 };
 
-use crate::frames::{self, FRAME_SIZE};
+use crate::mm::frames::{self, FRAME_SIZE};
 
 /// The boot code identity-maps physical `[0, 4 GiB)`, and the frame allocator hands out frames
 /// below 4 GiB only: that is the window every page table is reached through.
