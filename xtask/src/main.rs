@@ -26,7 +26,7 @@ commands:
           build the example kernel, boot it under QEMU (2 vCPUs unless --smp), print its report
   test    the whole suite (what CI runs): host tests, loom, no_std builds,
           fuzz corpora, bench smoke, QEMU boots
-  setup   install QEMU (Debian's qemu-system-x86) and the x86_64-unknown-none target
+  setup   install QEMU, valgrind, trace-cmd, xenstore-utils and the x86_64-unknown-none target (never removes a package)
   fuzz    [TARGET] [--seconds N]   run cargo-fuzz targets (all, briefly, by default)
   bench   [CRATE] [--report]       run the criterion benches (all crates by default);
                                    --report also writes BENCHMARKS.md
