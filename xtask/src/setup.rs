@@ -76,7 +76,9 @@ pub fn setup() -> Result<(), String> {
             install(&[], &["qemu-system-x86"])?;
         }
         if !cmd::have(QEMU) {
-            return Err(format!("{QEMU} still missing after installing qemu-system-x86"));
+            return Err(format!(
+                "{QEMU} still missing after installing qemu-system-x86"
+            ));
         }
     }
     missing.retain(|t| !have(t.program));
@@ -92,9 +94,8 @@ pub fn setup() -> Result<(), String> {
 
 /// Whether `program` is on the PATH (some tools have no `--version`).
 pub fn have(program: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|path| {
-        std::env::split_paths(&path).any(|dir| dir.join(program).is_file())
-    })
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
 }
 
 fn ensure_target() -> Result<(), String> {
@@ -103,7 +104,11 @@ fn ensure_target() -> Result<(), String> {
         .output()
         .map_err(|e| format!("rustc: {e}"))?;
     let sysroot = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    if Path::new(&sysroot).join("lib/rustlib").join(TARGET).exists() {
+    if Path::new(&sysroot)
+        .join("lib/rustlib")
+        .join(TARGET)
+        .exists()
+    {
         return Ok(());
     }
     if !cmd::have("rustup") {

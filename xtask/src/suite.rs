@@ -91,6 +91,50 @@ fn cargo(args: &[&str]) -> Command {
     c
 }
 
+/// Name prefix of the tests that run against a real peer (the live kernel, KVM, a Linux tool).
+/// Such a test that cannot reach its peer prints a line `skipped: <reason>` and returns.
+const PEER_PREFIX: &str = "peer_";
+
+/// Runs a crate's `peer_*` tests one at a time: failed if any fails; skipped (with the reasons)
+/// when every one of them printed `skipped:`; otherwise passed, listing the ones that skipped.
+fn peer_stage(krate: &str, log: &Path) -> Outcome {
+    let mut test = cargo(&[
+        "test",
+        "-p",
+        &package(krate),
+        "--all-features",
+        PEER_PREFIX,
+        "--",
+        "--nocapture",
+        "--test-threads=1",
+    ]);
+    match cmd::run_logged(&mut test, log) {
+        Ok(true) => {}
+        Ok(false) => return Outcome::Failed(format!("`{}` failed", cmd::display(&test))),
+        Err(why) => return Outcome::Failed(why),
+    }
+    let text = fs::read_to_string(log).unwrap_or_default();
+    let ran: usize = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("test result: ok. "))
+        .filter_map(|l| l.split(' ').next()?.parse::<usize>().ok())
+        .sum();
+    let skipped: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.split_once("skipped: ").map(|(_, why)| why))
+        .collect();
+    if ran == 0 {
+        Outcome::Skipped("the crate has no peer_* test".into())
+    } else if skipped.len() >= ran {
+        Outcome::Skipped(skipped.join("; "))
+    } else {
+        for why in &skipped {
+            println!("      (one of {ran} peer tests skipped: {why})");
+        }
+        Outcome::Passed
+    }
+}
+
 /// `cargo xtask test`.
 pub fn test() -> Result<(), String> {
     setup::setup()?;
@@ -99,10 +143,25 @@ pub fn test() -> Result<(), String> {
     let started = Instant::now();
 
     for krate in CRATES {
+        // Tests against a real peer (`peer_*`) run in their own stage below, where a missing
+        // peer is reported as skipped instead of passing.
         suite.command(
             &format!("host tests {}", package(krate)),
-            cargo(&["test", "-p", &package(krate), "--all-features"]),
+            cargo(&[
+                "test",
+                "-p",
+                &package(krate),
+                "--all-features",
+                "--",
+                "--skip",
+                PEER_PREFIX,
+            ]),
         );
+    }
+    for krate in CRATES {
+        suite.stage(&format!("real peers {}", package(krate)), |log| {
+            peer_stage(krate, log)
+        });
     }
     suite.command("host tests xtask", cargo(&["test", "-p", "xtask"]));
 
@@ -119,7 +178,16 @@ pub fn test() -> Result<(), String> {
             });
             continue;
         }
-        let mut loom = cargo(&["test", "-p", &package(krate), "--release", "--test", "loom"]);
+        let mut loom = cargo(&[
+            "test",
+            "-p",
+            &package(krate),
+            "--release",
+            "--features",
+            "loom",
+            "--test",
+            "loom",
+        ]);
         loom.env("RUSTFLAGS", "--cfg loom")
             .env("LOOM_MAX_PREEMPTIONS", "2")
             // Loom needs speed, not symbols: a release build without debuginfo compiles faster.

@@ -35,7 +35,7 @@ fn pin_to_cpu0() -> bool {
 
 #[test]
 #[cfg_attr(miri, ignore = "mmap, ioctl and sched_setaffinity of a real kernel")]
-fn markers_come_back_through_the_mapping() {
+fn peer_markers_come_back_through_the_mapping() {
     let tracefs = match find_tracefs() {
         Some(t) => t,
         None => {
