@@ -132,10 +132,7 @@ fn os_codename() -> Option<String> {
 /// Adds bookworm-backports to apt's sources unless some source already names it, with the
 /// same mirror and keyring as the release's own entry.
 fn ensure_backports() -> Result<(), String> {
-    let mut sources = String::new();
-    for file in ["/etc/apt/sources.list"] {
-        sources += &fs::read_to_string(file).unwrap_or_default();
-    }
+    let mut sources = fs::read_to_string("/etc/apt/sources.list").unwrap_or_default();
     if let Ok(dir) = fs::read_dir("/etc/apt/sources.list.d") {
         for entry in dir.flatten() {
             let name = entry.file_name();

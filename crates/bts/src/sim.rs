@@ -263,7 +263,7 @@ unsafe impl<const P: usize> LockedAlloc for PagePool<P> {
         let offset = (ptr.as_ptr() as usize).wrapping_sub(self.pages.as_ptr() as usize);
         let start = offset / PAGE_SIZE;
         assert!(
-            offset.is_multiple_of(PAGE_SIZE) && start + pages <= P,
+            offset % PAGE_SIZE == 0 && start + pages <= P,
             "free_pages: not from this pool"
         );
         self.locked(|| {

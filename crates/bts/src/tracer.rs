@@ -98,7 +98,7 @@ pub struct Status {
 
 /// The DS area sits at the start of the locked allocation; records follow it.
 pub(crate) const RECORDS_OFFSET: usize = core::mem::size_of::<DsArea>();
-const _: () = assert!(RECORDS_OFFSET.is_multiple_of(core::mem::align_of::<BtsRecord>()));
+const _: () = assert!(RECORDS_OFFSET % (core::mem::align_of::<BtsRecord>()) == 0);
 
 /// Locked pages needed for `records` records plus the DS area, or `None` on overflow.
 pub const fn pages_for(records: usize) -> Option<usize> {

@@ -24,7 +24,7 @@ fn run_branches(
 ) {
     bts.switch_in(cpu, task, 0);
     for i in range {
-        cpu.hw_mut().branch(i, i + 1000, i.is_multiple_of(2));
+        cpu.hw_mut().branch(i, i + 1000, i % 2 == 0);
     }
     bts.switch_out(cpu, 0);
 }
@@ -33,7 +33,7 @@ fn branch(i: u64) -> Record {
     Record::Branch {
         from: i,
         to: i + 1000,
-        predicted: i.is_multiple_of(2),
+        predicted: i % 2 == 0,
     }
 }
 

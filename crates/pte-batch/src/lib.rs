@@ -23,7 +23,7 @@ pub use zap::{Zap, ZapStats};
 
 /// `[start, end)` is page aligned and not reversed.
 fn check_range(start: u64, end: u64) -> Result<(), Error> {
-    if !start.is_multiple_of(PAGE_SIZE) || !end.is_multiple_of(PAGE_SIZE) || start > end {
+    if start % PAGE_SIZE != 0 || end % PAGE_SIZE != 0 || start > end {
         return Err(Error::InvalidRange);
     }
     Ok(())

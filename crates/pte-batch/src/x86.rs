@@ -54,11 +54,11 @@ impl DirectMap {
 // `limit` (and misaligned addresses) are refused.
 unsafe impl PhysWindow for DirectMap {
     fn table(&self, phys: u64) -> Option<NonNull<u64>> {
-        if !phys.is_multiple_of(PAGE_SIZE) || phys.checked_add(PAGE_SIZE)? > self.limit {
+        if phys % PAGE_SIZE != 0 || phys.checked_add(PAGE_SIZE)? > self.limit {
             return None;
         }
         let va = self.offset.checked_add(phys)?;
-        if !va.is_multiple_of(PAGE_SIZE) {
+        if va % PAGE_SIZE != 0 {
             return None;
         }
         // The direct map is an integer offset by nature: take the provenance the kernel exposed
@@ -206,10 +206,10 @@ impl<W: PhysWindow, A: FrameAlloc, T: TlbFlush> X86PageTables<W, A, T> {
     /// The last-level table mapping `addr`, if every upper level is present.
     fn walk(&self, addr: u64) -> Option<u64> {
         let key = addr >> 21;
-        if let Some((k, t)) = self.cache.get()
-            && k == key
-        {
-            return Some(t);
+        if let Some((k, t)) = self.cache.get() {
+            if k == key {
+                return Some(t);
+            }
         }
         let mut table = self.root;
         for level in [3, 2, 1] {

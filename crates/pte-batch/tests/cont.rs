@@ -216,7 +216,7 @@ fn contiguous_backend_batched_equals_reference() {
         let mut pfn = PFN;
         while pfn < PFN + 1024 {
             let mut order = [0u8, 2, 4, 4, 5, 6][rng.below(6) as usize];
-            while !pfn.is_multiple_of(1 << order) {
+            while pfn % (1 << order) != 0 {
                 order -= 1;
             }
             folios.add_folio(pfn, order, rng.below(2) == 0).unwrap();
@@ -240,7 +240,7 @@ fn contiguous_backend_batched_equals_reference() {
                 continue;
             }
             // Aligned runs go in with set_ptes (and may fold), the rest one by one.
-            if i.is_multiple_of(16) && first.is_multiple_of(16) && rng.below(2) == 0 {
+            if i % 16 == 0 && first % 16 == 0 && rng.below(2) == 0 {
                 parent.set_ptes(a(i), Arm64Pte::with_pfn(flags, first), len);
             } else {
                 for k in 0..len {

@@ -283,7 +283,7 @@ fn garbage_tables_never_panic() {
         let mut pfn = BASE_PFN;
         while pfn < BASE_PFN + 512 {
             let mut order = rng.below(10) as u8;
-            while order > 0 && !pfn.is_multiple_of(1 << order) {
+            while order > 0 && pfn % (1 << order) != 0 {
                 order -= 1;
             }
             f.add_folio(pfn, order, rng.chance(50));
@@ -397,13 +397,13 @@ fn rescheduled_copy_equals_uninterrupted_copy() {
             loop {
                 let mut need_resched = || {
                     asked += 1;
-                    asked.is_multiple_of(every)
+                    asked % every == 0
                 };
                 match fork.copy_pte_range(&mut c, &mut p, a, next, &mut need_resched) {
                     Ok(Progress::Done) => break,
                     Ok(Progress::Yield(at)) => {
                         assert!(
-                            at > a || at == a && asked.is_multiple_of(every),
+                            at > a || at == a && asked % every == 0,
                             "seed {seed}: progress"
                         );
                         yields += 1;

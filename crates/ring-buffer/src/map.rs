@@ -90,7 +90,7 @@ impl MapLayout {
     /// (order > 0), when the request is empty, or when it runs past the end.
     pub fn pages(&self, pgoff: usize, len_pages: usize) -> Result<MapPages, Error> {
         let sp = self.subbuf_pages();
-        if self.subbuf_order > 0 && !pgoff.is_multiple_of(sp) {
+        if self.subbuf_order > 0 && pgoff % sp != 0 {
             return Err(Error::InvalidArgument);
         }
         let avail = self

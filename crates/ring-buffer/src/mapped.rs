@@ -293,7 +293,7 @@ fn read_meta<R: MapRegion + ?Sized>(region: &R) -> Result<TraceBufferMeta, Error
     let ok = meta.meta_struct_len as usize >= raw.len()
         && meta.meta_struct_len <= meta.meta_page_size
         && page_size >= PAGE_SIZE
-        && page_size.is_multiple_of(PAGE_SIZE)
+        && page_size % PAGE_SIZE == 0
         && subbuf.is_power_of_two()
         && (PAGE_SIZE..=PAGE_SIZE << MAX_SUBBUF_ORDER).contains(&subbuf)
         && meta.nr_subbufs >= 2

@@ -334,8 +334,15 @@ fn waiter_wakes_at_buffer_percent() {
 
 #[test]
 fn page_pool_backs_a_buffer_without_leaks() {
-    // SAFETY: all-zero bytes are a valid empty `PagePool` (atomics false, zeroed pages).
-    let pool: Box<PagePool<16>> = unsafe { Box::new_zeroed().assume_init() };
+    let layout = std::alloc::Layout::new::<PagePool<16>>();
+    // SAFETY: the layout is not zero-sized (16 pages); all-zero bytes are a valid empty
+    // `PagePool` (atomics false, zeroed pages), and the allocation is the global allocator's
+    // with `PagePool`'s own layout, as `Box::from_raw` needs.
+    let pool: Box<PagePool<16>> = unsafe {
+        let p = std::alloc::alloc_zeroed(layout).cast::<PagePool<16>>();
+        assert!(!p.is_null(), "out of memory");
+        Box::from_raw(p)
+    };
     let clock = ManualClock::new(0);
     {
         let rb = RingBuffer::new(Config::new(2, 3), &*pool, &clock).unwrap();

@@ -176,7 +176,7 @@ fn reset_cpu_from_another_thread_while_the_cpu_writes() {
             while !stop.load(Ordering::Acquire) {
                 let mut r = rb.reserve(cpu, 16).unwrap();
                 r.payload_mut()[..8].copy_from_slice(&i.to_le_bytes());
-                if i.is_multiple_of(3) {
+                if i % 3 == 0 {
                     mailbox.serve(); // an IPI inside the writer
                 }
                 r.commit();

@@ -258,11 +258,11 @@ impl ShutdownHandler {
                 }
             };
             let key = if len == 0 { 0 } else { key[0] };
-            if key != 0
-                && let Err(e) = store.write(txn, SYSRQ_PATH, b"")
-            {
-                let _ = store.end(txn, true);
-                return Err(store_err(e));
+            if key != 0 {
+                if let Err(e) = store.write(txn, SYSRQ_PATH, b"") {
+                    let _ = store.end(txn, true);
+                    return Err(store_err(e));
+                }
             }
             match store.end(txn, false) {
                 Ok(()) => {
@@ -307,11 +307,11 @@ fn read_and_ack<S: XenStore>(
         } else {
             parse_request(&buf[..len.min(buf.len())])
         };
-        if matches!(parsed, Parsed::Request(_))
-            && let Err(e) = store.write(txn, SHUTDOWN_PATH, b"")
-        {
-            let _ = store.end(txn, true);
-            return Err(store_err(e));
+        if matches!(parsed, Parsed::Request(_)) {
+            if let Err(e) = store.write(txn, SHUTDOWN_PATH, b"") {
+                let _ = store.end(txn, true);
+                return Err(store_err(e));
+            }
         }
         // Nothing written for anything else: end without committing.
         let abort = !matches!(parsed, Parsed::Request(_));

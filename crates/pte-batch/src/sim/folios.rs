@@ -100,7 +100,7 @@ impl<'a> SimFolios<'a> {
     /// Returns `None` if the frames are misaligned, outside, or in use.
     pub fn add_folio(&mut self, pfn: u64, order: u8, anon: bool) -> Option<Folio> {
         let nr = 1u64.checked_shl(u32::from(order))?;
-        if !pfn.is_multiple_of(nr) {
+        if pfn % nr != 0 {
             return None;
         }
         let first = self.idx(pfn)?;

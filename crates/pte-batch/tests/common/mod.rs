@@ -226,7 +226,7 @@ pub fn random_world(rng: &mut Rng, tables: usize) -> World {
                 7 => 3 + rng.below(3) as u8,
                 _ => rng.below(10) as u8,
             };
-            while order > 0 && (!pfn.is_multiple_of(1 << order) || pfn + (1 << order) > end) {
+            while order > 0 && (pfn % (1 << order) != 0 || pfn + (1 << order) > end) {
                 order -= 1;
             }
             let anon = !shared && rng.chance(70);
