@@ -11,6 +11,7 @@
 mod budgets;
 mod cmd;
 mod qemu;
+mod release;
 mod report;
 mod setup;
 mod suite;
@@ -32,6 +33,8 @@ commands:
                                    --report also writes BENCHMARKS.md
   budgets                          check the hot paths' instruction budgets (callgrind)
   miri    [CRATE]                  run the crates' tests under Miri (nightly)
+  release                          the release checks of `test` alone: rustdoc, publish
+                                   dry-run, consumer lockfiles, MSRV
 ";
 
 fn main() -> ExitCode {
@@ -48,6 +51,7 @@ fn main() -> ExitCode {
         "bench" => suite::bench(rest),
         "miri" => suite::miri(rest),
         "budgets" => no_args(rest).and_then(|()| suite::budgets()),
+        "release" => no_args(rest).and_then(|()| suite::release_checks()),
         "help" | "--help" | "-h" => {
             print!("{USAGE}");
             Ok(())

@@ -10,7 +10,7 @@ use std::{
 use crate::{
     CRATES, budgets, cmd,
     qemu::{self, Accel, RunOptions},
-    setup,
+    release, setup,
 };
 
 /// How one stage ended.
@@ -247,6 +247,8 @@ pub fn test() -> Result<(), String> {
 
     suite.stage("instruction budgets (callgrind)", budget_stage);
 
+    release_stages(&mut suite);
+
     boot_stages(&mut suite);
 
     println!(
@@ -262,6 +264,40 @@ pub fn test() -> Result<(), String> {
         Ok(())
     } else {
         Err(format!("{} stage(s) failed", suite.failed))
+    }
+}
+
+/// The release checks (`xtask/src/release.rs`), a stage each.
+fn release_stages(suite: &mut Suite) {
+    let checks: [(&str, fn(&Path) -> Result<(), String>); 4] = [
+        ("rustdoc -D warnings (all features)", release::rustdoc),
+        (
+            "cargo publish --dry-run (each crate)",
+            release::publish_dry_run,
+        ),
+        (
+            "consumer lockfiles hold only real dependencies",
+            release::consumer_lockfiles,
+        ),
+        ("MSRV: tests with each crate's rust-version", release::msrv),
+    ];
+    for (name, check) in checks {
+        suite.stage(name, |log| match check(log) {
+            Ok(()) => Outcome::Passed,
+            Err(why) => Outcome::Failed(why),
+        });
+    }
+}
+
+/// `cargo xtask release`: the release checks alone.
+pub fn release_checks() -> Result<(), String> {
+    let mut suite = Suite::new();
+    release_stages(&mut suite);
+    println!("release: {} passed, {} failed", suite.passed, suite.failed);
+    if suite.failed == 0 {
+        Ok(())
+    } else {
+        Err(format!("{} release check(s) failed", suite.failed))
     }
 }
 
