@@ -267,9 +267,12 @@ pub fn test() -> Result<(), String> {
     }
 }
 
+/// A check that writes its log and says why it failed.
+type Check = fn(&Path) -> Result<(), String>;
+
 /// The release checks (`xtask/src/release.rs`), a stage each.
 fn release_stages(suite: &mut Suite) {
-    let checks: [(&str, fn(&Path) -> Result<(), String>); 4] = [
+    let checks: [(&str, Check); 4] = [
         ("rustdoc -D warnings (all features)", release::rustdoc),
         (
             "cargo publish --dry-run (each crate)",
