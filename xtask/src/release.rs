@@ -151,7 +151,7 @@ pub fn msrv(log: &Path) -> Result<(), String> {
 }
 
 /// The features a crate declares, without `default` and the internal `loom`.
-fn features(krate: &str) -> Result<Vec<String>, String> {
+pub fn features(krate: &str) -> Result<Vec<String>, String> {
     let manifest = fs::read_to_string(cmd::root().join("crates").join(krate).join("Cargo.toml"))
         .map_err(|e| e.to_string())?;
     Ok(manifest

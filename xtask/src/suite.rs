@@ -457,6 +457,17 @@ fn fuzz_targets() -> Result<Vec<String>, String> {
         .collect())
 }
 
+/// The nightly toolchain's cargo, through rustup: `cargo +nightly` is a rustup-proxy feature,
+/// and inside `cargo xtask` the `cargo` on the PATH may be the stable toolchain's own binary.
+fn nightly_cargo() -> Command {
+    let mut c = Command::new("rustup");
+    c.args(["run", "nightly", "cargo"])
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("CARGO")
+        .env_remove("RUSTC");
+    c
+}
+
 fn ensure_nightly(component: Option<&str>) -> Result<(), String> {
     let have = Command::new("rustup")
         .args(["run", "nightly", "rustc", "--version"])
@@ -522,9 +533,9 @@ pub fn fuzz(args: &[String]) -> Result<(), String> {
         let scratch = root.join("target/fuzz-corpus").join(target);
         fs::create_dir_all(&scratch).map_err(|e| e.to_string())?;
         println!("fuzz: {target} for {seconds} s");
-        let mut run = Command::new("cargo");
+        let mut run = nightly_cargo();
         run.current_dir(root.join("fuzz"))
-            .args(["+nightly", "fuzz", "run", target])
+            .args(["fuzz", "run", target])
             .arg(&scratch)
             .arg(root.join("fuzz/corpus").join(target))
             .args(["--", &format!("-max_total_time={seconds}")]);
@@ -563,13 +574,12 @@ pub fn bench(args: &[String]) -> Result<(), String> {
 pub fn miri(args: &[String]) -> Result<(), String> {
     ensure_nightly(Some("miri"))?;
     for krate in chosen_crates(args)? {
-        cmd::run(&mut cargo(&[
-            "+nightly",
-            "miri",
-            "test",
-            "-p",
-            &package(krate),
-        ]))?;
+        let mut miri = nightly_cargo();
+        miri.current_dir(cmd::root())
+            .args(["miri", "test", "-p", &package(krate)])
+            .args(["--features", &release::features(krate)?.join(",")])
+            .env("CARGO_TARGET_DIR", cmd::root().join("target/miri"));
+        cmd::run(&mut miri)?;
     }
     Ok(())
 }
