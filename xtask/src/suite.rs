@@ -468,7 +468,7 @@ fn nightly_cargo() -> Command {
     c
 }
 
-fn ensure_nightly(component: Option<&str>) -> Result<(), String> {
+fn ensure_nightly(components: &[&str]) -> Result<(), String> {
     let have = Command::new("rustup")
         .args(["run", "nightly", "rustc", "--version"])
         .output()
@@ -482,14 +482,12 @@ fn ensure_nightly(component: Option<&str>) -> Result<(), String> {
             "minimal",
         ]))?;
     }
-    if let Some(component) = component {
-        cmd::run(Command::new("rustup").args([
-            "component",
-            "add",
-            "--toolchain",
-            "nightly",
-            component,
-        ]))?;
+    if !components.is_empty() {
+        cmd::run(
+            Command::new("rustup")
+                .args(["component", "add", "--toolchain", "nightly"])
+                .args(components),
+        )?;
     }
     Ok(())
 }
@@ -512,7 +510,7 @@ pub fn fuzz(args: &[String]) -> Result<(), String> {
             other => return Err(format!("unknown option `{other}` for fuzz")),
         }
     }
-    ensure_nightly(None)?;
+    ensure_nightly(&[])?;
     if !cmd::have("cargo-fuzz") {
         cmd::run(cmd::cargo().args(["install", "cargo-fuzz", "--locked"]))?;
     }
@@ -572,7 +570,7 @@ pub fn bench(args: &[String]) -> Result<(), String> {
 
 /// `cargo xtask miri [CRATE]`: the crates' tests under Miri.
 pub fn miri(args: &[String]) -> Result<(), String> {
-    ensure_nightly(Some("miri"))?;
+    ensure_nightly(&["miri", "rust-src"])?;
     for krate in chosen_crates(args)? {
         let mut miri = nightly_cargo();
         miri.current_dir(cmd::root())
