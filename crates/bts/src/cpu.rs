@@ -4,9 +4,9 @@ use core::num::NonZeroU32;
 
 use crate::{
     Bts,
+    config::Flags,
     format::Record,
     hal::{AddressSpace, BtsHardware, DeferredWork, LockedAlloc, RecordSink, Signaller, TaskRef},
-    tracer::Flags,
 };
 
 /// One CPU's BTS state: its hardware and the context loaded on it, if any.
