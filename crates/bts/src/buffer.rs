@@ -111,6 +111,18 @@ impl<M> Buffer<M> {
         unsafe { self.ds_ptr().write_volatile(ds) };
         self.records().fill(BtsRecord::default());
     }
+    /// Whether the index has reached the interrupt threshold (read through the untrusted DS
+    /// area; a threshold below the base counts as not reached).
+    pub(crate) fn reached_threshold(&self) -> bool {
+        let ds = self.ds();
+        let base = self.base();
+        ds.bts_interrupt_threshold
+            .checked_sub(base)
+            .is_some_and(|t| {
+                let t = (t / RECORD_SIZE as u64) as usize;
+                crate::view::clamp_index(&ds, base, self.capacity) >= t
+            })
+    }
     /// Stores a software record as the processor would (advance; wrap if circular; dropped
     /// if the buffer is full in interrupt mode). Returns whether it was stored.
     pub(crate) fn push(&mut self, record: BtsRecord, circular: bool) -> bool {

@@ -6,7 +6,8 @@
 pub struct Flags(pub u32);
 
 impl Flags {
-    /// Record branches.
+    /// Record branches taken at CPL > 0 (user mode); kernel branches only with
+    /// [`KERNEL`](Flags::KERNEL).
     pub const TRACE: Flags = Flags(0x1);
     /// Record "task arrives/departs" timestamps at context switches.
     pub const SCHED: Flags = Flags(0x2);
@@ -18,11 +19,17 @@ impl Flags {
     /// On overflow, drain the buffer into the [`RecordSink`](crate::hal::RecordSink) given to
     /// the threshold-interrupt handler, instead of wrapping around.
     pub const INTERRUPT: Flags = Flags(0x10);
-    /// Do not record branches taken at CPL 0 (DEBUGCTL.BTS_OFF_OS).
+    /// Do not record branches taken at CPL 0 (DEBUGCTL.BTS_OFF_OS). This is the default;
+    /// the flag is kept for callers that spell it out, and conflicts with
+    /// [`KERNEL`](Flags::KERNEL).
     pub const NO_KERNEL: Flags = Flags(0x20);
     /// Do not record branches taken at CPL > 0 (DEBUGCTL.BTS_OFF_USR).
     pub const NO_USER: Flags = Flags(0x40);
-    pub(crate) const ALL: u32 = 0x7f;
+    /// Also record branches taken at CPL 0 (clears DEBUGCTL.BTS_OFF_OS): kernel addresses
+    /// then reach whoever reads the trace, so only for a tracer allowed to see them (the
+    /// kernel itself, a privileged debugger). Linux's ptrace BTS recorded user branches only.
+    pub const KERNEL: Flags = Flags(0x80);
+    pub(crate) const ALL: u32 = 0xff;
 
     /// No flag.
     pub const fn empty() -> Self {

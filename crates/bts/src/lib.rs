@@ -4,6 +4,7 @@
 mod buffer;
 mod config;
 mod cpu;
+mod cpu_cell;
 pub mod error;
 pub mod format;
 pub mod hal;
@@ -17,7 +18,8 @@ pub mod x86;
 
 pub use buffer::pages_for;
 pub use config::{Config, Flags, Status};
-pub use cpu::{BtsCpu, Overflow};
+pub use cpu::{BtsCpu, Overflow, Pmi};
+pub use cpu_cell::{CpuCell, CpuGuard};
 pub use error::Error;
 pub use format::Record;
 pub use tracer::{Bts, CpuTracingClaim};

@@ -61,7 +61,7 @@ impl<T, M> Inner<T, M> {
         if !self.flags.circular() {
             bits |= DebugCtl::BTINT;
         }
-        if self.flags.contains(Flags::NO_KERNEL) {
+        if !self.flags.contains(Flags::KERNEL) || self.flags.contains(Flags::NO_KERNEL) {
             bits |= DebugCtl::BTS_OFF_OS;
         }
         if self.flags.contains(Flags::NO_USER) {

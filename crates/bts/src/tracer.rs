@@ -34,7 +34,13 @@ pub struct Bts<T: TaskRef, M: AddressSpace, A: LockedAlloc, W: DeferredWork, con
     tracers: AtomicU32,
     pub(crate) alloc: A,
     pub(crate) work: W,
+    /// This tracer's identity for the [`BtsCpu`](crate::BtsCpu)s it binds (0 = not yet
+    /// given; a process-wide counter, not the address, so moving the tracer keeps it).
+    id: core::sync::atomic::AtomicUsize,
 }
+
+/// The next tracer identity (not loom's: identities are not part of any model).
+static NEXT_ID: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(1);
 
 // SAFETY: a slot's `Inner` (holding `T`s, `M`s and buffer pointers) is only touched by the one
 // party holding the slot, which may be any thread: so `T` and `M` must be `Send`. `A` and `W`
@@ -88,6 +94,7 @@ where
             tracers: AtomicU32::new(0),
             alloc,
             work,
+            id: core::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -101,12 +108,27 @@ where
             tracers: AtomicU32::new(0),
             alloc,
             work,
+            id: core::sync::atomic::AtomicUsize::new(0),
         }
     }
 
     /// The allocator.
     pub fn allocator(&self) -> &A {
         &self.alloc
+    }
+
+    /// This tracer's identity, given on first use.
+    pub(crate) fn id(&self) -> usize {
+        use core::sync::atomic::Ordering::Relaxed;
+        let id = self.id.load(Relaxed);
+        if id != 0 {
+            return id;
+        }
+        let fresh = NEXT_ID.fetch_add(1, Relaxed);
+        match self.id.compare_exchange(0, fresh, Relaxed, Relaxed) {
+            Ok(_) => fresh,
+            Err(other) => other,
+        }
     }
 
     /// Finds and holds the live context of `pid`. `Ok(None)` if there is none.
@@ -209,7 +231,9 @@ where
     }
 
     fn configure(&self, c: &mut Inner<T, M>, space: &M, cfg: Config) -> Result<(), Error> {
-        if cfg.flags.contains(Flags::SIGNAL) && cfg.signal == 0 {
+        if cfg.flags.contains(Flags::SIGNAL) && cfg.signal == 0
+            || cfg.flags.contains(Flags::KERNEL | Flags::NO_KERNEL)
+        {
             return Err(Error::InvalidArgument);
         }
         self.release_tracer(c);

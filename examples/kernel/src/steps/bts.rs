@@ -14,7 +14,11 @@
 //! - when the software CPU reaches the threshold it "delivers the PMI": the kernel sends itself
 //!   an interrupt at [`PMI_VECTOR`], whose handler calls `threshold_interrupt`, which drains
 //!   the records oldest first into a `RecordSink` that writes each to the trace buffer
-//!   (`trace!("bts", "from=.. to=..")`) and compares it with the branch the task made;
+//!   (`trace!("bts", "from=.. to=..")`) and compares it with the branch the task made; an
+//!   overflow found at a switch (the PMI raised just before the task moved, or SCHED records
+//!   reaching the threshold) is drained the same way by the switch hook, and the PMI that
+//!   follows is `Late` (the crate re-arms the LVT in both cases; a PMI it does not claim
+//!   fails the check);
 //! - the tracer drains the rest, then untraces the task with interrupts off: the crate only
 //!   unlinks and schedules, and the deferred teardown runs later on the kernel work queue, in
 //!   `kworker`, which frees the buffer's frames and refunds the locked pages.
@@ -26,7 +30,7 @@ use core::{
 };
 
 use oskit_bts::{
-    Bts, BtsCpu, Config, Error as BtsError, Flags, Record,
+    Bts, BtsCpu, Config, Error as BtsError, Flags, Overflow, Pmi, Record,
     hal::{AddressSpace, BtsHardware, DeferredWork, LockedAlloc, RecordSink, Signaller, TaskRef},
     sim::{SoftCpu, Store},
     x86::{Cpu, LvtPmi},
@@ -223,12 +227,15 @@ static SCHED_DRAINED: AtomicUsize = AtomicUsize::new(0);
 static INVALID: AtomicUsize = AtomicUsize::new(0);
 /// SCHED records the hooks were expected to write (one per switch-in and switch-out).
 static SCHED_EXPECTED: AtomicUsize = AtomicUsize::new(0);
-/// Threshold interrupts that drained, records they drained, truncated, buffer-full reports,
-/// and PMIs no loaded context claimed.
+/// Overflows handled (by the threshold interrupt or by a switch hook), records they drained,
+/// truncated, buffer-full reports; PMIs that came after their overflow was handled at a
+/// switch-out (late), and PMIs the crate did not claim (there should be none: BTS is the
+/// kernel's only PMI source, and the crate re-arms the LVT itself).
 static DRAINS: AtomicUsize = AtomicUsize::new(0);
 static PMI_DRAINED: AtomicUsize = AtomicUsize::new(0);
 static TRUNCATED: AtomicUsize = AtomicUsize::new(0);
 static FULL_REPORTS: AtomicUsize = AtomicUsize::new(0);
+static LATE: AtomicUsize = AtomicUsize::new(0);
 static SPURIOUS: AtomicUsize = AtomicUsize::new(0);
 /// PMIs sent.
 static PMIS: AtomicUsize = AtomicUsize::new(0);
@@ -278,34 +285,53 @@ const SOFT_SUPPORT: oskit_bts::hal::BtsSupport = oskit_bts::hal::BtsSupport {
     bts_enabled: true,
 };
 
-/// The PMI handler: the crate's overflow handler on this CPU's software BTS unit.
+/// Accounts an overflow the crate handled (in the PMI or in a switch hook).
+fn account(o: Overflow, cpu: usize, by: &str) {
+    DRAINS.fetch_add(1, Ordering::Relaxed);
+    PMI_DRAINED.fetch_add(o.drained, Ordering::Relaxed);
+    TRUNCATED.fetch_add(o.truncated, Ordering::Relaxed);
+    FULL_REPORTS.fetch_add(usize::from(o.full), Ordering::Relaxed);
+    crate::trace!(
+        "bts",
+        "overflow handled by the {by} on cpu {cpu}: {} drained, {} truncated{}",
+        o.drained,
+        o.truncated,
+        if o.full { ", buffer was full" } else { "" }
+    );
+}
+
+/// The PMI handler: the crate's overflow handler on this CPU's software BTS unit. The crate
+/// re-arms the LVT for every BTS interrupt (`Overflow`, `Late`); nothing else here uses the
+/// PMI, so `NotBts` is only counted.
 fn on_pmi(_frame: &mut TrapFrame) -> Handled {
     apic::eoi();
     let cpu = percpu::cpu_id();
     let mut soft = SOFT[cpu].lock();
     soft.hw_mut().take_interrupt();
     match BTS.threshold_interrupt(&mut soft, &mut TraceSink, &mut NoSignals) {
-        Some(o) => {
-            DRAINS.fetch_add(1, Ordering::Relaxed);
-            PMI_DRAINED.fetch_add(o.drained, Ordering::Relaxed);
-            TRUNCATED.fetch_add(o.truncated, Ordering::Relaxed);
-            FULL_REPORTS.fetch_add(usize::from(o.full), Ordering::Relaxed);
-            crate::trace!(
-                "bts",
-                "threshold interrupt on cpu {cpu}: {} drained, {} truncated{}",
-                o.drained,
-                o.truncated,
-                if o.full { ", buffer was full" } else { "" }
-            );
+        Ok(Pmi::Overflow(o)) => account(o, cpu, "threshold interrupt"),
+        Ok(Pmi::Late) => {
+            LATE.fetch_add(1, Ordering::Relaxed);
+            crate::trace!("bts", "late PMI on cpu {cpu}: handled at the switch-out");
         }
-        None => {
-            // The kernel's only PMI user is BTS: re-arm the LVT the CPU masked.
+        Ok(Pmi::NotBts | Pmi::Deferred) | Err(_) => {
             SPURIOUS.fetch_add(1, Ordering::Relaxed);
-            soft.hw_mut().rearm_threshold_interrupt();
-            crate::trace!("bts", "PMI on cpu {cpu} with no context at its threshold");
+            crate::trace!("bts", "PMI on cpu {cpu} not claimed by the tracer");
         }
     }
     Handled::Yes
+}
+
+/// Runs a switch hook's result through the accounting (the CPUs are this tracer's only).
+fn hook(r: Result<Option<Overflow>, BtsError>, cpu: usize) {
+    match r {
+        Ok(Some(o)) => account(o, cpu, "switch hook"),
+        Ok(None) => {}
+        Err(e) => {
+            SPURIOUS.fetch_add(1, Ordering::Relaxed);
+            crate::trace!("bts", "switch hook on cpu {cpu}: {e:?}");
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -403,11 +429,19 @@ fn traced_task(_: u64) -> i64 {
             // The task moved: run the hooks the scheduler would have run at the switch.
             let now = apic::now_us();
             if let Some(old) = loaded_on {
-                BTS.switch_out(&mut SOFT[old].lock(), now);
+                let r = BTS.switch_out(&mut SOFT[old].lock(), now, &mut TraceSink, &mut NoSignals);
+                hook(r, old);
                 SCHED_EXPECTED.fetch_add(1, Ordering::Relaxed);
                 MOVES.fetch_add(1, Ordering::Relaxed);
             }
-            BTS.switch_in(&mut SOFT[cpu].lock(), &me, now);
+            let r = BTS.switch_in(
+                &mut SOFT[cpu].lock(),
+                &me,
+                now,
+                &mut TraceSink,
+                &mut NoSignals,
+            );
+            hook(r, cpu);
             SCHED_EXPECTED.fetch_add(1, Ordering::Relaxed);
             loaded_on = Some(cpu);
         }
@@ -447,7 +481,13 @@ fn traced_task(_: u64) -> i64 {
     // Switch-out for good: the task stops running traced code.
     let irq = spin::irq_save();
     if let Some(old) = loaded_on {
-        BTS.switch_out(&mut SOFT[old].lock(), apic::now_us());
+        let r = BTS.switch_out(
+            &mut SOFT[old].lock(),
+            apic::now_us(),
+            &mut TraceSink,
+            &mut NoSignals,
+        );
+        hook(r, old);
         SCHED_EXPECTED.fetch_add(1, Ordering::Relaxed);
     }
     spin::irq_restore(irq);
@@ -474,6 +514,7 @@ fn reset_counters() {
         &PMI_DRAINED,
         &TRUNCATED,
         &FULL_REPORTS,
+        &LATE,
         &SPURIOUS,
         &PMIS,
         &MOVES,
@@ -575,7 +616,8 @@ fn soft_bts() -> Outcome {
     let account = Account::new();
     let cfg = Config {
         size: CAPACITY * core::mem::size_of::<oskit_bts::format::BtsRecord>(),
-        flags: Flags::TRACE | Flags::ALLOC | Flags::INTERRUPT | Flags::SCHED,
+        // The task runs kernel code (CPL 0): recorded only with KERNEL.
+        flags: Flags::TRACE | Flags::KERNEL | Flags::ALLOC | Flags::INTERRUPT | Flags::SCHED,
         signal: 0,
     };
     let configured = BTS.config(&traced, &account, cfg);
@@ -662,6 +704,11 @@ fn soft_bts() -> Outcome {
         SCHED_EXPECTED.load(Ordering::Relaxed)
     );
     ensure!(
+        SPURIOUS.load(Ordering::Relaxed) == 0,
+        "{} PMIs or hook calls the tracer did not claim",
+        SPURIOUS.load(Ordering::Relaxed)
+    );
+    ensure!(
         INVALID.load(Ordering::Relaxed) == 0 && SIGNALS.load(Ordering::Relaxed) == 0,
         "{} invalid records, {} signals",
         INVALID.load(Ordering::Relaxed),
@@ -670,10 +717,11 @@ fn soft_bts() -> Outcome {
     let lost = full + truncated;
     println!(
         "  {generated} branches of the region, {stored} stored: {} records drained ({by_pmi} by \
-         {drains} threshold interrupts of {} PMIs, {final_drain} by the tracer) = {drained} \
+         {drains} overflows ({} PMIs, {} late), {final_drain} by the tracer) = {drained} \
          branches in order + {sched_records} SCHED records; {lost} lost; {} moves between CPUs",
         by_pmi + final_drain,
         PMIS.load(Ordering::Relaxed),
+        LATE.load(Ordering::Relaxed),
         MOVES.load(Ordering::Relaxed)
     );
     println!(
@@ -696,7 +744,8 @@ fn real_bts(mut hw: Cpu) -> Outcome {
     let account = Account::new();
     let cfg = Config {
         size: CAPACITY * core::mem::size_of::<oskit_bts::format::BtsRecord>(),
-        flags: Flags::TRACE | Flags::ALLOC,
+        // The traced region is kernel code: recorded only with KERNEL.
+        flags: Flags::TRACE | Flags::KERNEL | Flags::ALLOC,
         signal: 0,
     };
     let configured = BTS.config(&me, &account, cfg);
@@ -707,12 +756,21 @@ fn real_bts(mut hw: Cpu) -> Outcome {
     // Interrupts off: the task stays on this CPU, whose registers `hw` programs.
     let irq = spin::irq_save();
     let mut cpu = BtsCpu::new(&mut hw);
-    BTS.switch_in(&mut cpu, &me, apic::now_us());
+    let sw_in = BTS.switch_in(
+        &mut cpu,
+        &me,
+        apic::now_us(),
+        &mut TraceSink,
+        &mut NoSignals,
+    );
     for _ in 0..4 {
         core::hint::black_box(region_step());
     }
-    BTS.switch_out(&mut cpu, apic::now_us());
+    let sw_out = BTS.switch_out(&mut cpu, apic::now_us(), &mut TraceSink, &mut NoSignals);
     spin::irq_restore(irq);
+    if let Err(e) = sw_in.and(sw_out) {
+        fail!("switch hooks: {e:?}");
+    }
     let mut out = [Record::Invalid; CAPACITY];
     let n = match BTS.drain(&me, &mut out) {
         Ok(n) => n,
