@@ -34,8 +34,9 @@ use crate::{
 /// IA32_DS_AREA value to give back when that context leaves.
 ///
 /// Keep one per CPU and only use it on that CPU with interrupts disabled (the switch hooks)
-/// or from its threshold interrupt. The first [`Bts::switch_in`] binds it to that tracer; any
-/// other tracer's hooks get [`Error::ForeignCpu`] and change nothing. With the PMI delivered
+/// or from its threshold interrupt. The first tracer that loads a context on it (in
+/// [`Bts::switch_in`]) binds it for good; any other tracer's hooks then get
+/// [`Error::ForeignCpu`] and change nothing. With the PMI delivered
 /// as an NMI, keep it in a [`CpuCell`](crate::CpuCell) (see [`Bts::nmi`]).
 #[derive(Debug)]
 pub struct BtsCpu<H> {
@@ -140,10 +141,10 @@ impl<H: BtsHardware> BtsCpu<H> {
         self.missed
     }
 
-    fn disable(&mut self) {
-        let off = self.hw.debugctl().with_bts(0);
+    /// Turns BTS off, `was` being IA32_DEBUGCTL as just read (one MSR read, not two).
+    fn disable(&mut self, was: DebugCtl) {
         // SAFETY: disabling BTS has no memory requirement.
-        unsafe { self.hw.set_debugctl(off) };
+        unsafe { self.hw.set_debugctl(was.with_bts(0)) };
     }
 
     /// `Late` (re-arming the LVT) if a switch-out handled a signalled overflow since the last
@@ -162,14 +163,25 @@ impl<H: BtsHardware> BtsCpu<H> {
 /// drains the trace into `sink` and empties it, with `SIGNAL` signals the task (and, without
 /// `INTERRUPT`, pauses tracing until the tracer drains or clears). `None` if there is none:
 /// circular, no buffer, below the threshold, or already handled (paused).
+#[inline(always)]
 fn handle_overflow<T: TaskRef, M>(
     c: &mut Inner<T, M>,
     sink: &mut impl RecordSink,
     signaller: &mut impl Signaller<T>,
 ) -> Option<Overflow> {
+    // The context switch of a circular trace stops here.
     if !c.tracer || c.paused || c.flags.circular() {
         return None;
     }
+    handle_threshold(c, sink, signaller)
+}
+
+/// `handle_overflow` past its quick checks.
+fn handle_threshold<T: TaskRef, M>(
+    c: &mut Inner<T, M>,
+    sink: &mut impl RecordSink,
+    signaller: &mut impl Signaller<T>,
+) -> Option<Overflow> {
     let b = c.buffer.as_mut()?;
     if !b.reached_threshold() {
         return None;
@@ -199,7 +211,8 @@ fn handle_overflow<T: TaskRef, M>(
     Some(report)
 }
 
-/// Writes a SCHED record for `pid` into `c`'s buffer if it asks for them.
+/// Writes a SCHED record into `c`'s buffer if it asks for them.
+#[inline(always)]
 fn sched_record<T, M>(c: &mut Inner<T, M>, record: Record) {
     if !c.tracer || !c.flags.contains(Flags::SCHED) {
         return;
@@ -254,7 +267,7 @@ where
             return Ok(None);
         };
         let was = cpu.hw.debugctl();
-        cpu.disable();
+        cpu.disable(was);
         if let Some(previous) = cpu.saved_ds.take() {
             // SAFETY: BTS is off on this CPU; the value is the one the kernel had before our
             // `switch_in`, which the kernel's own DS area user keeps valid.
@@ -289,7 +302,7 @@ where
     /// If `next` is traced: writes an "arrives" record with `SCHED`, handles an overflow if
     /// that record reached the threshold, saves IA32_DS_AREA and loads the context's DS area
     /// there, sets its BTS bits in IA32_DEBUGCTL, and keeps the context (operations on it get
-    /// `Busy`) until switch-out. Returns the overflow handled, if any. The first call binds
+    /// `Busy`) until switch-out. Returns the overflow handled, if any. Loading a context binds
     /// `cpu` to this tracer.
     ///
     /// Calling context: as [`switch_out`](Bts::switch_out).
@@ -305,7 +318,6 @@ where
         signaller: &mut impl Signaller<T>,
     ) -> Result<Option<Overflow>, Error> {
         self.check_owner(cpu)?;
-        cpu.owner = self.id();
         let out = if cpu.loaded.is_some() {
             self.switch_out(cpu, timestamp, sink, signaller)?
         } else {
@@ -344,6 +356,7 @@ where
             return Ok(report);
         };
         cpu.loaded = Some(i);
+        cpu.owner = self.id();
         if bits != 0 {
             cpu.saved_ds = Some(cpu.hw.ds_area());
             let value = cpu.hw.debugctl().with_bts(bits);
@@ -386,7 +399,7 @@ where
         };
         let before = cpu.hw.debugctl();
         // Stop storing while we read the buffer (our own branches would land in it).
-        cpu.disable();
+        cpu.disable(before);
         // SAFETY: the CPU holds slot `i` (loaded), and this handler runs on that CPU.
         let handled = unsafe {
             self.slots[i]
