@@ -200,7 +200,11 @@ impl<W: DeferredWork + ?Sized> DeferredWork for &W {
     }
 }
 
-/// Where the threshold-interrupt handler drains records (for example a trace ring buffer).
+/// Where an overflow is drained (for example a trace ring buffer).
+///
+/// Called by the threshold-interrupt handler and by the context-switch hooks, with interrupts
+/// off on the CPU that overflowed; with NMI delivery from NMI context too. So it must not
+/// block, allocate or take a lock the interrupted code may hold (a lock-free per-CPU buffer).
 pub trait RecordSink {
     /// Takes one record (oldest first); `false` if it was dropped (the sink is full).
     fn push(&mut self, pid: u32, record: Record) -> bool;
@@ -213,8 +217,13 @@ impl<S: RecordSink + ?Sized> RecordSink for &mut S {
 }
 
 /// Sends the overflow signal of a context configured with `SIGNAL`.
+///
+/// Called where [`RecordSink`] is (the threshold interrupt, the switch hooks with the
+/// scheduler's locks held, NMI with NMI delivery): it must only queue the signal, without
+/// blocking or taking the scheduler's or any other lock the interrupted code may hold (for
+/// example set a pending bit and raise an irq-work that delivers it).
 pub trait Signaller<T> {
-    /// Queues `signal` to `task` (from interrupt context: must not block).
+    /// Queues `signal` to `task` (interrupts off, possibly NMI: must not block or lock).
     fn signal(&mut self, task: &T, signal: NonZeroU32);
 }
 
