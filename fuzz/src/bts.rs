@@ -10,7 +10,7 @@ use std::{
 };
 
 use oskit_bts::{
-    Bts, BtsCpu, Config, Error, Flags, Record,
+    Bts, BtsCpu, Config, Error, Flags, Pmi, Record,
     format::{BtsRecord, DsArea, RECORD_SIZE},
     hal::{
         AddressSpace, BtsHardware, DebugCtl, DeferredWork, LockedAlloc, PAGE_SIZE, RecordSink,
@@ -181,7 +181,7 @@ pub fn ops(data: &[u8]) {
         match op % 12 {
             0 => {
                 let size = usize::from(next().unwrap_or(0)) * 16 + usize::from(next().unwrap_or(0));
-                let flags = Flags(u32::from(next().unwrap_or(0)) & 0x7f);
+                let flags = Flags(u32::from(next().unwrap_or(0)));
                 let signal = u32::from(arg >> 4) % 3;
                 let space = &spaces[(arg as usize >> 2) % 2];
                 let r = bts.config(
@@ -246,12 +246,16 @@ pub fn ops(data: &[u8]) {
                 {
                     continue; // that task runs elsewhere
                 }
-                bts.switch_in(&mut cpus[c], task, clock);
+                let mut sink = Sink(usize::from(arg));
+                bts.switch_in(&mut cpus[c], task, clock, &mut sink, &mut Signals)
+                    .expect("the CPU is this tracer's");
                 running[c] = Some(t);
             }
             6 => {
                 let c = (arg as usize) % CPUS;
-                bts.switch_out(&mut cpus[c], clock);
+                let mut sink = Sink(usize::from(arg));
+                bts.switch_out(&mut cpus[c], clock, &mut sink, &mut Signals)
+                    .expect("the CPU is this tracer's");
                 running[c] = None;
             }
             7 | 8 => {
@@ -263,8 +267,12 @@ pub fn ops(data: &[u8]) {
                     let s = cpus[c].hw_mut().branch(from, from + 0x100, i % 3 == 0);
                     assert_ne!(s, Store::Fault, "the tracer programmed a bad DS area");
                     if s == Store::Interrupt {
+                        assert!(cpus[c].hw_mut().take_interrupt());
                         let mut sink = Sink(usize::from(arg));
-                        bts.threshold_interrupt(&mut cpus[c], &mut sink, &mut Signals);
+                        let pmi = bts.threshold_interrupt(&mut cpus[c], &mut sink, &mut Signals);
+                        // The interrupt was raised by the loaded context: it is handled.
+                        assert!(matches!(pmi, Ok(Pmi::Overflow(_))), "{pmi:?}");
+                        assert!(!cpus[c].hw().interrupt_masked(), "LVT left masked");
                     }
                 }
             }
@@ -286,7 +294,8 @@ pub fn ops(data: &[u8]) {
                 _ => {
                     let c = (arg as usize >> 2) % CPUS;
                     let mut sink = Sink(usize::from(arg));
-                    let _ = bts.threshold_interrupt(&mut cpus[c], &mut sink, &mut Signals);
+                    let pmi = bts.threshold_interrupt(&mut cpus[c], &mut sink, &mut Signals);
+                    assert!(pmi.is_ok(), "{pmi:?}");
                 }
             },
         }
@@ -300,7 +309,8 @@ pub fn ops(data: &[u8]) {
 
     drop(claim);
     for cpu in &mut cpus {
-        bts.switch_out(cpu, clock);
+        bts.switch_out(cpu, clock, &mut Sink(0), &mut Signals)
+            .expect("the CPU is this tracer's");
     }
     for task in &tasks {
         let _ = bts.untrace(task);

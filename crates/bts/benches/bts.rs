@@ -8,7 +8,7 @@ use oskit_bts::{Bts, BtsCpu, Config, Flags, Record, format::RECORD_SIZE, sim::So
 
 mod support;
 
-use support::{Alloc, RECORDS, Space, Task, Tracer, Work, fill, traced};
+use support::{Alloc, Ignore, RECORDS, Space, Task, Tracer, Work, fill, traced};
 
 fn drain(c: &mut Criterion) {
     let mut g = c.benchmark_group("drain_65536");
@@ -51,8 +51,10 @@ fn switch(c: &mut Criterion) {
     let other = Task(2);
     g.bench_function("oskit-no-contexts", |b| {
         b.iter(|| {
-            bts.switch_out(&mut cpu, 0);
-            bts.switch_in(&mut cpu, black_box(&other), 0);
+            bts.switch_out(&mut cpu, 0, &mut Ignore, &mut Ignore)
+                .unwrap();
+            bts.switch_in(&mut cpu, black_box(&other), 0, &mut Ignore, &mut Ignore)
+                .unwrap();
         })
     });
     for (name, flags) in [
@@ -79,17 +81,22 @@ fn switch(c: &mut Criterion) {
         let mut cpu = BtsCpu::new(SoftCpu::default());
         g.bench_function(format!("oskit-{name}"), |b| {
             b.iter(|| {
-                bts.switch_out(&mut cpu, 1);
-                bts.switch_in(&mut cpu, black_box(&task), 2);
+                bts.switch_out(&mut cpu, 1, &mut Ignore, &mut Ignore)
+                    .unwrap();
+                bts.switch_in(&mut cpu, black_box(&task), 2, &mut Ignore, &mut Ignore)
+                    .unwrap();
             })
         });
         g.bench_function(format!("oskit-untraced-task-{name}-table"), |b| {
             b.iter(|| {
-                bts.switch_out(&mut cpu, 1);
-                bts.switch_in(&mut cpu, black_box(&other), 2);
+                bts.switch_out(&mut cpu, 1, &mut Ignore, &mut Ignore)
+                    .unwrap();
+                bts.switch_in(&mut cpu, black_box(&other), 2, &mut Ignore, &mut Ignore)
+                    .unwrap();
             })
         });
-        bts.switch_out(&mut cpu, 3);
+        bts.switch_out(&mut cpu, 3, &mut Ignore, &mut Ignore)
+            .unwrap();
     }
     g.finish();
 }

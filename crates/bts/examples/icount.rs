@@ -6,8 +6,8 @@ mod support;
 
 use std::hint::black_box;
 
-use oskit_bts::Flags;
-use support::{RECORDS, Task, Tracer, fill, traced};
+use oskit_bts::{BtsCpu, Flags, sim::SoftCpu};
+use support::{Ignore, RECORDS, Task, Tracer, fill, traced};
 
 /// `read(index)` of a record in a wrapped 65,536-record buffer, `iters` times.
 #[unsafe(no_mangle)]
@@ -15,6 +15,23 @@ use support::{RECORDS, Task, Tracer, fill, traced};
 pub extern "C" fn icount_read_record(bts: &Tracer, task: &Task, iters: u64) {
     for i in 0..iters {
         black_box(bts.read(task, black_box(i as usize % 64)).ok());
+    }
+}
+
+/// A context switch away from and back to a traced task (TRACE | SCHED, circular): the
+/// switch-out then switch-in hooks, `iters` times.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn icount_switch_traced_sched(
+    bts: &Tracer,
+    task: &Task,
+    cpu: &mut BtsCpu<SoftCpu>,
+    iters: u64,
+) {
+    for i in 0..iters {
+        // The results stay unread, as in a scheduler of circular traces (they never overflow).
+        let _ = bts.switch_out(cpu, i, &mut Ignore, &mut Ignore);
+        let _ = bts.switch_in(cpu, black_box(task), i, &mut Ignore, &mut Ignore);
     }
 }
 
@@ -32,6 +49,10 @@ fn main() {
             let (bts, task, mut cpu) = traced(Flags::TRACE, RECORDS);
             fill(&bts, &task, &mut cpu, RECORDS + 100);
             icount_read_record(&bts, &task, iters);
+        }
+        "switch_traced_sched" => {
+            let (bts, task, mut cpu) = traced(Flags::TRACE | Flags::SCHED, 1024);
+            icount_switch_traced_sched(&bts, &task, &mut cpu, iters);
         }
         other => panic!("unknown probe {other}"),
     }

@@ -18,6 +18,9 @@ pub enum Error {
     /// The context is in use: the traced task is running on a CPU with tracing loaded, or
     /// another operation holds it (`EBUSY`). Stop the task and retry.
     Busy,
+    /// A switch hook or the threshold interrupt was given a [`BtsCpu`](crate::BtsCpu) bound
+    /// to another tracer; nothing was changed (`EINVAL`).
+    ForeignCpu,
 }
 
 impl Error {
@@ -29,6 +32,7 @@ impl Error {
             Error::NoMemory => 12,
             Error::PermissionDenied => 1,
             Error::Busy => 16,
+            Error::ForeignCpu => 22,
         }
     }
 }
@@ -41,6 +45,7 @@ impl core::fmt::Display for Error {
             Error::NoMemory => "out of locked memory",
             Error::PermissionDenied => "per-task and per-cpu branch tracing conflict",
             Error::Busy => "branch tracing context busy",
+            Error::ForeignCpu => "cpu state bound to another branch tracer",
         })
     }
 }

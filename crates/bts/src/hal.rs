@@ -65,7 +65,9 @@ impl DebugCtl {
 /// One CPU's Branch Trace Store controls.
 ///
 /// The tracer keeps one per CPU inside a [`BtsCpu`](crate::BtsCpu) and only calls it on that
-/// CPU, with interrupts disabled (context switch) or from the threshold interrupt.
+/// CPU, with interrupts disabled (context switch) or from the threshold interrupt (an NMI
+/// with NMI delivery: then every method must be NMI-safe, as MSR and APIC register accesses
+/// are).
 pub trait BtsHardware {
     /// Reports what this CPU supports (CPUID.01H and IA32_MISC_ENABLE).
     fn probe(&self) -> BtsSupport;
@@ -92,7 +94,10 @@ pub trait BtsHardware {
     unsafe fn set_ds_area(&mut self, linear: u64);
 
     /// Re-arms the threshold interrupt (the local APIC masks its performance-monitoring LVT
-    /// entry when it delivers the interrupt); called at the end of the overflow handler.
+    /// entry when it delivers the interrupt): writes the entry unmasked with the kernel's
+    /// delivery mode. Called by the overflow handler and by a switch-out that handled an
+    /// overflow the processor had signalled; with NMI delivery, from NMI context (so: one
+    /// register write, no lock).
     fn rearm_threshold_interrupt(&mut self);
 }
 
@@ -148,6 +153,14 @@ pub const PAGE_SIZE: usize = 4096;
 /// [`PAGE_SIZE`], valid for reads and writes of `pages * PAGE_SIZE` bytes, not used by
 /// anyone else, and stay so (mapped at the same linear address) until it is passed back to
 /// [`free_pages`](Self::free_pages) with the same `pages`.
+///
+/// The processor reads the DS area and stores records through linear addresses, with
+/// whatever page tables are current when the traced task branches. So the pages must be
+/// mapped, present and writable at that same address in **every address space the task runs
+/// in**: with split user/kernel page tables (page-table isolation), in the user half's tables
+/// too (kernel-only, i.e. supervisor pages, so the task cannot read or write them), as Linux
+/// maps its per-CPU DS areas into the user page tables. A page missing there makes the
+/// processor fault on its own store.
 pub unsafe trait LockedAlloc {
     /// Allocates `pages` (> 0) contiguous locked pages, or `None`.
     fn alloc_pages(&self, pages: usize) -> Option<NonNull<u8>>;
@@ -187,7 +200,11 @@ impl<W: DeferredWork + ?Sized> DeferredWork for &W {
     }
 }
 
-/// Where the threshold-interrupt handler drains records (for example a trace ring buffer).
+/// Where an overflow is drained (for example a trace ring buffer).
+///
+/// Called by the threshold-interrupt handler and by the context-switch hooks, with interrupts
+/// off on the CPU that overflowed; with NMI delivery from NMI context too. So it must not
+/// block, allocate or take a lock the interrupted code may hold (a lock-free per-CPU buffer).
 pub trait RecordSink {
     /// Takes one record (oldest first); `false` if it was dropped (the sink is full).
     fn push(&mut self, pid: u32, record: Record) -> bool;
@@ -200,8 +217,13 @@ impl<S: RecordSink + ?Sized> RecordSink for &mut S {
 }
 
 /// Sends the overflow signal of a context configured with `SIGNAL`.
+///
+/// Called where [`RecordSink`] is (the threshold interrupt, the switch hooks with the
+/// scheduler's locks held, NMI with NMI delivery): it must only queue the signal, without
+/// blocking or taking the scheduler's or any other lock the interrupted code may hold (for
+/// example set a pending bit and raise an irq-work that delivers it).
 pub trait Signaller<T> {
-    /// Queues `signal` to `task` (from interrupt context: must not block).
+    /// Queues `signal` to `task` (interrupts off, possibly NMI: must not block or lock).
     fn signal(&mut self, task: &T, signal: NonZeroU32);
 }
 

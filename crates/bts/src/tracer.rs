@@ -1,339 +1,18 @@
 //! The tracer: a fixed table of per-task tracing contexts and the ptrace-style operations on
 //! them (`config`, `status`, `size`, `read`, `drain`, `clear`, `untrace`, and the deferred
-//! teardown).
-//!
-//! # Lifecycle of a context slot
-//!
-//! Each slot has one atomic state word: a phase (`FREE`, `LIVE`, `UNLINKED`, `TEARING`), a
-//! `HELD` bit, and a generation bumped at each teardown (so a lookup that raced a reuse of the
-//! slot cannot unlink the new context). Whoever sets `HELD` (an operation for its duration, or a CPU for the time slice
-//! the traced task runs with the DS area loaded) has the context's data to itself; a busy
-//! context makes operations fail with [`Error::Busy`] instead of spinning, so nothing here
-//! ever waits on a CPU that may be the current one.
-//!
-//! [`Bts::untrace`] only flips `LIVE` to `UNLINKED` (new lookups then fail with
-//! `NoSuchContext`). A context that is `UNLINKED` and not held is dead: whoever makes it so
-//! (`untrace` itself, or the last holder on release) calls [`DeferredWork::schedule`] once,
-//! and [`Bts::run_deferred`] claims it (`UNLINKED` to `TEARING`, one winner) and tears it
-//! down. So teardown runs exactly once, after the last reader and after the traced task left
-//! the CPU.
+//! teardown). The slot lifecycle they follow is described in `slot.rs`.
 
-use core::{ptr::NonNull, sync::atomic::Ordering::*};
+use core::sync::atomic::Ordering::*;
 
 use crate::{
+    buffer::{Buffer, pages_for},
+    config::{Config, Flags, Status},
     error::Error,
-    format::{BtsRecord, DsArea, RECORD_SIZE, Record},
-    hal::{AddressSpace, DeferredWork, LockedAlloc, PAGE_SIZE, TaskRef},
-    sync::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, UnsafeCell, spin_loop},
-    view::TraceView,
+    format::{RECORD_SIZE, Record},
+    hal::{AddressSpace, DeferredWork, LockedAlloc, TaskRef},
+    slot::{FREE, GEN_MASK, GEN_ONE, HELD, Inner, LIVE, PHASE, Slot, TEARING, UNLINKED, key},
+    sync::{AtomicBool, AtomicU32, AtomicUsize, spin_loop},
 };
-
-/// Configuration flags (the `PTRACE_BTS_O_*` values, plus the overflow and CPL filters).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
-pub struct Flags(pub u32);
-
-impl Flags {
-    /// Record branches.
-    pub const TRACE: Flags = Flags(0x1);
-    /// Record "task arrives/departs" timestamps at context switches.
-    pub const SCHED: Flags = Flags(0x2);
-    /// On overflow, send [`Config::signal`] to the task and stop tracing until the trace is
-    /// drained or cleared, instead of wrapping around.
-    pub const SIGNAL: Flags = Flags(0x4);
-    /// (Re)allocate the buffer with [`Config::size`] bytes; size 0 frees it.
-    pub const ALLOC: Flags = Flags(0x8);
-    /// On overflow, drain the buffer into the [`RecordSink`](crate::hal::RecordSink) given to
-    /// the threshold-interrupt handler, instead of wrapping around.
-    pub const INTERRUPT: Flags = Flags(0x10);
-    /// Do not record branches taken at CPL 0 (DEBUGCTL.BTS_OFF_OS).
-    pub const NO_KERNEL: Flags = Flags(0x20);
-    /// Do not record branches taken at CPL > 0 (DEBUGCTL.BTS_OFF_USR).
-    pub const NO_USER: Flags = Flags(0x40);
-    const ALL: u32 = 0x7f;
-
-    /// No flag.
-    pub const fn empty() -> Self {
-        Flags(0)
-    }
-    /// Whether every flag of `other` is set.
-    pub const fn contains(self, other: Flags) -> bool {
-        self.0 & other.0 == other.0
-    }
-    /// Whether the buffer is circular (neither `SIGNAL` nor `INTERRUPT`).
-    pub const fn circular(self) -> bool {
-        self.0 & (Self::SIGNAL.0 | Self::INTERRUPT.0) == 0
-    }
-}
-
-impl core::ops::BitOr for Flags {
-    type Output = Flags;
-    fn bitor(self, rhs: Flags) -> Flags {
-        Flags(self.0 | rhs.0)
-    }
-}
-
-/// What [`Bts::config`] asks for.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Config {
-    /// Buffer size in bytes with [`Flags::ALLOC`], rounded down to whole records.
-    pub size: usize,
-    /// Flags.
-    pub flags: Flags,
-    /// The overflow signal with [`Flags::SIGNAL`] (0 is invalid).
-    pub signal: u32,
-}
-
-/// What [`Bts::status`] reports.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Status {
-    /// Buffer size in bytes (whole records).
-    pub size: usize,
-    /// The overflow signal (0 without [`Flags::SIGNAL`]).
-    pub signal: u32,
-    /// Size of one record in the buffer.
-    pub record_size: usize,
-    /// The flags in effect.
-    pub flags: Flags,
-}
-
-/// The DS area sits at the start of the locked allocation; records follow it.
-pub(crate) const RECORDS_OFFSET: usize = core::mem::size_of::<DsArea>();
-const _: () = assert!(RECORDS_OFFSET % (core::mem::align_of::<BtsRecord>()) == 0);
-
-/// Locked pages needed for `records` records plus the DS area, or `None` on overflow.
-pub const fn pages_for(records: usize) -> Option<usize> {
-    match records.checked_mul(RECORD_SIZE) {
-        Some(bytes) => match bytes.checked_add(RECORDS_OFFSET + PAGE_SIZE - 1) {
-            Some(total) => Some(total / PAGE_SIZE),
-            None => None,
-        },
-        None => None,
-    }
-}
-
-/// A context's locked buffer: the DS area, then `capacity` records.
-pub(crate) struct Buffer<M> {
-    pub(crate) ptr: NonNull<u8>,
-    pub(crate) pages: usize,
-    pub(crate) capacity: usize,
-    /// The address space that paid (and gets the refund).
-    pub(crate) payer: M,
-}
-
-impl<M> Buffer<M> {
-    pub(crate) fn ds_ptr(&self) -> *mut DsArea {
-        self.ptr.as_ptr().cast()
-    }
-    pub(crate) fn base(&self) -> u64 {
-        // No overflow: the allocation holds RECORDS_OFFSET + capacity records.
-        self.ptr
-            .as_ptr()
-            .wrapping_add(RECORDS_OFFSET)
-            .expose_provenance() as u64
-    }
-    /// The DS area linear address for IA32_DS_AREA.
-    pub(crate) fn ds_linear(&self) -> u64 {
-        self.ptr.as_ptr().expose_provenance() as u64
-    }
-    /// Reads the DS area (untrusted contents).
-    pub(crate) fn ds(&self) -> DsArea {
-        // SAFETY: the allocation starts with a DS area, is aligned, and is ours while held.
-        unsafe { self.ds_ptr().read_volatile() }
-    }
-    /// Sets `bts_index` to record `i`.
-    pub(crate) fn set_index(&mut self, i: usize) {
-        let at = self.base() + (i * RECORD_SIZE) as u64;
-        // SAFETY: as in `ds`; the field is in bounds and aligned.
-        unsafe { (&raw mut (*self.ds_ptr()).bts_index).write_volatile(at) }
-    }
-    /// The records, exclusively (the holder of the context owns them: no CPU has them loaded).
-    pub(crate) fn records(&mut self) -> &mut [BtsRecord] {
-        // SAFETY: the allocation holds `capacity` records after the DS area, aligned to 8; the
-        // context holder has exclusive access (no CPU stores into it meanwhile).
-        unsafe {
-            core::slice::from_raw_parts_mut(
-                self.ptr.as_ptr().add(RECORDS_OFFSET).cast::<BtsRecord>(),
-                self.capacity,
-            )
-        }
-    }
-    pub(crate) fn view(&mut self, circular: bool) -> TraceView<'_> {
-        let ds = self.ds();
-        let base = self.base();
-        TraceView::new(self.records(), &ds, base, circular)
-    }
-    /// Empties the trace: zeroes the records in use and resets the index.
-    pub(crate) fn reset(&mut self, circular: bool) {
-        let view = self.view(circular);
-        let used = if view.wrapped() {
-            self.capacity
-        } else {
-            view.index()
-        };
-        self.records()[..used].fill(BtsRecord::default());
-        self.set_index(0);
-    }
-    /// Programs the DS area for a fresh trace.
-    pub(crate) fn program(&mut self, flags: Flags) {
-        let base = self.base();
-        let max = base + (self.capacity * RECORD_SIZE) as u64;
-        let threshold = if flags.circular() {
-            // SDM: clearing BTINT is not enough, the threshold must be out of reach.
-            max + RECORD_SIZE as u64
-        } else {
-            // Leave 1/8 (at least one record) of room for branches taken before the
-            // interrupt is serviced.
-            let slack = (self.capacity / 8).max(1).min(self.capacity - 1);
-            base + ((self.capacity - slack) * RECORD_SIZE) as u64
-        };
-        let ds = DsArea {
-            bts_buffer_base: base,
-            bts_index: base,
-            bts_absolute_maximum: max,
-            bts_interrupt_threshold: threshold,
-            ..DsArea::default()
-        };
-        // SAFETY: as in `ds`.
-        unsafe { self.ds_ptr().write_volatile(ds) };
-        self.records().fill(BtsRecord::default());
-    }
-    /// Stores a software record as the processor would (advance; wrap if circular; dropped
-    /// if the buffer is full in interrupt mode). Returns whether it was stored.
-    pub(crate) fn push(&mut self, record: BtsRecord, circular: bool) -> bool {
-        let ds = self.ds();
-        let mut i = crate::view::clamp_index(&ds, self.base(), self.capacity);
-        if i == self.capacity {
-            if !circular {
-                return false;
-            }
-            i = 0;
-        }
-        self.records()[i] = record;
-        i += 1;
-        if i == self.capacity && circular {
-            i = 0;
-        }
-        self.set_index(i);
-        true
-    }
-}
-
-/// A context's data; touched only by whoever holds the slot.
-pub(crate) struct Inner<T, M> {
-    pub(crate) task: Option<T>,
-    pub(crate) buffer: Option<Buffer<M>>,
-    /// The hardware tracer is held (counted in `Bts::tracers`).
-    pub(crate) tracer: bool,
-    pub(crate) flags: Flags,
-    pub(crate) signal: u32,
-    /// SIGNAL mode overflowed: tracing is off until the trace is drained or cleared.
-    pub(crate) paused: bool,
-}
-
-impl<T, M> Inner<T, M> {
-    const EMPTY: Self = Self {
-        task: None,
-        buffer: None,
-        tracer: false,
-        flags: Flags(0),
-        signal: 0,
-        paused: false,
-    };
-
-    /// The DEBUGCTL BTS bits this context wants while its task runs.
-    pub(crate) fn debugctl_bits(&self) -> u64 {
-        use crate::hal::DebugCtl;
-        if !self.tracer || self.paused || !self.flags.contains(Flags::TRACE) {
-            return 0;
-        }
-        let mut bits = DebugCtl::TR | DebugCtl::BTS;
-        if !self.flags.circular() {
-            bits |= DebugCtl::BTINT;
-        }
-        if self.flags.contains(Flags::NO_KERNEL) {
-            bits |= DebugCtl::BTS_OFF_OS;
-        }
-        if self.flags.contains(Flags::NO_USER) {
-            bits |= DebugCtl::BTS_OFF_USR;
-        }
-        bits
-    }
-
-    fn traced_buffer(&mut self) -> Result<&mut Buffer<M>, Error> {
-        match (&mut self.buffer, self.tracer) {
-            (Some(b), true) => Ok(b),
-            _ => Err(Error::NoSuchContext),
-        }
-    }
-}
-
-const PHASE: u32 = 0b11;
-const FREE: u32 = 0;
-const LIVE: u32 = 1;
-const UNLINKED: u32 = 2;
-const TEARING: u32 = 3;
-const HELD: u32 = 0b100;
-/// The rest of the word counts reuses of the slot, so a stale lookup cannot act on the
-/// context that replaced the one it found.
-const GEN_ONE: u32 = 0b1000;
-const GEN_MASK: u32 = !(GEN_ONE - 1);
-
-/// `pid` as stored in a slot (0 = no task).
-const fn key(pid: u32) -> u64 {
-    pid as u64 | 1 << 32
-}
-
-pub(crate) struct Slot<T, M> {
-    state: AtomicU32,
-    pid: AtomicU64,
-    pub(crate) inner: UnsafeCell<Inner<T, M>>,
-}
-
-impl<T, M> Slot<T, M> {
-    #[cfg(not(loom))]
-    const fn new() -> Self {
-        Self {
-            state: AtomicU32::new(FREE),
-            pid: AtomicU64::new(0),
-            inner: UnsafeCell::new(Inner::EMPTY),
-        }
-    }
-    #[cfg(loom)]
-    fn new() -> Self {
-        Self {
-            state: AtomicU32::new(FREE),
-            pid: AtomicU64::new(0),
-            inner: UnsafeCell::new(Inner::EMPTY),
-        }
-    }
-
-    /// Holds a `LIVE` slot: `Ok(true)`, `Ok(false)` if it is not live, `Err(Busy)` if held.
-    fn try_hold(&self) -> Result<bool, Error> {
-        let mut s = self.state.load(Relaxed);
-        loop {
-            if s & PHASE != LIVE {
-                return Ok(false);
-            }
-            if s & HELD != 0 {
-                return Err(Error::Busy);
-            }
-            match self
-                .state
-                .compare_exchange_weak(s, s | HELD, Acquire, Relaxed)
-            {
-                Ok(_) => return Ok(true),
-                Err(now) => s = now,
-            }
-        }
-    }
-
-    /// Drops the hold; `true` if that made an unlinked context dead (teardown due).
-    fn release(&self) -> bool {
-        let prev = self.state.fetch_and(!HELD, Release);
-        debug_assert!(prev & HELD != 0);
-        prev & PHASE == UNLINKED
-    }
-}
 
 /// The per-task branch tracer: up to `N` tracing contexts.
 ///
@@ -355,7 +34,13 @@ pub struct Bts<T: TaskRef, M: AddressSpace, A: LockedAlloc, W: DeferredWork, con
     tracers: AtomicU32,
     pub(crate) alloc: A,
     pub(crate) work: W,
+    /// This tracer's identity for the [`BtsCpu`](crate::BtsCpu)s it binds (0 = not yet
+    /// given; a process-wide counter, not the address, so moving the tracer keeps it).
+    id: core::sync::atomic::AtomicUsize,
 }
+
+/// The next tracer identity (not loom's: identities are not part of any model).
+static NEXT_ID: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(1);
 
 // SAFETY: a slot's `Inner` (holding `T`s, `M`s and buffer pointers) is only touched by the one
 // party holding the slot, which may be any thread: so `T` and `M` must be `Send`. `A` and `W`
@@ -409,6 +94,7 @@ where
             tracers: AtomicU32::new(0),
             alloc,
             work,
+            id: core::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -422,12 +108,27 @@ where
             tracers: AtomicU32::new(0),
             alloc,
             work,
+            id: core::sync::atomic::AtomicUsize::new(0),
         }
     }
 
     /// The allocator.
     pub fn allocator(&self) -> &A {
         &self.alloc
+    }
+
+    /// This tracer's identity, given on first use.
+    pub(crate) fn id(&self) -> usize {
+        use core::sync::atomic::Ordering::Relaxed;
+        let id = self.id.load(Relaxed);
+        if id != 0 {
+            return id;
+        }
+        let fresh = NEXT_ID.fetch_add(1, Relaxed);
+        match self.id.compare_exchange(0, fresh, Relaxed, Relaxed) {
+            Ok(_) => fresh,
+            Err(other) => other,
+        }
     }
 
     /// Finds and holds the live context of `pid`. `Ok(None)` if there is none.
@@ -530,7 +231,9 @@ where
     }
 
     fn configure(&self, c: &mut Inner<T, M>, space: &M, cfg: Config) -> Result<(), Error> {
-        if cfg.flags.contains(Flags::SIGNAL) && cfg.signal == 0 {
+        if cfg.flags.contains(Flags::SIGNAL) && cfg.signal == 0
+            || cfg.flags.contains(Flags::KERNEL | Flags::NO_KERNEL)
+        {
             return Err(Error::InvalidArgument);
         }
         self.release_tracer(c);

@@ -21,10 +21,32 @@ pub enum LvtPmi {
     XApic(NonNull<u32>),
 }
 
+/// How the local APIC delivers the threshold interrupt (the performance-monitoring LVT
+/// entry's delivery mode, SDM Vol. 3A "Local Vector Table").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PmiDelivery {
+    /// Fixed delivery at this vector: an ordinary interrupt, held off while interrupts are
+    /// disabled (so it can arrive after the context switch that follows the overflow).
+    Fixed(u8),
+    /// NMI delivery (mode 100b; the vector is ignored): taken even with interrupts off, so
+    /// the handler runs in NMI context and must use [`Bts::nmi`](crate::Bts::nmi).
+    Nmi,
+}
+
+impl PmiDelivery {
+    /// The LVT entry that delivers this way, unmasked (bit 16 clear).
+    pub const fn lvt_entry(self) -> u32 {
+        match self {
+            PmiDelivery::Fixed(vector) => vector as u32,
+            PmiDelivery::Nmi => 0b100 << 8,
+        }
+    }
+}
+
 /// The CPU this code runs on, in ring 0.
 #[derive(Debug)]
 pub struct Cpu {
-    vector: u8,
+    delivery: PmiDelivery,
     lvt: LvtPmi,
 }
 
@@ -36,7 +58,19 @@ impl Cpu {
     /// The caller runs in ring 0 on this CPU (the handle reads and writes model-specific
     /// registers), and an `XApic` pointer maps this CPU's LVT PMI register.
     pub const unsafe fn new(vector: u8, lvt: LvtPmi) -> Self {
-        Self { vector, lvt }
+        Self {
+            delivery: PmiDelivery::Fixed(vector),
+            lvt,
+        }
+    }
+
+    /// A handle on the current CPU whose threshold interrupt is delivered as `delivery`
+    /// (for example [`PmiDelivery::Nmi`]) through `lvt`.
+    ///
+    /// # Safety
+    /// As [`new`](Cpu::new).
+    pub const unsafe fn with_delivery(delivery: PmiDelivery, lvt: LvtPmi) -> Self {
+        Self { delivery, lvt }
     }
 
     /// Whether the local APIC is in x2APIC mode (IA32_APIC_BASE bit 10).
@@ -81,8 +115,9 @@ impl BtsHardware for Cpu {
     }
 
     fn rearm_threshold_interrupt(&mut self) {
-        // Fixed delivery, unmasked (bit 16 clear), at our vector.
-        let entry = u32::from(self.vector);
+        // Our delivery mode (and vector), unmasked (bit 16 clear). NMI-safe: one register
+        // write, no lock.
+        let entry = self.delivery.lvt_entry();
         match self.lvt {
             // SAFETY: ring 0; the LVT PMI MSR exists in x2APIC mode.
             LvtPmi::X2Apic => unsafe { wrmsr(IA32_X2APIC_LVT_PMI, u64::from(entry)) },

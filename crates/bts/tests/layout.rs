@@ -146,3 +146,15 @@ fn debugctl_bits_are_the_sdm_ones() {
     let v = DebugCtl(0x1 | DebugCtl::BTINT).with_bts(DebugCtl::TR);
     assert_eq!(v.0, 0x1 | DebugCtl::TR);
 }
+
+/// The performance-monitoring LVT entry the x86 backend writes when it re-arms: fixed
+/// delivery at the vector, or NMI delivery (mode 100b in bits 10:8), unmasked (bit 16 clear).
+#[cfg(all(feature = "x86", target_arch = "x86_64"))]
+#[test]
+fn lvt_entries_encode_the_delivery_mode_unmasked() {
+    use oskit_bts::x86::PmiDelivery;
+    assert_eq!(PmiDelivery::Fixed(0xf0).lvt_entry(), 0xf0);
+    let nmi = PmiDelivery::Nmi.lvt_entry();
+    assert_eq!((nmi >> 8) & 0b111, 0b100, "delivery mode NMI");
+    assert_eq!(nmi & (1 << 16), 0, "unmasked");
+}

@@ -2,8 +2,8 @@
 
 mod common;
 
-use common::{Space, Task, tracer};
-use oskit_bts::{BtsCpu, Config, Error, Flags, Record, format::RECORD_SIZE, sim::SoftCpu};
+use common::{Ignore, Space, Task, tracer, user_cpu};
+use oskit_bts::{BtsCpu, Config, Error, Flags, Record, format::RECORD_SIZE};
 
 fn cfg(records: usize) -> Config {
     Config {
@@ -60,9 +60,10 @@ fn refund_reaches_the_payer_after_the_tracer_exited() {
 fn teardown_waits_for_the_task_to_leave_the_cpu() {
     let (bts, alloc, work) = tracer::<4>();
     let (t, mm) = (Task::new(7), Space::new(100));
-    let mut cpu = BtsCpu::new(SoftCpu::default());
+    let mut cpu = BtsCpu::new(user_cpu());
     bts.config(&t, &mm, cfg(4)).unwrap();
-    bts.switch_in(&mut cpu, &t, 0);
+    bts.switch_in(&mut cpu, &t, 0, &mut Ignore, &mut Ignore)
+        .unwrap();
     bts.untrace(&t).unwrap(); // e.g. reaped from another CPU, irqs off
     assert_eq!(
         work.scheduled(),
@@ -73,7 +74,8 @@ fn teardown_waits_for_the_task_to_leave_the_cpu() {
     // The CPU still writes into the (still allocated) buffer.
     cpu.hw_mut().branch(1, 2, false);
     assert_eq!(alloc.live(), 1);
-    bts.switch_out(&mut cpu, 0);
+    bts.switch_out(&mut cpu, 0, &mut Ignore, &mut Ignore)
+        .unwrap();
     assert_eq!(work.scheduled(), 1);
     assert_eq!(bts.run_deferred(), 1);
     assert_eq!((alloc.live(), mm.locked(), t.refs()), (0, 0, 1));
@@ -83,10 +85,11 @@ fn teardown_waits_for_the_task_to_leave_the_cpu() {
 fn a_switched_in_untraced_context_is_not_loaded() {
     let (bts, _, _) = tracer::<4>();
     let (t, mm) = (Task::new(7), Space::new(100));
-    let mut cpu = BtsCpu::new(SoftCpu::default());
+    let mut cpu = BtsCpu::new(user_cpu());
     bts.config(&t, &mm, cfg(4)).unwrap();
     bts.untrace(&t).unwrap();
-    bts.switch_in(&mut cpu, &t, 0);
+    bts.switch_in(&mut cpu, &t, 0, &mut Ignore, &mut Ignore)
+        .unwrap();
     assert!(!cpu.is_loaded());
     bts.run_deferred();
 }
@@ -95,14 +98,16 @@ fn a_switched_in_untraced_context_is_not_loaded() {
 fn retracing_the_same_task_before_teardown_gets_a_fresh_context() {
     let (bts, alloc, _) = tracer::<4>();
     let (t, mm) = (Task::new(7), Space::new(100));
-    let mut cpu = BtsCpu::new(SoftCpu::default());
+    let mut cpu = BtsCpu::new(user_cpu());
     bts.config(&t, &mm, cfg(4)).unwrap();
     bts.untrace(&t).unwrap();
     bts.config(&t, &mm, cfg(8)).unwrap();
     assert_eq!(bts.contexts(), 2);
-    bts.switch_in(&mut cpu, &t, 0);
+    bts.switch_in(&mut cpu, &t, 0, &mut Ignore, &mut Ignore)
+        .unwrap();
     cpu.hw_mut().branch(5, 6, false);
-    bts.switch_out(&mut cpu, 0);
+    bts.switch_out(&mut cpu, 0, &mut Ignore, &mut Ignore)
+        .unwrap();
     assert_eq!(bts.run_deferred(), 1);
     assert_eq!(bts.status(&t).unwrap().size, 8 * RECORD_SIZE);
     assert_eq!(

@@ -9,9 +9,9 @@
 
 mod common;
 
-use common::{Space, Task, Tracer, tracer};
+use common::{Ignore, Space, Task, Tracer, tracer, user_cpu};
 use loom::{sync::Arc, thread};
-use oskit_bts::{BtsCpu, Config, Error, Flags, Record, format::RECORD_SIZE, sim::SoftCpu};
+use oskit_bts::{BtsCpu, Config, Error, Flags, Record, format::RECORD_SIZE};
 
 fn cfg() -> Config {
     Config {
@@ -85,14 +85,16 @@ fn untrace_while_the_task_runs_waits_for_switch_out() {
         let cpu_thread = {
             let (bts, t, alloc) = (bts.clone(), t.clone(), alloc.clone());
             thread::spawn(move || {
-                let mut cpu = BtsCpu::new(SoftCpu::default());
-                bts.switch_in(&mut cpu, &t, 1);
+                let mut cpu = BtsCpu::new(user_cpu());
+                bts.switch_in(&mut cpu, &t, 1, &mut Ignore, &mut Ignore)
+                    .unwrap();
                 if cpu.is_loaded() {
                     // The DS area is loaded: the buffer must still be there.
                     assert_eq!(alloc.live(), pages, "buffer freed while loaded");
                     cpu.hw_mut().branch(1, 2, false);
                 }
-                bts.switch_out(&mut cpu, 2);
+                bts.switch_out(&mut cpu, 2, &mut Ignore, &mut Ignore)
+                    .unwrap();
             })
         };
         let unlinker = {
@@ -197,10 +199,12 @@ fn read_cpu_and_untrace_all_at_once() {
         let cpu_thread = {
             let (bts, t) = (bts.clone(), t.clone());
             thread::spawn(move || {
-                let mut cpu = BtsCpu::new(SoftCpu::default());
-                bts.switch_in(&mut cpu, &t, 1);
+                let mut cpu = BtsCpu::new(user_cpu());
+                bts.switch_in(&mut cpu, &t, 1, &mut Ignore, &mut Ignore)
+                    .unwrap();
                 cpu.hw_mut().branch(1, 2, false);
-                bts.switch_out(&mut cpu, 2);
+                bts.switch_out(&mut cpu, 2, &mut Ignore, &mut Ignore)
+                    .unwrap();
             })
         };
         bts.untrace(&t).unwrap();

@@ -5,8 +5,8 @@ mod common;
 
 use std::collections::VecDeque;
 
-use common::{Space, Task, tracer};
-use oskit_bts::{BtsCpu, Config, Error, Flags, Record, format::RECORD_SIZE, sim::SoftCpu};
+use common::{Ignore, Space, Task, tracer, user_cpu};
+use oskit_bts::{BtsCpu, Config, Error, Flags, Record, format::RECORD_SIZE};
 
 struct XorShift(u64);
 impl XorShift {
@@ -28,15 +28,17 @@ fn circular_traces_match_the_shadow_model() {
     for round in 0..rounds {
         let (bts, alloc, _) = tracer::<2>();
         let (t, mm) = (Task::new(round), Space::new(1000));
-        let mut cpu = BtsCpu::new(SoftCpu::default());
+        let mut cpu = BtsCpu::new(user_cpu());
         let capacity = 1 + rng.below(40) as usize;
         let mut flags = Flags::TRACE;
         if rng.below(2) == 0 {
             flags = flags | Flags::SCHED;
         }
-        match rng.below(4) {
+        match rng.below(5) {
             0 => flags = flags | Flags::NO_KERNEL,
             1 => flags = flags | Flags::NO_USER,
+            2 => flags = flags | Flags::KERNEL,
+            3 => flags = flags | Flags::KERNEL | Flags::NO_USER,
             _ => {}
         }
         let cfg = Config {
@@ -58,7 +60,8 @@ fn circular_traces_match_the_shadow_model() {
             match rng.below(6) {
                 0 => {
                     // The task runs a burst of branches.
-                    bts.switch_in(&mut cpu, &t, clock);
+                    bts.switch_in(&mut cpu, &t, clock, &mut Ignore, &mut Ignore)
+                        .unwrap();
                     if flags.contains(Flags::SCHED) {
                         push(
                             &mut shadow,
@@ -74,8 +77,9 @@ fn circular_traces_match_the_shadow_model() {
                         let from = 0x1000 + rng.below(1 << 40);
                         let (to, predicted) = (rng.below(1 << 47), rng.below(2) == 0);
                         cpu.hw_mut().branch(from, to, predicted);
+                        // User branches by default; kernel ones only with KERNEL.
                         let filtered = if cpl == 0 {
-                            flags.contains(Flags::NO_KERNEL)
+                            !flags.contains(Flags::KERNEL)
                         } else {
                             flags.contains(Flags::NO_USER)
                         };
@@ -91,7 +95,8 @@ fn circular_traces_match_the_shadow_model() {
                         }
                     }
                     clock += 1;
-                    bts.switch_out(&mut cpu, clock);
+                    bts.switch_out(&mut cpu, clock, &mut Ignore, &mut Ignore)
+                        .unwrap();
                     if flags.contains(Flags::SCHED) {
                         push(
                             &mut shadow,
@@ -126,9 +131,11 @@ fn circular_traces_match_the_shadow_model() {
                 }
                 _ => {
                     // An untraced task runs: nothing recorded.
-                    bts.switch_in(&mut cpu, &Task::new(9999), clock);
+                    bts.switch_in(&mut cpu, &Task::new(9999), clock, &mut Ignore, &mut Ignore)
+                        .unwrap();
                     cpu.hw_mut().branch(1, 2, false);
-                    bts.switch_out(&mut cpu, clock);
+                    bts.switch_out(&mut cpu, clock, &mut Ignore, &mut Ignore)
+                        .unwrap();
                 }
             }
         }

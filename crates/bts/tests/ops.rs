@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{Space, Task, tracer};
+use common::{Ignore, Space, Task, tracer, user_cpu};
 use oskit_bts::{
     BtsCpu, Config, Error, Flags, Record, format::RECORD_SIZE, pages_for, sim::SoftCpu,
 };
@@ -22,11 +22,12 @@ fn run_branches(
     task: &Task,
     range: std::ops::Range<u64>,
 ) {
-    bts.switch_in(cpu, task, 0);
+    bts.switch_in(cpu, task, 0, &mut Ignore, &mut Ignore)
+        .unwrap();
     for i in range {
         cpu.hw_mut().branch(i, i + 1000, i % 2 == 0);
     }
-    bts.switch_out(cpu, 0);
+    bts.switch_out(cpu, 0, &mut Ignore, &mut Ignore).unwrap();
 }
 
 fn branch(i: u64) -> Record {
@@ -94,7 +95,7 @@ fn pages_are_charged_for_the_ds_area_and_whole_records() {
 fn read_indexes_from_the_newest_and_drain_returns_oldest_first() {
     let (bts, _, _) = tracer::<4>();
     let (t, mm) = (Task::new(7), Space::new(100));
-    let mut cpu = BtsCpu::new(SoftCpu::default());
+    let mut cpu = BtsCpu::new(user_cpu());
     bts.config(&t, &mm, alloc_cfg(8, Flags::TRACE)).unwrap();
     run_branches(&bts, &mut cpu, &t, 1..6);
     assert_eq!(bts.size(&t), Ok(5));
@@ -118,7 +119,7 @@ fn read_indexes_from_the_newest_and_drain_returns_oldest_first() {
 fn circular_trace_keeps_the_newest_after_wrapping() {
     let (bts, _, _) = tracer::<4>();
     let (t, mm) = (Task::new(7), Space::new(100));
-    let mut cpu = BtsCpu::new(SoftCpu::default());
+    let mut cpu = BtsCpu::new(user_cpu());
     bts.config(&t, &mm, alloc_cfg(4, Flags::TRACE)).unwrap();
     run_branches(&bts, &mut cpu, &t, 1..11);
     assert_eq!(bts.size(&t), Ok(4));
@@ -137,7 +138,7 @@ fn circular_trace_keeps_the_newest_after_wrapping() {
 fn clear_empties_the_trace() {
     let (bts, _, _) = tracer::<4>();
     let (t, mm) = (Task::new(7), Space::new(100));
-    let mut cpu = BtsCpu::new(SoftCpu::default());
+    let mut cpu = BtsCpu::new(user_cpu());
     bts.config(&t, &mm, alloc_cfg(4, Flags::TRACE)).unwrap();
     run_branches(&bts, &mut cpu, &t, 1..7);
     bts.clear(&t).unwrap();
@@ -150,7 +151,7 @@ fn clear_empties_the_trace() {
 fn without_trace_flag_no_branch_is_recorded() {
     let (bts, _, _) = tracer::<4>();
     let (t, mm) = (Task::new(7), Space::new(100));
-    let mut cpu = BtsCpu::new(SoftCpu::default());
+    let mut cpu = BtsCpu::new(user_cpu());
     bts.config(&t, &mm, alloc_cfg(4, Flags::empty())).unwrap();
     run_branches(&bts, &mut cpu, &t, 1..3);
     assert_eq!(bts.size(&t), Ok(0));
@@ -247,7 +248,7 @@ fn resizing_refunds_the_old_buffer_and_charges_the_new_payer() {
 fn reconfig_without_alloc_keeps_the_buffer_and_restarts_the_trace() {
     let (bts, alloc, _) = tracer::<4>();
     let (t, mm) = (Task::new(7), Space::new(100));
-    let mut cpu = BtsCpu::new(SoftCpu::default());
+    let mut cpu = BtsCpu::new(user_cpu());
     bts.config(&t, &mm, alloc_cfg(4, Flags::TRACE)).unwrap();
     run_branches(&bts, &mut cpu, &t, 1..3);
     let cfg = Config {
@@ -326,16 +327,18 @@ fn per_task_and_per_cpu_tracing_conflict() {
 fn operations_on_a_running_traced_task_are_busy() {
     let (bts, _, _) = tracer::<4>();
     let (t, mm) = (Task::new(7), Space::new(100));
-    let mut cpu = BtsCpu::new(SoftCpu::default());
+    let mut cpu = BtsCpu::new(user_cpu());
     bts.config(&t, &mm, alloc_cfg(4, Flags::TRACE)).unwrap();
-    bts.switch_in(&mut cpu, &t, 0);
+    bts.switch_in(&mut cpu, &t, 0, &mut Ignore, &mut Ignore)
+        .unwrap();
     assert!(cpu.is_loaded());
     assert_eq!(bts.read(&t, 0), Err(Error::Busy));
     assert_eq!(
         bts.config(&t, &mm, alloc_cfg(8, Flags::TRACE)),
         Err(Error::Busy)
     );
-    bts.switch_out(&mut cpu, 0);
+    bts.switch_out(&mut cpu, 0, &mut Ignore, &mut Ignore)
+        .unwrap();
     assert_eq!(bts.size(&t), Ok(0));
 }
 
@@ -343,7 +346,7 @@ fn operations_on_a_running_traced_task_are_busy() {
 fn contexts_are_per_task() {
     let (bts, _, _) = tracer::<4>();
     let (a, b, mm) = (Task::new(1), Task::new(2), Space::new(100));
-    let mut cpu = BtsCpu::new(SoftCpu::default());
+    let mut cpu = BtsCpu::new(user_cpu());
     bts.config(&a, &mm, alloc_cfg(4, Flags::TRACE)).unwrap();
     bts.config(&b, &mm, alloc_cfg(4, Flags::TRACE)).unwrap();
     run_branches(&bts, &mut cpu, &a, 1..3);

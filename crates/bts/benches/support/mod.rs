@@ -4,12 +4,12 @@
 
 #![allow(dead_code, unreachable_pub)]
 
-use std::{alloc::Layout, ptr::NonNull};
+use std::{alloc::Layout, num::NonZeroU32, ptr::NonNull};
 
 use oskit_bts::{
-    Bts, BtsCpu, Config, Flags,
+    Bts, BtsCpu, Config, Flags, Record,
     format::RECORD_SIZE,
-    hal::{AddressSpace, DeferredWork, LockedAlloc, PAGE_SIZE, TaskRef},
+    hal::{AddressSpace, DeferredWork, LockedAlloc, PAGE_SIZE, RecordSink, Signaller, TaskRef},
     sim::SoftCpu,
 };
 
@@ -46,6 +46,16 @@ pub struct Work;
 impl DeferredWork for Work {
     fn schedule(&self) {}
 }
+/// Sink and signaller for circular traces (which never overflow).
+pub struct Ignore;
+impl RecordSink for Ignore {
+    fn push(&mut self, _: u32, _: Record) -> bool {
+        true
+    }
+}
+impl Signaller<Task> for Ignore {
+    fn signal(&mut self, _: &Task, _: NonZeroU32) {}
+}
 
 pub type Tracer = Bts<Task, Space, Alloc, Work, 64>;
 pub const RECORDS: usize = 65_536;
@@ -59,14 +69,18 @@ pub fn traced(flags: Flags, records: usize) -> (Tracer, Task, BtsCpu<SoftCpu>) {
         signal: 0,
     };
     bts.config(&task, &Space, cfg).unwrap();
-    (bts, task, BtsCpu::new(SoftCpu::default()))
+    // User mode: what TRACE records.
+    let mut cpu = SoftCpu::default();
+    cpu.set_cpl(3);
+    (bts, task, BtsCpu::new(cpu))
 }
 
 pub fn fill(bts: &Tracer, task: &Task, cpu: &mut BtsCpu<SoftCpu>, n: usize) {
-    bts.switch_in(cpu, task, 0);
+    bts.switch_in(cpu, task, 0, &mut Ignore, &mut Ignore)
+        .unwrap();
     for i in 0..n as u64 {
         cpu.hw_mut()
             .branch(0x40_0000 + i, 0x50_0000 + i, i & 1 == 0);
     }
-    bts.switch_out(cpu, 0);
+    bts.switch_out(cpu, 0, &mut Ignore, &mut Ignore).unwrap();
 }

@@ -201,3 +201,25 @@ pub fn tracer<const N: usize>() -> (Tracer<N>, Arc<Alloc>, Arc<Work>) {
         work,
     )
 }
+
+/// A sink and a signaller for tests whose contexts never overflow (circular buffers): takes
+/// every record, ignores every signal.
+#[derive(Debug, Default)]
+pub struct Ignore;
+
+impl oskit_bts::hal::RecordSink for Ignore {
+    fn push(&mut self, _pid: u32, _record: oskit_bts::Record) -> bool {
+        true
+    }
+}
+
+impl oskit_bts::hal::Signaller<Task> for Ignore {
+    fn signal(&mut self, _task: &Task, _signal: std::num::NonZeroU32) {}
+}
+
+/// A software CPU running user code (CPL 3): what `Flags::TRACE` records by default.
+pub fn user_cpu() -> oskit_bts::sim::SoftCpu {
+    let mut cpu = oskit_bts::sim::SoftCpu::default();
+    cpu.set_cpl(3);
+    cpu
+}

@@ -229,6 +229,16 @@ pub fn send_ipi(apic_id: u32, vector: u8) {
     crate::spin::irq_restore(irq);
 }
 
+/// Sends a non-maskable interrupt (ICR delivery mode NMI, vector ignored) to the CPU with
+/// APIC id `apic_id`; to itself, it is taken right away, even with interrupts disabled.
+pub fn send_nmi(apic_id: u32) {
+    let irq = crate::spin::irq_save(); // as in `send_ipi`
+    wait_icr_idle();
+    write(REG_ICR_HIGH, apic_id << 24);
+    write(REG_ICR_LOW, 0b100 << 8); // NMI delivery, physical destination, edge
+    crate::spin::irq_restore(irq);
+}
+
 fn wait_icr_idle() {
     while read(REG_ICR_LOW) & (1 << 12) != 0 {
         core::hint::spin_loop();

@@ -14,10 +14,17 @@
 //! - when the software CPU reaches the threshold it "delivers the PMI": the kernel sends itself
 //!   an interrupt at [`PMI_VECTOR`], whose handler calls `threshold_interrupt`, which drains
 //!   the records oldest first into a `RecordSink` that writes each to the trace buffer
-//!   (`trace!("bts", "from=.. to=..")`) and compares it with the branch the task made;
+//!   (`trace!("bts", "from=.. to=..")`) and compares it with the branch the task made; an
+//!   overflow found at a switch (the PMI raised just before the task moved, or SCHED records
+//!   reaching the threshold) is drained the same way by the switch hook, and the PMI that
+//!   follows is `Late` (the crate re-arms the LVT in both cases; a PMI it does not claim
+//!   fails the check);
 //! - the tracer drains the rest, then untraces the task with interrupts off: the crate only
 //!   unlinks and schedules, and the deferred teardown runs later on the kernel work queue, in
-//!   `kworker`, which frees the buffer's frames and refunds the locked pages.
+//!   `kworker`, which frees the buffer's frames and refunds the locked pages;
+//! - the whole run is done twice: with the PMI at [`PMI_VECTOR`], then delivered as an NMI
+//!   (a self-NMI through the ICR), whose handler goes through `Bts::nmi` and the per-CPU
+//!   `CpuCell` (tried, never waited on) and must never find it held.
 
 use core::{
     arch::asm,
@@ -26,7 +33,7 @@ use core::{
 };
 
 use oskit_bts::{
-    Bts, BtsCpu, Config, Error as BtsError, Flags, Record,
+    Bts, BtsCpu, Config, CpuCell, CpuGuard, Error as BtsError, Flags, Overflow, Pmi, Record,
     hal::{AddressSpace, BtsHardware, DeferredWork, LockedAlloc, RecordSink, Signaller, TaskRef},
     sim::{SoftCpu, Store},
     x86::{Cpu, LvtPmi},
@@ -40,8 +47,7 @@ use crate::{
     checks::{self, Outcome},
     ensure, fail,
     mm::frames,
-    println,
-    spin::{self, SpinLock},
+    println, spin,
     task::sched::{self, TaskId},
     task::workqueue,
 };
@@ -223,12 +229,15 @@ static SCHED_DRAINED: AtomicUsize = AtomicUsize::new(0);
 static INVALID: AtomicUsize = AtomicUsize::new(0);
 /// SCHED records the hooks were expected to write (one per switch-in and switch-out).
 static SCHED_EXPECTED: AtomicUsize = AtomicUsize::new(0);
-/// Threshold interrupts that drained, records they drained, truncated, buffer-full reports,
-/// and PMIs no loaded context claimed.
+/// Overflows handled (by the threshold interrupt or by a switch hook), records they drained,
+/// truncated, buffer-full reports; PMIs that came after their overflow was handled at a
+/// switch-out (late), and PMIs the crate did not claim (there should be none: BTS is the
+/// kernel's only PMI source, and the crate re-arms the LVT itself).
 static DRAINS: AtomicUsize = AtomicUsize::new(0);
 static PMI_DRAINED: AtomicUsize = AtomicUsize::new(0);
 static TRUNCATED: AtomicUsize = AtomicUsize::new(0);
 static FULL_REPORTS: AtomicUsize = AtomicUsize::new(0);
+static LATE: AtomicUsize = AtomicUsize::new(0);
 static SPURIOUS: AtomicUsize = AtomicUsize::new(0);
 /// PMIs sent.
 static PMIS: AtomicUsize = AtomicUsize::new(0);
@@ -269,43 +278,102 @@ impl RecordSink for TraceSink {
 // ---------------------------------------------------------------------------------------------
 // The software CPUs and their threshold interrupt.
 
-/// The software BTS unit of each kernel CPU.
-static SOFT: [SpinLock<BtsCpu<SoftCpu>>; MAX_CPUS] =
-    [const { SpinLock::new(BtsCpu::new(SoftCpu::with_support(SOFT_SUPPORT))) }; MAX_CPUS];
+/// The software BTS unit of each kernel CPU, in a cell the NMI handler only tries.
+static SOFT: [CpuCell<SoftCpu>; MAX_CPUS] =
+    [const { CpuCell::new(BtsCpu::new(SoftCpu::with_support(SOFT_SUPPORT))) }; MAX_CPUS];
+
+/// Takes CPU `cpu`'s BTS state (not from NMI context): its holder is a hook or handler on
+/// some CPU, which lets go quickly; on this CPU only an NMI can hold it, and it finishes
+/// before we resume.
+fn soft(cpu: usize) -> CpuGuard<'static, SoftCpu> {
+    loop {
+        if let Some(guard) = SOFT[cpu].try_lock() {
+            return guard;
+        }
+        core::hint::spin_loop();
+    }
+}
 const SOFT_SUPPORT: oskit_bts::hal::BtsSupport = oskit_bts::hal::BtsSupport {
     debug_store: true,
     dtes64: true,
     bts_enabled: true,
 };
 
-/// The PMI handler: the crate's overflow handler on this CPU's software BTS unit.
+/// Accounts an overflow the crate handled (in the PMI or in a switch hook).
+fn account(o: Overflow, cpu: usize, by: &str) {
+    DRAINS.fetch_add(1, Ordering::Relaxed);
+    PMI_DRAINED.fetch_add(o.drained, Ordering::Relaxed);
+    TRUNCATED.fetch_add(o.truncated, Ordering::Relaxed);
+    FULL_REPORTS.fetch_add(usize::from(o.full), Ordering::Relaxed);
+    crate::trace!(
+        "bts",
+        "overflow handled by the {by} on cpu {cpu}: {} drained, {} truncated{}",
+        o.drained,
+        o.truncated,
+        if o.full { ", buffer was full" } else { "" }
+    );
+}
+
+/// The PMI handler: the crate's overflow handler on this CPU's software BTS unit. The crate
+/// re-arms the LVT for every BTS interrupt (`Overflow`, `Late`); nothing else here uses the
+/// PMI, so `NotBts` is only counted.
 fn on_pmi(_frame: &mut TrapFrame) -> Handled {
     apic::eoi();
     let cpu = percpu::cpu_id();
-    let mut soft = SOFT[cpu].lock();
+    let mut soft = soft(cpu);
     soft.hw_mut().take_interrupt();
     match BTS.threshold_interrupt(&mut soft, &mut TraceSink, &mut NoSignals) {
-        Some(o) => {
-            DRAINS.fetch_add(1, Ordering::Relaxed);
-            PMI_DRAINED.fetch_add(o.drained, Ordering::Relaxed);
-            TRUNCATED.fetch_add(o.truncated, Ordering::Relaxed);
-            FULL_REPORTS.fetch_add(usize::from(o.full), Ordering::Relaxed);
-            crate::trace!(
-                "bts",
-                "threshold interrupt on cpu {cpu}: {} drained, {} truncated{}",
-                o.drained,
-                o.truncated,
-                if o.full { ", buffer was full" } else { "" }
-            );
+        Ok(Pmi::Overflow(o)) => account(o, cpu, "threshold interrupt"),
+        Ok(Pmi::Late) => {
+            LATE.fetch_add(1, Ordering::Relaxed);
+            crate::trace!("bts", "late PMI on cpu {cpu}: handled at the switch-out");
         }
-        None => {
-            // The kernel's only PMI user is BTS: re-arm the LVT the CPU masked.
+        Ok(Pmi::NotBts | Pmi::Deferred) | Err(_) => {
             SPURIOUS.fetch_add(1, Ordering::Relaxed);
-            soft.hw_mut().rearm_threshold_interrupt();
-            crate::trace!("bts", "PMI on cpu {cpu} with no context at its threshold");
+            crate::trace!("bts", "PMI on cpu {cpu} not claimed by the tracer");
         }
     }
     Handled::Yes
+}
+
+/// Whether the software CPU's threshold interrupt is delivered as an NMI (second run).
+static NMI_MODE: AtomicBool = AtomicBool::new(false);
+/// NMIs that found the BTS state held (the check expects none: the task never holds it
+/// when it raises the NMI).
+static DEFERRED: AtomicUsize = AtomicUsize::new(0);
+
+/// The NMI handler (NMI delivery of the software PMI): the crate's NMI entry point, which
+/// only tries this CPU's cell. Accounting and tracing are lock-free, so NMI-safe.
+fn on_nmi(_frame: &mut TrapFrame) -> Handled {
+    if !NMI_MODE.load(Ordering::Acquire) {
+        return Handled::No;
+    }
+    let cpu = percpu::cpu_id();
+    match BTS.nmi(&SOFT[cpu], &mut TraceSink, &mut NoSignals) {
+        Ok(Pmi::Overflow(o)) => account(o, cpu, "NMI"),
+        Ok(Pmi::Late) => {
+            LATE.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(Pmi::Deferred) => {
+            DEFERRED.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(Pmi::NotBts) | Err(_) => {
+            SPURIOUS.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    Handled::Yes
+}
+
+/// Runs a switch hook's result through the accounting (the CPUs are this tracer's only).
+fn hook(r: Result<Option<Overflow>, BtsError>, cpu: usize) {
+    match r {
+        Ok(Some(o)) => account(o, cpu, "switch hook"),
+        Ok(None) => {}
+        Err(e) => {
+            SPURIOUS.fetch_add(1, Ordering::Relaxed);
+            crate::trace!("bts", "switch hook on cpu {cpu}: {e:?}");
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -403,16 +471,18 @@ fn traced_task(_: u64) -> i64 {
             // The task moved: run the hooks the scheduler would have run at the switch.
             let now = apic::now_us();
             if let Some(old) = loaded_on {
-                BTS.switch_out(&mut SOFT[old].lock(), now);
+                let r = BTS.switch_out(&mut soft(old), now, &mut TraceSink, &mut NoSignals);
+                hook(r, old);
                 SCHED_EXPECTED.fetch_add(1, Ordering::Relaxed);
                 MOVES.fetch_add(1, Ordering::Relaxed);
             }
-            BTS.switch_in(&mut SOFT[cpu].lock(), &me, now);
+            let r = BTS.switch_in(&mut soft(cpu), &me, now, &mut TraceSink, &mut NoSignals);
+            hook(r, cpu);
             SCHED_EXPECTED.fetch_add(1, Ordering::Relaxed);
             loaded_on = Some(cpu);
         }
         let branches = region_step();
-        let mut soft = SOFT[cpu].lock();
+        let mut soft = soft(cpu);
         let mut pmi = false;
         for (from, to) in branches {
             let k = GENERATED.fetch_add(1, Ordering::AcqRel);
@@ -431,12 +501,15 @@ fn traced_task(_: u64) -> i64 {
         drop(soft);
         if pmi {
             // The software CPU delivered its threshold interrupt: raise it for real on this
-            // CPU; it is taken as soon as interrupts are on again.
+            // CPU; at the PMI vector it is taken as soon as interrupts are on again, as an
+            // NMI at once.
             PMIS.fetch_add(1, Ordering::Relaxed);
-            apic::send_ipi(
-                percpu::this_cpu().apic_id.load(Ordering::Relaxed),
-                PMI_VECTOR,
-            );
+            let me = percpu::this_cpu().apic_id.load(Ordering::Relaxed);
+            if NMI_MODE.load(Ordering::Acquire) {
+                apic::send_nmi(me);
+            } else {
+                apic::send_ipi(me, PMI_VECTOR);
+            }
         }
         spin::irq_restore(irq);
         if step % 8 == 7 {
@@ -447,7 +520,13 @@ fn traced_task(_: u64) -> i64 {
     // Switch-out for good: the task stops running traced code.
     let irq = spin::irq_save();
     if let Some(old) = loaded_on {
-        BTS.switch_out(&mut SOFT[old].lock(), apic::now_us());
+        let r = BTS.switch_out(
+            &mut soft(old),
+            apic::now_us(),
+            &mut TraceSink,
+            &mut NoSignals,
+        );
+        hook(r, old);
         SCHED_EXPECTED.fetch_add(1, Ordering::Relaxed);
     }
     spin::irq_restore(irq);
@@ -474,6 +553,8 @@ fn reset_counters() {
         &PMI_DRAINED,
         &TRUNCATED,
         &FULL_REPORTS,
+        &LATE,
+        &DEFERRED,
         &SPURIOUS,
         &PMIS,
         &MOVES,
@@ -542,7 +623,11 @@ pub fn bts() -> Outcome {
     } else {
         println!("  bts: unavailable ({support:?}): the software CPU stands in");
         crate::trace!("bts", "probe: BTS unavailable; software CPU");
-        soft_bts()?;
+        // The PMI at a fixed vector, then delivered as an NMI.
+        let fixed = soft_bts(false)?;
+        reset_counters();
+        let nmi = soft_bts(true)?;
+        checks::figures(format_args!("soft CPU: {fixed}; as NMI: {nmi}"));
     }
     ensure!(
         BTS.contexts() == 0,
@@ -565,9 +650,30 @@ pub fn bts() -> Outcome {
     Ok(())
 }
 
-/// The software-CPU run (see the module documentation).
-fn soft_bts() -> Outcome {
+/// A run's key figures.
+struct Figures {
+    drained: usize,
+    generated: usize,
+    drains: usize,
+    latency: u64,
+}
+
+impl core::fmt::Display for Figures {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(
+            f,
+            "{}/{} records, {} drains, teardown 1x {} us",
+            self.drained, self.generated, self.drains, self.latency
+        )
+    }
+}
+
+/// The software-CPU run (see the module documentation), the PMI delivered at [`PMI_VECTOR`]
+/// or, with `nmi`, as an NMI.
+fn soft_bts(nmi: bool) -> Result<Figures, checks::Failure> {
     trap::set_handler(PMI_VECTOR, on_pmi);
+    trap::set_handler(2, on_nmi);
+    NMI_MODE.store(nmi, Ordering::Release);
     let Some(task) = sched::spawn("bts-traced", traced_task, 0) else {
         fail!("cannot start the traced task")
     };
@@ -575,7 +681,8 @@ fn soft_bts() -> Outcome {
     let account = Account::new();
     let cfg = Config {
         size: CAPACITY * core::mem::size_of::<oskit_bts::format::BtsRecord>(),
-        flags: Flags::TRACE | Flags::ALLOC | Flags::INTERRUPT | Flags::SCHED,
+        // The task runs kernel code (CPL 0): recorded only with KERNEL.
+        flags: Flags::TRACE | Flags::KERNEL | Flags::ALLOC | Flags::INTERRUPT | Flags::SCHED,
         signal: 0,
     };
     let configured = BTS.config(&traced, &account, cfg);
@@ -662,6 +769,16 @@ fn soft_bts() -> Outcome {
         SCHED_EXPECTED.load(Ordering::Relaxed)
     );
     ensure!(
+        SPURIOUS.load(Ordering::Relaxed) == 0,
+        "{} PMIs or hook calls the tracer did not claim",
+        SPURIOUS.load(Ordering::Relaxed)
+    );
+    ensure!(
+        DEFERRED.load(Ordering::Relaxed) == 0,
+        "{} NMIs found the BTS state held",
+        DEFERRED.load(Ordering::Relaxed)
+    );
+    ensure!(
         INVALID.load(Ordering::Relaxed) == 0 && SIGNALS.load(Ordering::Relaxed) == 0,
         "{} invalid records, {} signals",
         INVALID.load(Ordering::Relaxed),
@@ -669,21 +786,25 @@ fn soft_bts() -> Outcome {
     );
     let lost = full + truncated;
     println!(
-        "  {generated} branches of the region, {stored} stored: {} records drained ({by_pmi} by \
-         {drains} threshold interrupts of {} PMIs, {final_drain} by the tracer) = {drained} \
+        "  {}: {generated} branches of the region, {stored} stored: {} records drained ({by_pmi} \
+         by {drains} overflows ({} PMIs, {} late), {final_drain} by the tracer) = {drained} \
          branches in order + {sched_records} SCHED records; {lost} lost; {} moves between CPUs",
+        if nmi { "PMI as NMI" } else { "PMI at a vector" },
         by_pmi + final_drain,
         PMIS.load(Ordering::Relaxed),
+        LATE.load(Ordering::Relaxed),
         MOVES.load(Ordering::Relaxed)
     );
     println!(
         "  untraced with interrupts off; teardown ran once in kworker {latency} us later; \
          locked pages and frames back"
     );
-    checks::figures(format_args!(
-        "soft CPU: {drained}/{generated} records, {drains} drains, teardown 1x {latency} us"
-    ));
-    Ok(())
+    Ok(Figures {
+        drained,
+        generated,
+        drains,
+        latency,
+    })
 }
 
 /// Traces a code region of this task on the real CPU (circular buffer), drains it into the
@@ -696,7 +817,8 @@ fn real_bts(mut hw: Cpu) -> Outcome {
     let account = Account::new();
     let cfg = Config {
         size: CAPACITY * core::mem::size_of::<oskit_bts::format::BtsRecord>(),
-        flags: Flags::TRACE | Flags::ALLOC,
+        // The traced region is kernel code: recorded only with KERNEL.
+        flags: Flags::TRACE | Flags::KERNEL | Flags::ALLOC,
         signal: 0,
     };
     let configured = BTS.config(&me, &account, cfg);
@@ -707,12 +829,21 @@ fn real_bts(mut hw: Cpu) -> Outcome {
     // Interrupts off: the task stays on this CPU, whose registers `hw` programs.
     let irq = spin::irq_save();
     let mut cpu = BtsCpu::new(&mut hw);
-    BTS.switch_in(&mut cpu, &me, apic::now_us());
+    let sw_in = BTS.switch_in(
+        &mut cpu,
+        &me,
+        apic::now_us(),
+        &mut TraceSink,
+        &mut NoSignals,
+    );
     for _ in 0..4 {
         core::hint::black_box(region_step());
     }
-    BTS.switch_out(&mut cpu, apic::now_us());
+    let sw_out = BTS.switch_out(&mut cpu, apic::now_us(), &mut TraceSink, &mut NoSignals);
     spin::irq_restore(irq);
+    if let Err(e) = sw_in.and(sw_out) {
+        fail!("switch hooks: {e:?}");
+    }
     let mut out = [Record::Invalid; CAPACITY];
     let n = match BTS.drain(&me, &mut out) {
         Ok(n) => n,
