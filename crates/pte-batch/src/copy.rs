@@ -86,6 +86,8 @@ impl<'m, M: FolioOps + PageAlloc> Fork<'m, M> {
 
     /// Copies `[start, end)` from `src` into `dst`, table by table, allocating the child's
     /// tables with [`PageTable::prepare`] and skipping parent addresses without a table.
+    /// [`Error::HugeMapping`] names the first address a huge parent entry maps (the tables
+    /// before it are copied).
     ///
     /// On error the entries before the failing one are copied and accounted.
     pub fn copy_range<D, S>(
@@ -103,6 +105,9 @@ impl<'m, M: FolioOps + PageAlloc> Fork<'m, M> {
         let mut addr = start;
         while addr < end {
             let next = table_end(addr).map_or(end, |e| e.min(end));
+            if !src.has_table(addr) && src.is_huge(addr) {
+                return Err(Error::HugeMapping { addr });
+            }
             if src.has_table(addr) {
                 dst.prepare(addr)?;
                 // No rescheduling: the loop drops its progress counter.
@@ -271,8 +276,7 @@ impl<'m, M: FolioOps + PageAlloc> Fork<'m, M> {
         S: PageTable<Format = D::Format>,
     {
         if !D::Format::is_present(pte) {
-            self.copy_nonpresent_pte(dst, addr, pte, hot)?;
-            return Ok(1);
+            return self.copy_nonpresent_pte(dst, src, addr, pte, hot);
         }
         let max_nr = ((end - addr) / PAGE_SIZE) as usize;
         match self.copy_present_inner(dst, src, addr, pte, max_nr, hot) {

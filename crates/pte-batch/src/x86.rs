@@ -149,8 +149,9 @@ impl TlbFlush for NoTlb {
 /// A live x86-64 4-level address space, as a [`PageTable`] over its last-level tables.
 ///
 /// Upper levels are walked through the window on each table change (the last table found is
-/// cached). Huge (PS) mappings at the PDPT/PD level are not last-level tables and read as
-/// absent; a physical address the window does not cover reads as absent too, so a corrupt
+/// cached). Huge (PS) mappings at the PDPT/PD level are not last-level tables: they read as
+/// absent, [`PageTable::is_huge`] reports them, and copy and zap fail there with
+/// [`Error::HugeMapping`]; a physical address the window does not cover reads as absent too, so a corrupt
 /// table cannot lead the walker out of the window.
 pub struct X86PageTables<W: PhysWindow, A: FrameAlloc, T: TlbFlush> {
     root: u64,
@@ -245,7 +246,7 @@ impl<W: PhysWindow, A: FrameAlloc, T: TlbFlush> X86PageTables<W, A, T> {
             if e & X86Flags::PRESENT.bits() != 0 {
                 if level < 3 && e & HUGE != 0 {
                     // A huge mapping is in the way: not ours to split.
-                    return Err(Error::InvalidRange);
+                    return Err(Error::HugeMapping { addr });
                 }
                 table = e & ADDR_MASK;
                 continue;
@@ -315,6 +316,24 @@ impl<W: PhysWindow, A: FrameAlloc, T: TlbFlush> PageTable for X86PageTables<W, A
 
     fn has_table(&self, addr: u64) -> bool {
         self.walk(addr).is_some()
+    }
+
+    fn is_huge(&self, addr: u64) -> bool {
+        let mut table = self.root;
+        for level in [3, 2, 1] {
+            let Some(slot) = self.slot(table, Self::index(addr, level)) else {
+                return false;
+            };
+            let e = slot.load(Ordering::Acquire);
+            if e & X86Flags::PRESENT.bits() == 0 {
+                return false;
+            }
+            if level < 3 && e & HUGE != 0 {
+                return true;
+            }
+            table = e & ADDR_MASK;
+        }
+        false
     }
 
     fn prepare(&mut self, addr: u64) -> Result<(), Error> {

@@ -185,7 +185,7 @@ fn walker_survives_huge_and_wild_upper_entries() {
     assert!(!t.has_table(0));
     assert_eq!(t.get(0x1000), 0);
     t.set(0x1000, 0x1234_5067); // ignored, no table
-    assert_eq!(t.prepare(0x1000), Err(Error::InvalidRange));
+    assert_eq!(t.prepare(0x1000), Err(Error::HugeMapping { addr: 0x1000 }));
     assert!(!t.has_table(0x4000_0000));
     assert_eq!(t.get(0x4000_0000), 0);
     assert_eq!(t.prepare(0x4000_0000), Err(Error::NoMemory));
@@ -220,4 +220,93 @@ fn atomic_updates_keep_hardware_bits() {
     let gathered = t.get_and_clear_ptes(0x20_0000, 4);
     assert!(X86Pte::is_dirty(gathered) && X86Pte::pfn(gathered) == 0x100);
     assert_eq!(t.get(0x20_3000), 0);
+}
+
+/// A PMD-level (2 MiB) and a PUD-level (1 GiB) huge entry in the middle of a range: copy and
+/// zap handle the tables before it, then report the huge mapping by its address instead of
+/// skipping it.
+#[test]
+fn huge_entries_are_reported_not_skipped() {
+    let mut phys = Phys::new(16);
+    let window = phys.window();
+    // PML4[0] -> PDPT (frame 2); PDPT[0] -> PD (frame 3); PD[0] -> PT (frame 4);
+    // PD[1] is a 2 MiB leaf (PS); PDPT[1] is a 1 GiB leaf.
+    phys.frames[1].0[0] = (2 * 4096) | 0x7;
+    phys.frames[2].0[0] = (3 * 4096) | 0x7;
+    phys.frames[3].0[0] = (4 * 4096) | 0x7;
+    phys.frames[3].0[1] = 0x4000_0000 | 0xe7; // P RW U A D PS
+    phys.frames[2].0[1] = 0x8000_0000 | 0xe7;
+    phys.frames[4].0[5] = X86Pte::with_pfn(flags(), PFN);
+    let vma = Vma::new(VmFlags::MAYWRITE | VmFlags::WRITE, X86Pte::USER_READONLY);
+    let mut pages = vec![SimPage::default(); 64];
+    let mut f = SimFolios::new(PFN, &mut pages);
+    f.add_folio(PFN, 0, true).unwrap();
+    f.account_mapping(PFN);
+    let (mut ptlb, mut ctlb) = (CountTlb::default(), CountTlb::default());
+    let (mut palloc, mut calloc) = (Bump { next: 5, end: 8 }, Bump { next: 8, end: 16 });
+    // SAFETY: frame 1 is the parent's PML4 (frames 2-4 its tables), frame 7 a zeroed PML4
+    // for the child; the allocators hand out disjoint unused frames; `phys` outlives both.
+    let (mut parent, mut child) = unsafe {
+        (
+            X86PageTables::new(4096, window, &mut palloc, &mut ptlb),
+            X86PageTables::new(7 * 4096, window, &mut calloc, &mut ctlb),
+        )
+    };
+    assert!(!parent.has_table(0x20_0000) && parent.is_huge(0x20_0000));
+    assert!(!parent.has_table(0x4000_0000) && parent.is_huge(0x4000_0000));
+    assert!(!parent.is_huge(0x80_0000_0000));
+    let mut fork = Fork::new(&mut f, vma, vma);
+    assert_eq!(
+        fork.copy_range(&mut child, &mut parent, 0, 0x40_0000),
+        Err(Error::HugeMapping { addr: 0x20_0000 })
+    );
+    assert_eq!(
+        fork.rss().anon,
+        1,
+        "the table before the huge entry is copied"
+    );
+    drop(fork);
+    let mut fork = Fork::new(&mut f, vma, vma);
+    assert_eq!(
+        fork.copy_range(&mut child, &mut parent, 0x3fe0_0000, 0x4020_0000),
+        Err(Error::HugeMapping { addr: 0x4000_0000 })
+    );
+    drop(fork);
+    assert_eq!(
+        oskit_pte_batch::reference::copy_range(
+            &mut child,
+            &mut parent,
+            &mut f,
+            vma,
+            vma,
+            0x20_0000,
+            0x40_0000,
+            &mut Default::default()
+        ),
+        Err(Error::HugeMapping { addr: 0x20_0000 })
+    );
+    let mut zap = Zap::new(&mut f, vma);
+    assert_eq!(
+        zap.zap_range(&mut parent, 0, 0x40_0000),
+        Err(Error::HugeMapping { addr: 0x20_0000 })
+    );
+    assert_eq!(zap.rss().anon, -1);
+    assert_eq!(
+        oskit_pte_batch::reference::zap_range(
+            &mut parent,
+            &mut f,
+            vma,
+            0x3fe0_0000,
+            0x4020_0000,
+            &mut Default::default()
+        ),
+        Err(Error::HugeMapping { addr: 0x4000_0000 })
+    );
+    let _ = (parent.into_parts(), child.into_parts());
+    assert_eq!(
+        phys.frames[3].0[1],
+        0x4000_0000 | 0xe7,
+        "huge entry untouched"
+    );
+    assert_eq!(f.violations(), 0);
 }
