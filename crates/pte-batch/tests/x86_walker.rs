@@ -310,3 +310,102 @@ fn huge_entries_are_reported_not_skipped() {
     );
     assert_eq!(f.violations(), 0);
 }
+
+/// Another thread sets the accessed and dirty bits of a present entry as the MMU does (a locked
+/// read-modify-write that only touches a present entry) while the walker write-protects and
+/// clears the same entry in a loop: every bit the "MMU" set is in the value the clear returns.
+/// A walker that wrote back a value it had loaded (load + store instead of `fetch_and` /
+/// `swap`) would lose some. The operations copy and zap use per entry (`wrprotect_ptes`,
+/// `get_and_clear`, `get_and_clear_ptes`) are the ones raced.
+#[test]
+fn concurrent_accessed_dirty_updates_are_never_lost() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    const A: u64 = X86Flags::ACCESSED.bits();
+    const D: u64 = X86Flags::DIRTY.bits();
+    const VA: u64 = 0x20_0000;
+    let mut phys = Phys::new(8);
+    let window = phys.window();
+    let mut alloc = Bump { next: 2, end: 8 };
+    let mut tlb = CountTlb::default();
+    // SAFETY: frame 1 is a zeroed PML4 in `phys`, which outlives the walker and the thread.
+    let mut t = unsafe { X86PageTables::new(4096, window, &mut alloc, &mut tlb) };
+    t.prepare(VA).unwrap();
+    t.set(VA, 0x1234_5000 | 1);
+    // The entry's slot: the only frame in `phys` holding that value.
+    let slot = phys
+        .frames
+        .iter()
+        .flat_map(|f| f.0.iter())
+        .position(|&e| e == 0x1234_5000 | 1)
+        .unwrap();
+    let slot_addr = phys.frames.as_ptr() as usize + slot * 8;
+    t.set(VA, 0);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let updates = Arc::new(AtomicU64::new(0));
+    let mmu = {
+        let (stop, updates) = (stop.clone(), updates.clone());
+        std::thread::spawn(move || {
+            // SAFETY: the slot lies in `phys`, alive until this thread is joined; every access
+            // to it is atomic.
+            let slot = unsafe { AtomicU64::from_ptr(slot_addr as *mut u64) };
+            let (mut accessed, mut dirtied) = (0u64, 0u64);
+            while !stop.load(Ordering::Relaxed) {
+                let cur = slot.load(Ordering::Relaxed);
+                if cur & 1 == 0 || cur & (A | D) == A | D {
+                    std::hint::spin_loop();
+                    continue;
+                }
+                // A first, then D on a later pass, as a read then a write would.
+                let bit = if cur & A == 0 { A } else { D };
+                if slot
+                    .compare_exchange(cur, cur | bit, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+                {
+                    if bit == A {
+                        accessed += 1;
+                    } else {
+                        dirtied += 1;
+                    }
+                    updates.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            (accessed, dirtied)
+        })
+    };
+    let writable = (X86Flags::PRESENT | X86Flags::RW | X86Flags::USER).bits();
+    let (mut seen_a, mut seen_d) = (0u64, 0u64);
+    let start = std::time::Instant::now();
+    let mut rounds = 0u64;
+    // Until the MMU has raced a few thousand times (rounds are cheap; the two threads share
+    // the CPUs with everything else), at most 10 s.
+    while updates.load(Ordering::Relaxed) < 4000 && start.elapsed().as_secs() < 10 {
+        rounds += 1;
+        // Present again while empty: the MMU does not touch a non-present entry.
+        t.set(VA, X86Pte::with_pfn(writable, 0x100));
+        for _ in 0..8 {
+            t.wrprotect_ptes(VA, 1);
+        }
+        let last = if rounds % 2 == 0 {
+            t.get_and_clear(VA)
+        } else {
+            t.get_and_clear_ptes(VA, 1)
+        };
+        seen_a += u64::from(last & A != 0);
+        seen_d += u64::from(last & D != 0);
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (accessed, dirtied) = mmu.join().unwrap();
+    let _ = t.into_parts();
+    assert_eq!(
+        (seen_a, seen_d),
+        (accessed, dirtied),
+        "bits the MMU set vs bits the clears returned, {rounds} rounds"
+    );
+    assert!(
+        accessed + dirtied >= 1000,
+        "the MMU thread barely ran ({accessed} updates in {rounds} rounds)"
+    );
+}
