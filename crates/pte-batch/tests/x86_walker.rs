@@ -381,7 +381,9 @@ fn concurrent_accessed_dirty_updates_are_never_lost() {
     let mut rounds = 0u64;
     // Until the MMU has raced a few thousand times (rounds are cheap; the two threads share
     // the CPUs with everything else), at most 10 s.
-    while updates.load(Ordering::Relaxed) < 4000 && start.elapsed().as_secs() < 10 {
+    // (Under Miri, whose scheduler interleaves the threads itself, a few dozen.)
+    let (want, least) = if cfg!(miri) { (40, 10) } else { (4000, 1000) };
+    while updates.load(Ordering::Relaxed) < want && start.elapsed().as_secs() < 10 {
         rounds += 1;
         // Present again while empty: the MMU does not touch a non-present entry.
         t.set(VA, X86Pte::with_pfn(writable, 0x100));
@@ -405,7 +407,7 @@ fn concurrent_accessed_dirty_updates_are_never_lost() {
         "bits the MMU set vs bits the clears returned, {rounds} rounds"
     );
     assert!(
-        accessed + dirtied >= 1000,
+        accessed + dirtied >= least,
         "the MMU thread barely ran ({accessed} updates in {rounds} rounds)"
     );
 }
