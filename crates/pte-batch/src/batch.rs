@@ -143,6 +143,19 @@ fn scan<T: PageTable + ?Sized, const DIRTY: bool, const SOFT: bool>(
         }
         return Batch { nr, any_writable };
     }
+    if let Some(run) = table.atomic_entries(addr + PAGE_SIZE, rest) {
+        // Memory the MMU updates: compare in place, one relaxed load each.
+        for slot in run {
+            let next = slot.load(core::sync::atomic::Ordering::Relaxed);
+            if key::<F<T>, DIRTY, SOFT>(next) != expected {
+                break;
+            }
+            any_writable |= F::<T>::is_writable(next);
+            expected = expected.wrapping_add(step);
+            nr += 1;
+        }
+        return Batch { nr, any_writable };
+    }
     // Otherwise a chunk at a time through the backend's reads.
     let mut buf = [0u64; 16];
     'outer: while nr < limit {

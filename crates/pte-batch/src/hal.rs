@@ -158,6 +158,15 @@ pub trait PageTable {
         let _ = (addr, nr);
         None
     }
+    /// The `nr` entries from `addr` (in one table) as atomics, when the table is memory the MMU
+    /// may update concurrently (accessed/dirty) and whose words are what [`get`](Self::get)
+    /// returns: the batch scan then compares them in place with relaxed loads, without copying.
+    /// The default, `None`, makes it use [`raw_entries`](Self::raw_entries) or
+    /// [`get_many`](Self::get_many).
+    fn atomic_entries(&self, addr: u64, nr: usize) -> Option<&[core::sync::atomic::AtomicU64]> {
+        let _ = (addr, nr);
+        None
+    }
     /// Maps `nr` consecutive pages: entry `i` is `pte` advanced by `i` frames (`set_ptes`). The
     /// caller guarantees the frames belong to one folio.
     fn set_ptes(&mut self, addr: u64, pte: u64, nr: usize) {
@@ -239,6 +248,9 @@ impl<T: PageTable + ?Sized> PageTable for &mut T {
     }
     fn raw_entries(&self, addr: u64, nr: usize) -> Option<&[u64]> {
         (**self).raw_entries(addr, nr)
+    }
+    fn atomic_entries(&self, addr: u64, nr: usize) -> Option<&[core::sync::atomic::AtomicU64]> {
+        (**self).atomic_entries(addr, nr)
     }
     fn set_ptes(&mut self, addr: u64, pte: u64, nr: usize) {
         (**self).set_ptes(addr, pte, nr)

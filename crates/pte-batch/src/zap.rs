@@ -296,10 +296,17 @@ impl<'m, M: FolioOps> Zap<'m, M> {
     fn flush<T: PageTable>(&mut self, table: &mut T, start: u64, end: u64) {
         table.flush_tlb_range(start, end);
         self.stats.tlb_flushes += 1;
-        for i in 0..self.gathered {
-            let (folio, pfn, nr) = self.gather[i];
-            self.mem.remove_rmap(&folio, pfn, nr);
-            self.mem.ref_sub(&folio, nr);
+        let mem = &mut *self.mem;
+        for &(folio, pfn, nr) in &self.gather[..self.gathered] {
+            if nr == 1 {
+                // A small folio's page (`folio_put`): the constant lets the backend's
+                // one-page path be inlined as such.
+                mem.remove_rmap(&folio, pfn, 1);
+                mem.ref_sub(&folio, 1);
+            } else {
+                mem.remove_rmap(&folio, pfn, nr);
+                mem.ref_sub(&folio, nr);
+            }
         }
         self.gathered = 0;
     }

@@ -134,6 +134,9 @@ impl<X: PageTable> PageTable for Ordered<'_, X> {
     fn raw_entries(&self, addr: u64, nr: usize) -> Option<&[u64]> {
         self.inner.raw_entries(addr, nr)
     }
+    fn atomic_entries(&self, addr: u64, nr: usize) -> Option<&[core::sync::atomic::AtomicU64]> {
+        self.inner.atomic_entries(addr, nr)
+    }
     fn set_ptes(&mut self, addr: u64, pte: u64, nr: usize) {
         self.inner.set_ptes(addr, pte, nr)
     }
