@@ -78,7 +78,7 @@ fn build_probe(krate: &str) -> Result<PathBuf, String> {
         "--example",
         "icount",
     ]);
-    build.args(probe_features(krate));
+    build.args(extra_features(krate));
     let out = build.output().map_err(|e| format!("cargo: {e}"))?;
     if !out.status.success() {
         return Err(format!(
@@ -90,9 +90,9 @@ fn build_probe(krate: &str) -> Result<PathBuf, String> {
     Ok(cmd::root().join("target/release/examples/icount"))
 }
 
-/// Features a crate's icount example needs beyond its defaults (pte-batch: the real x86-64
-/// walker's probes).
-fn probe_features(krate: &str) -> &'static [&'static str] {
+/// Features a crate's icount example and benches need beyond its defaults (pte-batch: the real
+/// x86-64 walker's probes and bench group).
+pub fn extra_features(krate: &str) -> &'static [&'static str] {
     match krate {
         "pte-batch" => &["--features", "x86"],
         _ => &[],

@@ -110,7 +110,9 @@ where
         }
     }
     if src_vma.is_cow() && F::<D>::is_writable(pte) {
-        src.set(addr, F::<D>::wrprotect(src.get(addr)));
+        // The backend's write-protect of one entry (`ptep_set_wrprotect`): atomic on real
+        // hardware, so the MMU's accessed/dirty updates are kept.
+        src.wrprotect_ptes(addr, 1);
         let e = addr + PAGE_SIZE;
         *wp = Some(wp.map_or((addr, e), |(s, _)| (s, e)));
         pte = F::<D>::wrprotect(pte);

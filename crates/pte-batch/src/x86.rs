@@ -21,6 +21,37 @@ const HUGE: u64 = 1 << 7;
 /// What an upper-level entry pointing to a new table carries: the leaf decides permissions.
 const TABLE_FLAGS: u64 = X86Flags::PRESENT.bits() | X86Flags::RW.bits() | X86Flags::USER.bits();
 
+/// The bits the MMU sets on its own (with a locked read-modify-write of a present entry).
+const HW_BITS: u64 = X86Flags::ACCESSED.bits() | X86Flags::DIRTY.bits();
+
+/// Replaces `slot`'s value `old` (just loaded) by `new`, keeping any accessed/dirty bit the MMU
+/// sets meanwhile. Only the MMU writes an entry concurrently (software holds the page-table
+/// lock), and it only ever sets accessed and dirty: when `old` has both, it has nothing left to
+/// write, so a plain store loses nothing; otherwise the update is a locked `fetch_and` of the
+/// cleared bits (`new` must be `old` with bits cleared).
+#[inline(always)]
+fn write_keeping_hw_bits(slot: &AtomicU64, old: u64, new: u64) {
+    if old & HW_BITS == HW_BITS {
+        slot.store(new, Ordering::Relaxed);
+    } else {
+        slot.fetch_and(new | HW_BITS, Ordering::Relaxed);
+    }
+}
+
+/// Clears `slot` and returns its last value with every accessed/dirty bit the MMU set (a plain
+/// load and store when the entry already has both, an atomic exchange otherwise).
+#[inline(always)]
+fn take(slot: &AtomicU64) -> u64 {
+    let v = slot.load(Ordering::Relaxed);
+    if v & HW_BITS == HW_BITS || v & X86Flags::PRESENT.bits() == 0 {
+        // Nothing the MMU would set (or a non-present entry, which it never writes).
+        slot.store(0, Ordering::Relaxed);
+        v
+    } else {
+        slot.swap(0, Ordering::Relaxed)
+    }
+}
+
 /// Access to page-table frames by physical address.
 ///
 /// # Safety
@@ -353,17 +384,16 @@ impl<W: PhysWindow, A: FrameAlloc, T: TlbFlush> PageTable for X86PageTables<W, A
         let last = first.saturating_add(nr).min(PTRS_PER_TABLE);
         for i in first..last {
             let s = self.entry(t, i);
-            // Atomic, and only where writable: an accessed/dirty update by the MMU in between
-            // is kept.
-            if s.load(Ordering::Relaxed) & X86Flags::RW.bits() != 0 {
-                s.fetch_and(!X86Flags::RW.bits(), Ordering::Relaxed);
+            let v = s.load(Ordering::Relaxed);
+            if v & X86Flags::RW.bits() != 0 {
+                write_keeping_hw_bits(s, v, v & !X86Flags::RW.bits());
             }
         }
     }
 
     #[inline(always)]
     fn get_and_clear(&mut self, addr: u64) -> u64 {
-        self.leaf(addr).map_or(0, |s| s.swap(0, Ordering::Relaxed))
+        self.leaf(addr).map_or(0, take)
     }
 
     /// One walk, then one atomic exchange per entry; accessed/dirty gathered into the first.
@@ -375,10 +405,10 @@ impl<W: PhysWindow, A: FrameAlloc, T: TlbFlush> PageTable for X86PageTables<W, A
         if last <= first {
             return 0;
         }
-        let head = self.entry(t, first).swap(0, Ordering::Relaxed);
+        let head = take(self.entry(t, first));
         let mut bits = 0;
         for i in first + 1..last {
-            bits |= self.entry(t, i).swap(0, Ordering::Relaxed);
+            bits |= take(self.entry(t, i));
         }
         let mut head = head;
         if X86Pte::is_dirty(bits) {
