@@ -167,6 +167,13 @@ pub trait PageTable {
         let _ = (addr, nr);
         None
     }
+    /// The entry mapping `addr` (as [`get`](Self::get)) and how many entries from `addr` (at
+    /// least 1, in one table) the backend knows map consecutive frames alike
+    /// (`pte_batch_hint`: the rest of a folded contiguous block). The batch scan compares the
+    /// entry and skips the rest of the run. The default knows nothing: `(get(addr), 1)`.
+    fn get_run(&self, addr: u64) -> (u64, usize) {
+        (self.get(addr), 1)
+    }
     /// Maps `nr` consecutive pages: entry `i` is `pte` advanced by `i` frames (`set_ptes`). The
     /// caller guarantees the frames belong to one folio.
     fn set_ptes(&mut self, addr: u64, pte: u64, nr: usize) {
@@ -251,6 +258,9 @@ impl<T: PageTable + ?Sized> PageTable for &mut T {
     }
     fn atomic_entries(&self, addr: u64, nr: usize) -> Option<&[core::sync::atomic::AtomicU64]> {
         (**self).atomic_entries(addr, nr)
+    }
+    fn get_run(&self, addr: u64) -> (u64, usize) {
+        (**self).get_run(addr)
     }
     fn set_ptes(&mut self, addr: u64, pte: u64, nr: usize) {
         (**self).set_ptes(addr, pte, nr)

@@ -31,4 +31,6 @@ pub struct TableStats {
     /// Entries write-protected (not next to `writes`, so that counting both stays two plain
     /// increments rather than one vector update).
     pub wrprotects: u64,
+    /// Raw entries read ([`ContSpace`] only: a folded block's gathered read counts 16).
+    pub reads: u64,
 }

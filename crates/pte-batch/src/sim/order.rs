@@ -137,6 +137,9 @@ impl<X: PageTable> PageTable for Ordered<'_, X> {
     fn atomic_entries(&self, addr: u64, nr: usize) -> Option<&[core::sync::atomic::AtomicU64]> {
         self.inner.atomic_entries(addr, nr)
     }
+    fn get_run(&self, addr: u64) -> (u64, usize) {
+        self.inner.get_run(addr)
+    }
     fn set_ptes(&mut self, addr: u64, pte: u64, nr: usize) {
         self.inner.set_ptes(addr, pte, nr)
     }
