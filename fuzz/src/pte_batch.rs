@@ -1,9 +1,12 @@
 //! Harnesses of `oskit-pte-batch`.
 
 use oskit_pte_batch::hal::{PAGE_SIZE, PTRS_PER_TABLE};
-use oskit_pte_batch::sim::{ContSpace, SimFolios, SimPage, SimSpace};
+use std::cell::RefCell;
+
+use oskit_pte_batch::sim::{ContSpace, OrderLog, Ordered, SimFolios, SimPage, SimSpace};
 use oskit_pte_batch::{
-    Arm64Pte, FolioOps, Fork, PageTable, PteFormat, Rss, VmFlags, Vma, X86Pte, Zap, reference,
+    Arm64Pte, FolioOps, Fork, NonPresent, PageTable, PteFormat, Rss, VmFlags, Vma, X86Pte, Zap,
+    reference,
 };
 
 const BASE: u64 = 0x7f00_0000_0000;
@@ -102,6 +105,19 @@ fn build<F: PteFormat>(
         }
     }
     for e in entries.iter_mut() {
+        if !F::is_none(*e) && !F::is_present(*e) {
+            // A device entry holds a mapping of its page like a present one.
+            if let NonPresent::DevicePrivate { pfn, .. } | NonPresent::DeviceExclusive { pfn } =
+                NonPresent::decode::<F>(*e)
+            {
+                if f.folio(pfn).is_none() && f.page(pfn).is_some() {
+                    *e = 0;
+                } else {
+                    f.account_mapping(pfn);
+                }
+            }
+            continue;
+        }
         if F::is_present(*e) && !F::is_special(*e) {
             // A table mapping a free frame is a corrupt kernel, outside any contract: the
             // frame may be handed out as a child's copy.
@@ -279,10 +295,21 @@ pub fn copy_zap(data: &[u8]) {
     ] {
         let mut f = SimFolios::from_pages(BASE_PFN, pages);
         for (t, vma) in [(child, dst), (parent, src)] {
-            let mut s = SimSpace::<X86Pte>::new(BASE, t);
-            let mut zap = Zap::new(&mut f, vma);
+            // Every rmap removal and reference drop after the flush covering its entry.
+            let log = RefCell::new(OrderLog::new());
+            let mut s = Ordered::new(SimSpace::<X86Pte>::new(BASE, t), &log);
+            let mut of = Ordered::new(&mut f, &log);
+            let mut zap = Zap::new(&mut of, vma);
             zap.zap_range(&mut s, addr(0), addr(ENTRIES)).expect("zap");
-            assert!(s.entries().iter().all(|&e| e == 0));
+            let log = log.borrow();
+            assert!(!log.overflowed());
+            assert_eq!(
+                log.violations(),
+                0,
+                "page released before its TLB flush: {:?}",
+                log.first_violation()
+            );
+            assert!(s.inner().entries().iter().all(|&e| e == 0));
         }
         assert_eq!(f.violations(), 0, "zap broke refcount >= mapcount");
         no_leaks(f.pages());

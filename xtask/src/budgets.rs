@@ -78,6 +78,7 @@ fn build_probe(krate: &str) -> Result<PathBuf, String> {
         "--example",
         "icount",
     ]);
+    build.args(extra_features(krate));
     let out = build.output().map_err(|e| format!("cargo: {e}"))?;
     if !out.status.success() {
         return Err(format!(
@@ -87,6 +88,15 @@ fn build_probe(krate: &str) -> Result<PathBuf, String> {
         ));
     }
     Ok(cmd::root().join("target/release/examples/icount"))
+}
+
+/// Features a crate's icount example and benches need beyond its defaults (pte-batch: the real
+/// x86-64 walker's probes and bench group).
+pub fn extra_features(krate: &str) -> &'static [&'static str] {
+    match krate {
+        "pte-batch" => &["--features", "x86"],
+        _ => &[],
+    }
 }
 
 /// Instructions callgrind counts inside `icount_<probe>` for `iters` operations.

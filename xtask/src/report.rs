@@ -187,6 +187,7 @@ pub fn bench_report(crates: &[&str]) -> Result<PathBuf, String> {
         let mut bench = cmd::cargo();
         bench
             .args(["bench", "-p", &package])
+            .args(crate::budgets::extra_features(krate))
             .env("CRITERION_HOME", &out_dir);
         cmd::run(&mut bench)?;
         doc += &table(&collect(&out_dir));

@@ -560,7 +560,9 @@ pub fn bench(args: &[String]) -> Result<(), String> {
             .join("benches")
             .exists()
         {
-            cmd::run(&mut cargo(&["bench", "-p", &package(krate)]))?;
+            let mut bench = cargo(&["bench", "-p", &package(krate)]);
+            bench.args(crate::budgets::extra_features(krate));
+            cmd::run(&mut bench)?;
         } else {
             println!("bench: {} has no benches", package(krate));
         }

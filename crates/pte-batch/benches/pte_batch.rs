@@ -1,6 +1,9 @@
 //! Copy (fork) and zap (munmap) of 65,536 PTEs (256 MiB) mapping folios of 4 KiB, 16 KiB,
 //! 64 KiB and 2 MiB: batched vs the per-PTE reference, in the same group.
 //!
+//! With feature `x86`, the same on the real x86-64 walker (`X86PageTables` over 4-level page
+//! tables in ordinary memory), batched and per-PTE on the same tables in one group.
+//!
 //! Also prints, once, the page-table writes, write-protects and TLB operations per MiB for the
 //! x86 model and the arm64 contiguous-bit model.
 
@@ -139,6 +142,86 @@ fn bench_zap(c: &mut Criterion) {
     g.finish();
 }
 
+/// Copy and zap on the real x86-64 walker: batched and per-PTE on the same tables.
+#[cfg(all(feature = "x86", target_arch = "x86_64"))]
+fn bench_x86_walker(c: &mut Criterion) {
+    use support::real::Real;
+    let mut g = c.benchmark_group("x86_walker_65536_ptes");
+    g.sample_size(10)
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(1));
+    for (name, order) in [("4K", 0u8), ("64K", 4), ("2M", 9)] {
+        let mut real = Real::new(N, order);
+        for (op, copy) in [("copy", true), ("zap", false)] {
+            for (label, batched) in [("oskit-batched", true), ("per-pte-reference", false)] {
+                let id = BenchmarkId::new(label, format!("{op} {name}"));
+                g.bench_with_input(id, &order, |b, _| {
+                    b.iter_custom(|iters| {
+                        let mut total = Duration::ZERO;
+                        for _ in 0..iters {
+                            real.reset();
+                            let t = Instant::now();
+                            if copy {
+                                black_box(real.copy(batched));
+                            } else {
+                                black_box(real.zap(batched));
+                            }
+                            total += t.elapsed();
+                        }
+                        total
+                    })
+                });
+            }
+        }
+    }
+    g.finish();
+}
+
+#[cfg(not(all(feature = "x86", target_arch = "x86_64")))]
+fn bench_x86_walker(_c: &mut Criterion) {}
+
+/// Interleaved batched/per-PTE runs on the real walker, minimum of each.
+#[cfg(all(feature = "x86", target_arch = "x86_64"))]
+fn report_x86_min_times() {
+    use support::real::Real;
+    const REPS: usize = 41;
+    eprintln!("\nreal x86-64 walker, minimum of {REPS} interleaved runs (ms):");
+    eprintln!("folio | copy batched | copy per_pte | ratio | zap batched | zap per_pte | ratio");
+    for (name, order) in [("4K", 0u8), ("64K", 4), ("2M", 9)] {
+        if std::env::var("PTE_BATCH_ONLY").is_ok_and(|only| only != name) {
+            continue;
+        }
+        let mut real = Real::new(N, order);
+        let mut best = [f64::MAX; 4];
+        for rep in 0..REPS {
+            for j in 0..4 {
+                let k = (j + rep) % 4;
+                real.reset();
+                let t = Instant::now();
+                match k {
+                    0 => black_box(real.copy(true)),
+                    1 => black_box(real.copy(false)),
+                    2 => black_box(real.zap(true)),
+                    _ => black_box(real.zap(false)),
+                };
+                best[k] = best[k].min(t.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        eprintln!(
+            "{name:>5} | {:>12.3} | {:>12.3} | {:>5.2} | {:>11.3} | {:>11.3} | {:>5.2}",
+            best[0],
+            best[1],
+            best[1] / best[0],
+            best[2],
+            best[3],
+            best[3] / best[2]
+        );
+    }
+}
+
+#[cfg(not(all(feature = "x86", target_arch = "x86_64")))]
+fn report_x86_min_times() {}
+
 /// Page-table and TLB operations per MiB of a fork of the arm64 contiguous-bit model, whose
 /// parent was populated with `set_ptes` (so large folios are folded).
 fn arm64_ops(order: u8, batched: bool) -> (TableStats, TableStats) {
@@ -225,6 +308,7 @@ fn report_min_times() {
 fn report_ops(_c: &mut Criterion) {
     if std::env::args().any(|a| a == "--bench") {
         report_min_times();
+        report_x86_min_times();
     }
     let mib = (N as u64 * PAGE_SIZE) >> 20;
     eprintln!("\nfork operations per MiB (256 MiB copied, COW, all writable):");
@@ -248,5 +332,5 @@ fn report_ops(_c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, report_ops, bench_copy, bench_zap);
+criterion_group!(benches, report_ops, bench_copy, bench_zap, bench_x86_walker);
 criterion_main!(benches);

@@ -5,6 +5,9 @@
 //! `{copy,zap}_{4k,16k,64k,2m}` run the batched code over a COW anon mapping of folios of that
 //! size (`4k`: every PTE takes the single-PTE path); `{copy,zap}_{size}_reference` run the
 //! per-PTE reference (Linux before batching) on the same table.
+//!
+//! `x86_{copy,zap}_{4k,64k,2m}[_reference]` (feature `x86`) run the same on the real x86-64
+//! walker (`X86PageTables`) over 4-level page tables in ordinary memory.
 
 #[path = "../benches/support/mod.rs"]
 mod support;
@@ -113,6 +116,68 @@ probes! {
     icount_zap_2m_reference = zap_reference, 9u8;
 }
 
+#[cfg(all(feature = "x86", target_arch = "x86_64"))]
+#[allow(unreachable_pub)]
+mod x86_probes {
+    use super::support::real::Real;
+
+    type Probe = fn(&mut Real);
+
+    macro_rules! real_probes {
+        ($($name:ident = $copy:expr, $batched:expr, $order:expr;)*) => {
+            $(
+                /// Runs one real-walker probe (folios of the given order).
+                #[unsafe(no_mangle)]
+                #[inline(never)]
+                pub fn $name(real: &mut Real) {
+                    std::hint::black_box($order);
+                    if $copy {
+                        std::hint::black_box(real.copy($batched));
+                    } else {
+                        std::hint::black_box(real.zap($batched));
+                    }
+                }
+            )*
+            /// The probe named `name` (without `icount_`), its folio order and whether it
+            /// copies.
+            pub fn lookup(name: &str) -> Option<(Probe, u8, bool)> {
+                $(
+                    if stringify!($name).strip_prefix("icount_") == Some(name) {
+                        return Some(($name as Probe, $order, $copy));
+                    }
+                )*
+                None
+            }
+        };
+    }
+
+    real_probes! {
+        icount_x86_copy_4k = true, true, 0u8;
+        icount_x86_copy_64k = true, true, 4u8;
+        icount_x86_copy_2m = true, true, 9u8;
+        icount_x86_copy_4k_reference = true, false, 0u8;
+        icount_x86_copy_64k_reference = true, false, 4u8;
+        icount_x86_copy_2m_reference = true, false, 9u8;
+        icount_x86_zap_4k = false, true, 0u8;
+        icount_x86_zap_64k = false, true, 4u8;
+        icount_x86_zap_2m = false, true, 9u8;
+        icount_x86_zap_4k_reference = false, false, 0u8;
+        icount_x86_zap_64k_reference = false, false, 4u8;
+        icount_x86_zap_2m_reference = false, false, 9u8;
+    }
+
+    /// Runs `probe` over `iters` PTEs; false if it is not a real-walker probe.
+    pub fn run(probe: &str, iters: usize) -> bool {
+        let Some((run, order, copy)) = lookup(probe) else {
+            return false;
+        };
+        let mut real = Real::new(iters, order);
+        run(&mut real);
+        assert!(real.check(copy), "every PTE copied / cleared");
+        true
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let (probe, iters) = match args.as_slice() {
@@ -122,6 +187,10 @@ fn main() {
         ),
         _ => panic!("usage: icount PROBE ITERS"),
     };
+    #[cfg(all(feature = "x86", target_arch = "x86_64"))]
+    if x86_probes::run(probe, iters) {
+        return;
+    }
     let (run, order) = lookup(probe).unwrap_or_else(|| panic!("unknown probe {probe}"));
     let (mut parent, mut pages) = world::<X86Pte>(iters, order, x86_flags());
     let mut child = vec![0u64; iters];

@@ -143,10 +143,40 @@ fn scan<T: PageTable + ?Sized, const DIRTY: bool, const SOFT: bool>(
         }
         return Batch { nr, any_writable };
     }
-    // Otherwise a chunk at a time through the backend's reads.
+    if let Some(run) = table.atomic_entries(addr + PAGE_SIZE, rest) {
+        // Memory the MMU updates: compare in place, one relaxed load each.
+        for slot in run {
+            let next = slot.load(core::sync::atomic::Ordering::Relaxed);
+            if key::<F<T>, DIRTY, SOFT>(next) != expected {
+                break;
+            }
+            any_writable |= F::<T>::is_writable(next);
+            expected = expected.wrapping_add(step);
+            nr += 1;
+        }
+        return Batch { nr, any_writable };
+    }
+    // Otherwise through the backend's reads: an entry and the run it heads (a folded block is
+    // one read), then the entries up to the next 64 KiB boundary in one chunk.
     let mut buf = [0u64; 16];
     'outer: while nr < limit {
-        let chunk = &mut buf[..(limit - nr).min(16)];
+        let at = addr + nr as u64 * PAGE_SIZE;
+        let (next, run) = table.get_run(at);
+        if key::<F<T>, DIRTY, SOFT>(next) != expected {
+            break;
+        }
+        any_writable |= F::<T>::is_writable(next);
+        let n = run.clamp(1, limit - nr);
+        expected = expected.wrapping_add(step.wrapping_mul(n as u64));
+        nr += n;
+        if run > 1 || nr >= limit {
+            continue;
+        }
+        let to_boundary = 15 - ((at / PAGE_SIZE) % 16) as usize;
+        let chunk = &mut buf[..(limit - nr).min(to_boundary)];
+        if chunk.is_empty() {
+            continue;
+        }
         table.get_many(addr + nr as u64 * PAGE_SIZE, chunk);
         for &next in chunk.iter() {
             if key::<F<T>, DIRTY, SOFT>(next) != expected {

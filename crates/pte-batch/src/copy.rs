@@ -6,6 +6,8 @@ use crate::hal::{Folio, FolioOps, PAGE_SIZE, PageAlloc, PageTable, PteFormat, ta
 use crate::vma::{Rss, Vma};
 use crate::{Error, check_range};
 
+mod rare;
+
 /// Counters of what a copy did, for tests and benchmarks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct CopyStats {
@@ -84,6 +86,8 @@ impl<'m, M: FolioOps + PageAlloc> Fork<'m, M> {
 
     /// Copies `[start, end)` from `src` into `dst`, table by table, allocating the child's
     /// tables with [`PageTable::prepare`] and skipping parent addresses without a table.
+    /// [`Error::HugeMapping`] names the first address a huge parent entry maps (the tables
+    /// before it are copied).
     ///
     /// On error the entries before the failing one are copied and accounted.
     pub fn copy_range<D, S>(
@@ -101,6 +105,9 @@ impl<'m, M: FolioOps + PageAlloc> Fork<'m, M> {
         let mut addr = start;
         while addr < end {
             let next = table_end(addr).map_or(end, |e| e.min(end));
+            if !src.has_table(addr) && src.is_huge(addr) {
+                return Err(Error::HugeMapping { addr });
+            }
             if src.has_table(addr) {
                 dst.prepare(addr)?;
                 // No rescheduling: the loop drops its progress counter.
@@ -269,8 +276,7 @@ impl<'m, M: FolioOps + PageAlloc> Fork<'m, M> {
         S: PageTable<Format = D::Format>,
     {
         if !D::Format::is_present(pte) {
-            self.copy_nonpresent_pte(dst, addr, pte, hot)?;
-            return Ok(1);
+            return self.copy_nonpresent_pte(dst, src, addr, pte, hot);
         }
         let max_nr = ((end - addr) / PAGE_SIZE) as usize;
         match self.copy_present_inner(dst, src, addr, pte, max_nr, hot) {
@@ -317,22 +323,6 @@ impl<'m, M: FolioOps + PageAlloc> Fork<'m, M> {
         let r = self.copy_present_inner(dst, src, addr, pte, max_nr.max(1), &mut hot);
         self.absorb(&hot);
         r
-    }
-
-    /// Holds `pfn` (a page from [`PageAlloc::alloc_page`]) for the next possibly pinned page.
-    /// A page already held is freed.
-    pub fn preallocate(&mut self, pfn: u64) {
-        if let Some(old) = self.prealloc.replace(pfn) {
-            self.mem.free_page(old);
-        }
-    }
-
-    #[cold]
-    #[inline(never)]
-    fn drop_prealloc(&mut self) {
-        if let Some(p) = self.prealloc.take() {
-            self.mem.free_page(p);
-        }
     }
 
     /// Adds what one loop accumulated in `hot` to the totals.
@@ -398,58 +388,6 @@ impl<'m, M: FolioOps + PageAlloc> Fork<'m, M> {
             0 => Err(Error::Again),
             nr => Ok(nr),
         }
-    }
-
-    /// The child gets its own copy of a possibly pinned anon page (`copy_present_page`).
-    #[cold]
-    #[inline(never)]
-    fn copy_present_page<D: PageTable>(
-        &mut self,
-        dst: &mut D,
-        addr: u64,
-        pte: u64,
-        hot: &mut Hot,
-    ) -> Result<usize, Error> {
-        let Some(new) = self.prealloc.take() else {
-            return Err(Error::Again);
-        };
-        if let Err(e) = self.mem.copy_page(new, D::Format::pfn(pte)) {
-            self.prealloc = Some(new);
-            return Err(e);
-        }
-        self.mem.add_new_anon_rmap(new);
-        hot.rss.anon += 1;
-        hot.page_copies += 1;
-        let mut child = D::Format::mkdirty(D::Format::with_pfn(self.dst.page_prot, new));
-        if self.dst.is_writable() {
-            child = D::Format::mkwrite(child);
-        }
-        if self.dst.uffd_wp() && D::Format::is_uffd_wp(pte) {
-            child = D::Format::mk_uffd_wp(child);
-        }
-        dst.set(addr, child);
-        Ok(1)
-    }
-
-    /// A swap entry: one more reference to the swap slot; uffd-wp only if the child keeps it.
-    #[inline(never)]
-    fn copy_nonpresent_pte<D: PageTable>(
-        &mut self,
-        dst: &mut D,
-        addr: u64,
-        pte: u64,
-        hot: &mut Hot,
-    ) -> Result<(), Error> {
-        self.mem.swap_dup(pte)?;
-        hot.rss.swap += 1;
-        hot.nonpresent += 1;
-        let pte = if self.dst.uffd_wp() {
-            pte
-        } else {
-            D::Format::swp_clear_uffd_wp(pte)
-        };
-        dst.set(addr, pte);
-        Ok(())
     }
 }
 

@@ -16,28 +16,58 @@ pub enum Error {
     /// An address range that is not page aligned, is reversed, or leaves one page table where
     /// one was required.
     InvalidRange,
+    /// A huge (PS) entry at the PMD or PUD level maps `addr`: this crate copies and zaps
+    /// last-level tables only, and will not skip or split a huge mapping silently.
+    HugeMapping {
+        /// The first address of the range that the huge entry maps.
+        addr: u64,
+    },
+    /// Fork met a device-exclusive entry at `addr` and no device revoked its exclusive access
+    /// ([`FolioOps::restore_device_exclusive`](crate::FolioOps::restore_device_exclusive)).
+    DeviceExclusive {
+        /// The entry's address.
+        addr: u64,
+    },
+    /// The entry at `addr` contradicts its folio metadata (a device-private page that claims to
+    /// be DMA-pinned).
+    InvalidEntry {
+        /// The entry's address.
+        addr: u64,
+    },
 }
 
 impl Error {
     /// The Linux errno this error corresponds to (positive value).
     pub const fn errno(self) -> i32 {
         match self {
-            Error::Again => 11,           // EAGAIN
-            Error::NoMemory => 12,        // ENOMEM
-            Error::HardwarePoison => 133, // EHWPOISON
-            Error::InvalidRange => 22,    // EINVAL
+            Error::Again => 11,                  // EAGAIN
+            Error::NoMemory => 12,               // ENOMEM
+            Error::HardwarePoison => 133,        // EHWPOISON
+            Error::InvalidRange => 22,           // EINVAL
+            Error::HugeMapping { .. } => 95,     // EOPNOTSUPP
+            Error::DeviceExclusive { .. } => 16, // EBUSY
+            Error::InvalidEntry { .. } => 5,     // EIO
         }
     }
 }
 
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Error::Again => "a preallocated page is needed to copy a possibly pinned page",
-            Error::NoMemory => "out of memory",
-            Error::HardwarePoison => "source page is poisoned",
-            Error::InvalidRange => "invalid address range",
-        })
+        match self {
+            Error::Again => {
+                f.write_str("a preallocated page is needed to copy a possibly pinned page")
+            }
+            Error::NoMemory => f.write_str("out of memory"),
+            Error::HardwarePoison => f.write_str("source page is poisoned"),
+            Error::InvalidRange => f.write_str("invalid address range"),
+            Error::HugeMapping { addr } => write!(f, "huge (PMD/PUD) mapping at {addr:#x}"),
+            Error::DeviceExclusive { addr } => {
+                write!(f, "device-exclusive entry at {addr:#x} not restored")
+            }
+            Error::InvalidEntry { addr } => {
+                write!(f, "entry at {addr:#x} contradicts its folio metadata")
+            }
+        }
     }
 }
 

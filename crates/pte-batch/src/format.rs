@@ -49,6 +49,14 @@ impl X86Pte {
     pub const PFN_MASK: u64 = 0x000f_ffff_ffff_f000;
     /// Userfaultfd-wp bit of a swap entry (`_PAGE_SWP_UFFD_WP`, the `USER` bit position).
     pub const SWP_UFFD_WP: u64 = 1 << 2;
+    /// Soft-dirty bit of a swap entry (`_PAGE_SWP_SOFT_DIRTY`, the `RW` bit position).
+    pub const SWP_SOFT_DIRTY: u64 = 1 << 1;
+    /// Anon-exclusive bit of a swap entry (`_PAGE_SWP_EXCLUSIVE`, bit 7: the `PSE` position).
+    pub const SWP_EXCLUSIVE: u64 = 1 << 7;
+    /// Swap type bits, at the top of the entry (59-63).
+    const SWP_TYPE_BITS: u32 = 5;
+    /// The offset is stored inverted (L1TF mitigation) in bits 9-58.
+    const SWP_OFFSET_SHIFT: u32 = 9 + Self::SWP_TYPE_BITS;
 
     const fn has(pte: u64, f: X86Flags) -> bool {
         pte & f.bits() != 0
@@ -128,6 +136,35 @@ impl PteFormat for X86Pte {
     fn swp_clear_uffd_wp(pte: u64) -> u64 {
         pte & !Self::SWP_UFFD_WP
     }
+    fn swp_mk_uffd_wp(pte: u64) -> u64 {
+        pte | Self::SWP_UFFD_WP
+    }
+    fn mk_swp_entry(ty: u32, offset: u64) -> u64 {
+        // | TYPE (59-63) | ~OFFSET (9-58) | 0 (G) | E | .. | U (uffd-wp) | W (soft-dirty) | 0 |
+        ((!offset) << Self::SWP_OFFSET_SHIFT >> Self::SWP_TYPE_BITS)
+            | (u64::from(ty & 0x1f) << (64 - Self::SWP_TYPE_BITS))
+    }
+    fn swp_type(pte: u64) -> u32 {
+        (pte >> (64 - Self::SWP_TYPE_BITS)) as u32
+    }
+    fn swp_offset(pte: u64) -> u64 {
+        (!pte) << Self::SWP_TYPE_BITS >> Self::SWP_OFFSET_SHIFT
+    }
+    fn swp_is_exclusive(pte: u64) -> bool {
+        pte & Self::SWP_EXCLUSIVE != 0
+    }
+    fn swp_mk_exclusive(pte: u64) -> u64 {
+        pte | Self::SWP_EXCLUSIVE
+    }
+    fn swp_clear_exclusive(pte: u64) -> u64 {
+        pte & !Self::SWP_EXCLUSIVE
+    }
+    fn swp_is_soft_dirty(pte: u64) -> bool {
+        pte & Self::SWP_SOFT_DIRTY != 0
+    }
+    fn swp_mk_soft_dirty(pte: u64) -> u64 {
+        pte | Self::SWP_SOFT_DIRTY
+    }
 }
 
 /// An arm64-style 4 KiB-granule stage-1 PTE format, laid out as Linux uses it.
@@ -179,6 +216,14 @@ impl Arm64Pte {
     pub const PROT_NONE: u64 = 1 << 59;
     /// Userfaultfd-wp bit of a swap entry.
     pub const SWP_UFFD_WP: u64 = 1 << 3;
+    /// Anon-exclusive bit of a swap entry (`PTE_SWP_EXCLUSIVE`).
+    pub const SWP_EXCLUSIVE: u64 = 1 << 2;
+    /// Soft-dirty bit of a swap entry (a model: Linux arm64 has no soft-dirty).
+    pub const SWP_SOFT_DIRTY: u64 = 1 << 4;
+    /// Swap type field, bits 6-10.
+    const SWP_TYPE_SHIFT: u32 = 6;
+    /// Swap offset field, bits 12-58 (Linux: 12-61; the model keeps its PROT_NONE bit 59 clear).
+    const SWP_OFFSET_MASK: u64 = 0x07ff_ffff_ffff_f000;
     /// Entries in one contiguous block.
     pub const CONT_PTES: usize = 16;
 
@@ -279,5 +324,32 @@ impl PteFormat for Arm64Pte {
     }
     fn swp_clear_uffd_wp(pte: u64) -> u64 {
         pte & !Self::SWP_UFFD_WP
+    }
+    fn swp_mk_uffd_wp(pte: u64) -> u64 {
+        pte | Self::SWP_UFFD_WP
+    }
+    fn mk_swp_entry(ty: u32, offset: u64) -> u64 {
+        (u64::from(ty & 0x1f) << Self::SWP_TYPE_SHIFT) | ((offset << 12) & Self::SWP_OFFSET_MASK)
+    }
+    fn swp_type(pte: u64) -> u32 {
+        ((pte >> Self::SWP_TYPE_SHIFT) & 0x1f) as u32
+    }
+    fn swp_offset(pte: u64) -> u64 {
+        (pte & Self::SWP_OFFSET_MASK) >> 12
+    }
+    fn swp_is_exclusive(pte: u64) -> bool {
+        pte & Self::SWP_EXCLUSIVE != 0
+    }
+    fn swp_mk_exclusive(pte: u64) -> u64 {
+        pte | Self::SWP_EXCLUSIVE
+    }
+    fn swp_clear_exclusive(pte: u64) -> u64 {
+        pte & !Self::SWP_EXCLUSIVE
+    }
+    fn swp_is_soft_dirty(pte: u64) -> bool {
+        pte & Self::SWP_SOFT_DIRTY != 0
+    }
+    fn swp_mk_soft_dirty(pte: u64) -> u64 {
+        pte | Self::SWP_SOFT_DIRTY
     }
 }

@@ -101,6 +101,26 @@ pub trait PteFormat {
     fn swp_is_uffd_wp(pte: u64) -> bool;
     /// Clears the userfaultfd write-protect bit of a non-present (swap) entry.
     fn swp_clear_uffd_wp(pte: u64) -> u64;
+    /// Sets the userfaultfd write-protect bit of a non-present (swap) entry.
+    fn swp_mk_uffd_wp(pte: u64) -> u64;
+    /// A non-present entry of swap type `ty` (0-31: see [`crate::nonpresent`]) and `offset`
+    /// (`swp_entry_to_pte(swp_entry(ty, offset))`), no flag bits set. Bits of `ty` above the
+    /// 5-bit field and of `offset` above the format's offset field are dropped.
+    fn mk_swp_entry(ty: u32, offset: u64) -> u64;
+    /// The swap type of a non-present entry (`swp_type`), 0-31.
+    fn swp_type(pte: u64) -> u32;
+    /// The offset of a non-present entry (`swp_offset`): a slot, a PFN or marker bits.
+    fn swp_offset(pte: u64) -> u64;
+    /// The anon-exclusive bit of a swap entry (`pte_swp_exclusive`).
+    fn swp_is_exclusive(pte: u64) -> bool;
+    /// Sets the anon-exclusive bit of a swap entry (`pte_swp_mkexclusive`).
+    fn swp_mk_exclusive(pte: u64) -> u64;
+    /// Clears the anon-exclusive bit of a swap entry (`pte_swp_clear_exclusive`).
+    fn swp_clear_exclusive(pte: u64) -> u64;
+    /// The soft-dirty bit of a non-present entry (`pte_swp_soft_dirty`).
+    fn swp_is_soft_dirty(pte: u64) -> bool;
+    /// Sets the soft-dirty bit of a non-present entry (`pte_swp_mksoft_dirty`).
+    fn swp_mk_soft_dirty(pte: u64) -> u64;
 }
 
 /// Access to last-level page-table entries, addressed by the virtual address they map.
@@ -137,6 +157,22 @@ pub trait PageTable {
     fn raw_entries(&self, addr: u64, nr: usize) -> Option<&[u64]> {
         let _ = (addr, nr);
         None
+    }
+    /// The `nr` entries from `addr` (in one table) as atomics, when the table is memory the MMU
+    /// may update concurrently (accessed/dirty) and whose words are what [`get`](Self::get)
+    /// returns: the batch scan then compares them in place with relaxed loads, without copying.
+    /// The default, `None`, makes it use [`raw_entries`](Self::raw_entries) or
+    /// [`get_many`](Self::get_many).
+    fn atomic_entries(&self, addr: u64, nr: usize) -> Option<&[core::sync::atomic::AtomicU64]> {
+        let _ = (addr, nr);
+        None
+    }
+    /// The entry mapping `addr` (as [`get`](Self::get)) and how many entries from `addr` (at
+    /// least 1, in one table) the backend knows map consecutive frames alike
+    /// (`pte_batch_hint`: the rest of a folded contiguous block). The batch scan compares the
+    /// entry and skips the rest of the run. The default knows nothing: `(get(addr), 1)`.
+    fn get_run(&self, addr: u64) -> (u64, usize) {
+        (self.get(addr), 1)
     }
     /// Maps `nr` consecutive pages: entry `i` is `pte` advanced by `i` frames (`set_ptes`). The
     /// caller guarantees the frames belong to one folio.
@@ -190,8 +226,16 @@ pub trait PageTable {
         let _ = addr;
         true
     }
+    /// Whether a huge leaf entry at an upper level (an x86 PS entry in the PD or PDPT, a PMD- or
+    /// PUD-mapped THP) maps `addr` where [`has_table`](Self::has_table) found no last-level
+    /// table. Copy and zap fail with [`Error::HugeMapping`] there rather than skip it. The
+    /// default has no huge entries.
+    fn is_huge(&self, addr: u64) -> bool {
+        let _ = addr;
+        false
+    }
     /// Makes sure a last-level table exists for `addr`, allocating it and any missing upper
-    /// levels (`pte_alloc`).
+    /// levels (`pte_alloc`). [`Error::HugeMapping`] when a huge entry is in the way.
     fn prepare(&mut self, addr: u64) -> Result<(), Error> {
         let _ = addr;
         Ok(())
@@ -211,6 +255,12 @@ impl<T: PageTable + ?Sized> PageTable for &mut T {
     }
     fn raw_entries(&self, addr: u64, nr: usize) -> Option<&[u64]> {
         (**self).raw_entries(addr, nr)
+    }
+    fn atomic_entries(&self, addr: u64, nr: usize) -> Option<&[core::sync::atomic::AtomicU64]> {
+        (**self).atomic_entries(addr, nr)
+    }
+    fn get_run(&self, addr: u64) -> (u64, usize) {
+        (**self).get_run(addr)
     }
     fn set_ptes(&mut self, addr: u64, pte: u64, nr: usize) {
         (**self).set_ptes(addr, pte, nr)
@@ -235,6 +285,9 @@ impl<T: PageTable + ?Sized> PageTable for &mut T {
     }
     fn has_table(&self, addr: u64) -> bool {
         (**self).has_table(addr)
+    }
+    fn is_huge(&self, addr: u64) -> bool {
+        (**self).is_huge(addr)
     }
     fn prepare(&mut self, addr: u64) -> Result<(), Error> {
         (**self).prepare(addr)
@@ -308,16 +361,44 @@ pub trait FolioOps {
     fn mark_accessed(&mut self, folio: &Folio) {
         let _ = folio;
     }
-    /// A non-present (swap) entry is being duplicated into a child (`swap_duplicate`).
-    fn swap_dup(&mut self, pte: u64) -> Result<(), Error> {
+    /// The swap entry `pte` (a [`NonPresent::Swap`](crate::NonPresent::Swap)) is being
+    /// duplicated into a child: one more reference on its slot (`swap_duplicate`).
+    ///
+    /// Called with the page-table lock held and in lazy-MMU mode: must not sleep.
+    /// [`SwapCountFull`] when the slot's count needs a continuation page that cannot be
+    /// allocated without sleeping; the copy then calls
+    /// [`swap_count_continuation`](Self::swap_count_continuation) and tries again. The default
+    /// keeps no swap counts.
+    fn swap_dup(&mut self, pte: u64) -> Result<(), SwapCountFull> {
         let _ = pte;
         Ok(())
     }
-    /// A non-present (swap) entry is being zapped (`free_swap_and_cache`).
+    /// Makes room for one more reference on the slot of the swap entry `pte`
+    /// (`add_swap_count_continuation` with `GFP_KERNEL`). Called outside lazy-MMU mode, where
+    /// the kernel may drop its page-table lock and sleep. [`Error::NoMemory`] ends the copy.
+    fn swap_count_continuation(&mut self, pte: u64) -> Result<(), Error> {
+        let _ = pte;
+        Err(Error::NoMemory)
+    }
+    /// The swap entry `pte` is being zapped: drop its reference on the slot
+    /// (`free_swap_and_cache`). Must not sleep.
     fn swap_free(&mut self, pte: u64) {
         let _ = pte;
     }
+    /// A fork met a device-exclusive entry for page `pfn`: revoke the device's exclusive
+    /// access (the MMU notifier of `restore_exclusive_pte`) and return true, after which the
+    /// copy maps the page again in the parent and copies it as a present page. The default,
+    /// false, has no device to ask: the copy fails with
+    /// [`Error::DeviceExclusive`]. Must not sleep.
+    fn restore_device_exclusive(&mut self, pfn: u64) -> bool {
+        let _ = pfn;
+        false
+    }
 }
+
+/// `swap_duplicate` needs a swap-count continuation page it cannot allocate atomically.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SwapCountFull;
 
 /// Pages for the children's private copies of possibly pinned pages.
 pub trait PageAlloc {
@@ -328,4 +409,64 @@ pub trait PageAlloc {
     /// Copies the contents of frame `src` into frame `dst`
     /// ([`Error::HardwarePoison`] when `src` cannot be read).
     fn copy_page(&mut self, dst: u64, src: u64) -> Result<(), Error>;
+}
+
+impl<T: FolioOps + ?Sized> FolioOps for &mut T {
+    fn folio(&self, pfn: u64) -> Option<Folio> {
+        (**self).folio(pfn)
+    }
+    fn ref_add(&mut self, folio: &Folio, nr: usize) {
+        (**self).ref_add(folio, nr)
+    }
+    fn ref_sub(&mut self, folio: &Folio, nr: usize) {
+        (**self).ref_sub(folio, nr)
+    }
+    fn try_dup_anon_rmap(&mut self, folio: &Folio, pfn: u64, nr: usize) -> Result<(), MaybePinned> {
+        (**self).try_dup_anon_rmap(folio, pfn, nr)
+    }
+    fn dup_file_rmap(&mut self, folio: &Folio, pfn: u64, nr: usize) {
+        (**self).dup_file_rmap(folio, pfn, nr)
+    }
+    fn remove_rmap(&mut self, folio: &Folio, pfn: u64, nr: usize) {
+        (**self).remove_rmap(folio, pfn, nr)
+    }
+    fn add_new_anon_rmap(&mut self, pfn: u64) {
+        (**self).add_new_anon_rmap(pfn)
+    }
+    fn mapcount(&self, pfn: u64) -> usize {
+        (**self).mapcount(pfn)
+    }
+    fn is_anon_exclusive(&self, pfn: u64) -> bool {
+        (**self).is_anon_exclusive(pfn)
+    }
+    fn mark_dirty(&mut self, folio: &Folio) {
+        (**self).mark_dirty(folio)
+    }
+    fn mark_accessed(&mut self, folio: &Folio) {
+        (**self).mark_accessed(folio)
+    }
+    fn swap_dup(&mut self, pte: u64) -> Result<(), SwapCountFull> {
+        (**self).swap_dup(pte)
+    }
+    fn swap_count_continuation(&mut self, pte: u64) -> Result<(), Error> {
+        (**self).swap_count_continuation(pte)
+    }
+    fn swap_free(&mut self, pte: u64) {
+        (**self).swap_free(pte)
+    }
+    fn restore_device_exclusive(&mut self, pfn: u64) -> bool {
+        (**self).restore_device_exclusive(pfn)
+    }
+}
+
+impl<T: PageAlloc + ?Sized> PageAlloc for &mut T {
+    fn alloc_page(&mut self) -> Option<u64> {
+        (**self).alloc_page()
+    }
+    fn free_page(&mut self, pfn: u64) {
+        (**self).free_page(pfn)
+    }
+    fn copy_page(&mut self, dst: u64, src: u64) -> Result<(), Error> {
+        (**self).copy_page(dst, src)
+    }
 }

@@ -7,6 +7,7 @@ pub mod copy;
 pub mod error;
 pub mod format;
 pub mod hal;
+pub mod nonpresent;
 pub mod reference;
 pub mod sim;
 pub mod vma;
@@ -18,7 +19,10 @@ pub use batch::{Batch, BatchFlags, folio_pte_batch};
 pub use copy::{CopyStats, Fork, Progress};
 pub use error::Error;
 pub use format::{Arm64Pte, X86Flags, X86Pte};
-pub use hal::{Folio, FolioOps, MaybePinned, PAGE_SIZE, PageAlloc, PageTable, PteFormat};
+pub use hal::{
+    Folio, FolioOps, MaybePinned, PAGE_SIZE, PageAlloc, PageTable, PteFormat, SwapCountFull,
+};
+pub use nonpresent::{Markers, Migration, NonPresent};
 pub use vma::{Rss, VmFlags, Vma};
 pub use zap::{Zap, ZapStats};
 

@@ -17,6 +17,9 @@ bitflags! {
         const SOFT_DIRTY_TRACKED = 1 << 3;
         /// Userfaultfd write-protect mode (`userfaultfd_wp`): uffd-wp bits are kept.
         const UFFD_WP = 1 << 4;
+        /// File-backed or shmem (`!vma_is_anonymous`): a zap that keeps markers leaves a
+        /// uffd-wp marker where a uffd-wp entry was.
+        const FILE = 1 << 5;
     }
 }
 
@@ -51,6 +54,10 @@ impl Vma {
     /// Soft-dirty tracking active.
     pub const fn soft_dirty_tracked(&self) -> bool {
         self.flags.contains(VmFlags::SOFT_DIRTY_TRACKED)
+    }
+    /// File-backed or shmem.
+    pub const fn is_file(&self) -> bool {
+        self.flags.contains(VmFlags::FILE)
     }
     /// Writable now.
     pub const fn is_writable(&self) -> bool {

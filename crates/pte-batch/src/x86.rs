@@ -21,6 +21,37 @@ const HUGE: u64 = 1 << 7;
 /// What an upper-level entry pointing to a new table carries: the leaf decides permissions.
 const TABLE_FLAGS: u64 = X86Flags::PRESENT.bits() | X86Flags::RW.bits() | X86Flags::USER.bits();
 
+/// The bits the MMU sets on its own (with a locked read-modify-write of a present entry).
+const HW_BITS: u64 = X86Flags::ACCESSED.bits() | X86Flags::DIRTY.bits();
+
+/// Replaces `slot`'s value `old` (just loaded) by `new`, keeping any accessed/dirty bit the MMU
+/// sets meanwhile. Only the MMU writes an entry concurrently (software holds the page-table
+/// lock), and it only ever sets accessed and dirty: when `old` has both, it has nothing left to
+/// write, so a plain store loses nothing; otherwise the update is a locked `fetch_and` of the
+/// cleared bits (`new` must be `old` with bits cleared).
+#[inline(always)]
+fn write_keeping_hw_bits(slot: &AtomicU64, old: u64, new: u64) {
+    if old & HW_BITS == HW_BITS {
+        slot.store(new, Ordering::Relaxed);
+    } else {
+        slot.fetch_and(new | HW_BITS, Ordering::Relaxed);
+    }
+}
+
+/// Clears `slot` and returns its last value with every accessed/dirty bit the MMU set (a plain
+/// load and store when the entry already has both, an atomic exchange otherwise).
+#[inline(always)]
+fn take(slot: &AtomicU64) -> u64 {
+    let v = slot.load(Ordering::Relaxed);
+    if v & HW_BITS == HW_BITS || v & X86Flags::PRESENT.bits() == 0 {
+        // Nothing the MMU would set (or a non-present entry, which it never writes).
+        slot.store(0, Ordering::Relaxed);
+        v
+    } else {
+        slot.swap(0, Ordering::Relaxed)
+    }
+}
+
 /// Access to page-table frames by physical address.
 ///
 /// # Safety
@@ -149,16 +180,18 @@ impl TlbFlush for NoTlb {
 /// A live x86-64 4-level address space, as a [`PageTable`] over its last-level tables.
 ///
 /// Upper levels are walked through the window on each table change (the last table found is
-/// cached). Huge (PS) mappings at the PDPT/PD level are not last-level tables and read as
-/// absent; a physical address the window does not cover reads as absent too, so a corrupt
+/// cached). Huge (PS) mappings at the PDPT/PD level are not last-level tables: they read as
+/// absent, [`PageTable::is_huge`] reports them, and copy and zap fail there with
+/// [`Error::HugeMapping`]; a physical address the window does not cover reads as absent too, so a corrupt
 /// table cannot lead the walker out of the window.
 pub struct X86PageTables<W: PhysWindow, A: FrameAlloc, T: TlbFlush> {
     root: u64,
     window: W,
     alloc: A,
     tlb: T,
-    /// (address >> 21, last-level table frame) of the last walk.
-    cache: Cell<Option<(u64, u64)>>,
+    /// (address >> 21, the last-level table's entries) of the last walk: every access within
+    /// one table after the first is one compare and one load or store.
+    cache: Cell<Option<(u64, NonNull<u64>)>>,
 }
 
 impl<W: PhysWindow, A: FrameAlloc, T: TlbFlush> X86PageTables<W, A, T> {
@@ -192,11 +225,16 @@ impl<W: PhysWindow, A: FrameAlloc, T: TlbFlush> X86PageTables<W, A, T> {
     /// The slot for `index` in the table at `phys`.
     fn slot(&self, phys: u64, index: usize) -> Option<&AtomicU64> {
         let table = self.window.table(phys)?;
-        debug_assert!(index < PTRS_PER_TABLE);
-        // SAFETY: the window guarantees 512 valid u64s at `table` for its lifetime, which
-        // outlives `&self`; `index < 512` (all callers mask 9 bits); entries are only accessed
-        // atomically by this code and the MMU.
-        Some(unsafe { AtomicU64::from_ptr(table.as_ptr().add(index & (PTRS_PER_TABLE - 1))) })
+        Some(self.entry(table, index))
+    }
+
+    /// Entry `index` (masked to 9 bits) of the table at `table`, a pointer from the window.
+    #[inline(always)]
+    fn entry(&self, table: NonNull<u64>, index: usize) -> &AtomicU64 {
+        // SAFETY: `table` came from this walker's window, which guarantees 512 valid u64s there
+        // for as long as the window is used, which outlives `&self`; the index is masked to 9
+        // bits; entries are only accessed atomically by this code and the MMU.
+        unsafe { AtomicU64::from_ptr(table.as_ptr().add(index & (PTRS_PER_TABLE - 1))) }
     }
 
     fn index(addr: u64, level: u32) -> usize {
@@ -204,13 +242,19 @@ impl<W: PhysWindow, A: FrameAlloc, T: TlbFlush> X86PageTables<W, A, T> {
     }
 
     /// The last-level table mapping `addr`, if every upper level is present.
-    fn walk(&self, addr: u64) -> Option<u64> {
+    #[inline(always)]
+    fn walk(&self, addr: u64) -> Option<NonNull<u64>> {
         let key = addr >> 21;
         if let Some((k, t)) = self.cache.get() {
             if k == key {
                 return Some(t);
             }
         }
+        self.walk_slow(addr)
+    }
+
+    #[inline(never)]
+    fn walk_slow(&self, addr: u64) -> Option<NonNull<u64>> {
         let mut table = self.root;
         for level in [3, 2, 1] {
             let e = self
@@ -221,18 +265,19 @@ impl<W: PhysWindow, A: FrameAlloc, T: TlbFlush> X86PageTables<W, A, T> {
             }
             table = e & ADDR_MASK;
         }
-        self.window.table(table)?;
-        self.cache.set(Some((key, table)));
-        Some(table)
+        let t = self.window.table(table)?;
+        self.cache.set(Some((addr >> 21, t)));
+        Some(t)
     }
 
+    #[inline(always)]
     fn leaf(&self, addr: u64) -> Option<&AtomicU64> {
         let t = self.walk(addr)?;
-        self.slot(t, Self::index(addr, 0))
+        Some(self.entry(t, Self::index(addr, 0)))
     }
 
     /// Walks to `addr`'s last-level table, allocating missing levels.
-    fn walk_alloc(&mut self, addr: u64) -> Result<u64, Error> {
+    fn walk_alloc(&mut self, addr: u64) -> Result<NonNull<u64>, Error> {
         if let Some(t) = self.walk(addr) {
             return Ok(t);
         }
@@ -245,16 +290,15 @@ impl<W: PhysWindow, A: FrameAlloc, T: TlbFlush> X86PageTables<W, A, T> {
             if e & X86Flags::PRESENT.bits() != 0 {
                 if level < 3 && e & HUGE != 0 {
                     // A huge mapping is in the way: not ours to split.
-                    return Err(Error::InvalidRange);
+                    return Err(Error::HugeMapping { addr });
                 }
                 table = e & ADDR_MASK;
                 continue;
             }
             let frame = self.alloc.alloc_frame().ok_or(Error::NoMemory)? & ADDR_MASK;
+            let new = self.window.table(frame).ok_or(Error::NoMemory)?;
             for i in 0..PTRS_PER_TABLE {
-                self.slot(frame, i)
-                    .ok_or(Error::NoMemory)?
-                    .store(0, Ordering::Relaxed);
+                self.entry(new, i).store(0, Ordering::Relaxed);
             }
             // Release: the zeroed table is visible before the entry pointing to it.
             self.slot(table, Self::index(addr, level))
@@ -262,51 +306,118 @@ impl<W: PhysWindow, A: FrameAlloc, T: TlbFlush> X86PageTables<W, A, T> {
                 .store(frame | TABLE_FLAGS, Ordering::Release);
             table = frame;
         }
-        self.cache.set(Some((addr >> 21, table)));
-        Ok(table)
+        let t = self.window.table(table).ok_or(Error::NoMemory)?;
+        self.cache.set(Some((addr >> 21, t)));
+        Ok(t)
     }
 }
 
 impl<W: PhysWindow, A: FrameAlloc, T: TlbFlush> PageTable for X86PageTables<W, A, T> {
     type Format = X86Pte;
 
+    #[inline(always)]
     fn get(&self, addr: u64) -> u64 {
         self.leaf(addr).map_or(0, |s| s.load(Ordering::Relaxed))
     }
 
+    #[inline(always)]
     fn set(&mut self, addr: u64, pte: u64) {
         if let Some(s) = self.leaf(addr) {
             s.store(pte, Ordering::Relaxed);
         }
     }
 
+    /// The entries in place, as atomics (one walk).
+    #[inline]
+    fn atomic_entries(&self, addr: u64, nr: usize) -> Option<&[AtomicU64]> {
+        let t = self.walk(addr)?;
+        let first = Self::index(addr, 0);
+        if first + nr > PTRS_PER_TABLE {
+            return None;
+        }
+        // SAFETY: the window guarantees 512 valid u64s at `t` for longer than `&self`;
+        // `first + nr <= 512`; `AtomicU64` has the size and alignment of `u64`, and the entries
+        // are only accessed atomically by this code and the MMU.
+        Some(unsafe { core::slice::from_raw_parts(t.as_ptr().add(first).cast::<AtomicU64>(), nr) })
+    }
+
+    /// One walk, then one (atomic, relaxed) load per entry.
+    #[inline]
+    fn get_many(&self, addr: u64, out: &mut [u64]) {
+        let Some(t) = self.walk(addr) else {
+            out.fill(0);
+            return;
+        };
+        let first = Self::index(addr, 0);
+        let n = out.len().min(PTRS_PER_TABLE - first);
+        for (i, o) in out[..n].iter_mut().enumerate() {
+            *o = self.entry(t, first + i).load(Ordering::Relaxed);
+        }
+        out[n..].fill(0);
+    }
+
+    #[inline]
     fn set_ptes(&mut self, addr: u64, pte: u64, nr: usize) {
         let Some(t) = self.walk(addr) else { return };
         let first = Self::index(addr, 0);
         let last = first.saturating_add(nr).min(PTRS_PER_TABLE);
         let mut pte = pte;
+        // Entry k is `pte` plus k steps while the PFN field does not overflow.
+        let step = X86Pte::advance_pfn(pte, 1).wrapping_sub(pte);
+        let exact = last > first
+            && X86Pte::advance_pfn(pte, (last - first - 1) as u64)
+                == pte.wrapping_add(step.wrapping_mul((last - first - 1) as u64));
         for i in first..last {
-            if let Some(s) = self.slot(t, i) {
-                s.store(pte, Ordering::Relaxed);
-            }
-            pte = X86Pte::advance_pfn(pte, 1);
+            self.entry(t, i).store(pte, Ordering::Relaxed);
+            pte = if exact {
+                pte.wrapping_add(step)
+            } else {
+                X86Pte::advance_pfn(pte, 1)
+            };
         }
     }
 
+    #[inline]
     fn wrprotect_ptes(&mut self, addr: u64, nr: usize) {
         let Some(t) = self.walk(addr) else { return };
         let first = Self::index(addr, 0);
         let last = first.saturating_add(nr).min(PTRS_PER_TABLE);
         for i in first..last {
-            if let Some(s) = self.slot(t, i) {
-                // Atomic: an accessed/dirty update by the MMU in between is kept.
-                s.fetch_and(!X86Flags::RW.bits(), Ordering::Relaxed);
+            let s = self.entry(t, i);
+            let v = s.load(Ordering::Relaxed);
+            if v & X86Flags::RW.bits() != 0 {
+                write_keeping_hw_bits(s, v, v & !X86Flags::RW.bits());
             }
         }
     }
 
+    #[inline(always)]
     fn get_and_clear(&mut self, addr: u64) -> u64 {
-        self.leaf(addr).map_or(0, |s| s.swap(0, Ordering::Relaxed))
+        self.leaf(addr).map_or(0, take)
+    }
+
+    /// One walk, then one atomic exchange per entry; accessed/dirty gathered into the first.
+    #[inline]
+    fn get_and_clear_ptes(&mut self, addr: u64, nr: usize) -> u64 {
+        let Some(t) = self.walk(addr) else { return 0 };
+        let first = Self::index(addr, 0);
+        let last = first.saturating_add(nr).min(PTRS_PER_TABLE);
+        if last <= first {
+            return 0;
+        }
+        let head = take(self.entry(t, first));
+        let mut bits = 0;
+        for i in first + 1..last {
+            bits |= take(self.entry(t, i));
+        }
+        let mut head = head;
+        if X86Pte::is_dirty(bits) {
+            head = X86Pte::mkdirty(head);
+        }
+        if X86Pte::is_young(bits) {
+            head = X86Pte::mkyoung(head);
+        }
+        head
     }
 
     fn flush_tlb_range(&mut self, start: u64, end: u64) {
@@ -315,6 +426,24 @@ impl<W: PhysWindow, A: FrameAlloc, T: TlbFlush> PageTable for X86PageTables<W, A
 
     fn has_table(&self, addr: u64) -> bool {
         self.walk(addr).is_some()
+    }
+
+    fn is_huge(&self, addr: u64) -> bool {
+        let mut table = self.root;
+        for level in [3, 2, 1] {
+            let Some(slot) = self.slot(table, Self::index(addr, level)) else {
+                return false;
+            };
+            let e = slot.load(Ordering::Acquire);
+            if e & X86Flags::PRESENT.bits() == 0 {
+                return false;
+            }
+            if level < 3 && e & HUGE != 0 {
+                return true;
+            }
+            table = e & ADDR_MASK;
+        }
+        false
     }
 
     fn prepare(&mut self, addr: u64) -> Result<(), Error> {

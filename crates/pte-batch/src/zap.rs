@@ -1,13 +1,20 @@
-//! Teardown (munmap, exit): clear a range of PTEs a batch of one folio at a time, drop rmaps,
-//! flush the TLB once, then drop the references (`zap_pte_range` / `zap_present_ptes`).
+//! Teardown (munmap, exit, `MADV_DONTNEED`): clear a range of PTEs a batch of one folio at a
+//! time, flush the TLB, then remove the rmaps and drop the references (`zap_pte_range` /
+//! `zap_present_ptes` with every rmap removal delayed as `delay_rmap` delays a dirty file
+//! folio's).
 
 use crate::batch::{BatchFlags, folio_pte_batch};
 use crate::hal::{Folio, FolioOps, PAGE_SIZE, PageTable, PteFormat, table_end};
+use crate::nonpresent::{Markers, NonPresent};
 use crate::vma::{Rss, Vma};
 use crate::{Error, check_range};
 
-/// Folio references held back until the TLB is flushed (an `mmu_gather` batch).
+/// Folio mappings held back until the TLB is flushed (an `mmu_gather` batch).
 const GATHER: usize = 64;
+
+/// One gathered run: `nr` pages of `folio` from `pfn`, their rmaps and references to drop after
+/// the flush.
+type Gathered = (Folio, u64, usize);
 
 /// Counters of what a zap did, for tests and benchmarks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -22,23 +29,35 @@ pub struct ZapStats {
     pub tlb_flushes: u64,
 }
 
-/// One zap of one VMA: clears entries, accounts RSS, and drops folio references only after
-/// the TLB no longer holds translations to them.
+/// One zap of one VMA: clears entries, accounts RSS, and removes rmaps and drops folio
+/// references only after the TLB no longer holds translations to them (so writeback's
+/// `mkclean` of a dirty file folio cannot miss a CPU that may still write through a stale
+/// entry, and no page is freed under one).
+///
+/// Non-present entries follow Linux's `zap_nonpresent_ptes`: swap entries release their slot
+/// ([`FolioOps::swap_free`]), migration entries leave the RSS, device-private and
+/// device-exclusive entries drop their page's rmap and reference like a present page, and
+/// PTE markers are dropped ([`Zap::new`], munmap and exit) or kept ([`Zap::keep_markers`],
+/// `MADV_DONTNEED`: uffd-wp and guard markers stay; in a uffd-wp file mapping a zapped uffd-wp
+/// entry leaves a uffd-wp marker).
 pub struct Zap<'m, M: FolioOps> {
     mem: &'m mut M,
     vma: Vma,
+    keep_markers: bool,
     rss: Rss,
-    gather: [(Folio, usize); GATHER],
+    gather: [Gathered; GATHER],
     gathered: usize,
     stats: ZapStats,
 }
 
 impl<'m, M: FolioOps> Zap<'m, M> {
-    /// Zaps entries of the mapping `vma`.
+    /// Zaps entries of the mapping `vma` as munmap and exit do (`ZAP_FLAG_DROP_MARKER`): every
+    /// entry goes, markers included.
     pub fn new(mem: &'m mut M, vma: Vma) -> Self {
         Self {
             mem,
             vma,
+            keep_markers: false,
             rss: Rss::default(),
             gather: [(
                 Folio {
@@ -47,10 +66,20 @@ impl<'m, M: FolioOps> Zap<'m, M> {
                     anon: false,
                 },
                 0,
+                0,
             ); GATHER],
             gathered: 0,
             stats: ZapStats::default(),
         }
+    }
+
+    /// Zaps as `MADV_DONTNEED` does: uffd-wp and guard markers stay, and in a uffd-wp file
+    /// mapping ([`VmFlags::FILE`](crate::VmFlags::FILE) with
+    /// [`VmFlags::UFFD_WP`](crate::VmFlags::UFFD_WP)) an entry with uffd-wp set leaves a uffd-wp
+    /// marker.
+    pub fn keep_markers(mut self) -> Self {
+        self.keep_markers = true;
+        self
     }
 
     /// RSS change so far (negative).
@@ -74,6 +103,8 @@ impl<'m, M: FolioOps> Zap<'m, M> {
     }
 
     /// Zaps `[start, end)` table by table, skipping addresses without a table.
+    /// [`Error::HugeMapping`] names the first address a huge entry maps (the tables before it
+    /// are zapped, flushed and released).
     pub fn zap_range<T: PageTable>(
         &mut self,
         table: &mut T,
@@ -86,6 +117,8 @@ impl<'m, M: FolioOps> Zap<'m, M> {
             let next = table_end(addr).map_or(end, |e| e.min(end));
             if table.has_table(addr) {
                 self.zap_pte_range(table, addr, next)?;
+            } else if table.is_huge(addr) {
+                return Err(Error::HugeMapping { addr });
             }
             addr = next;
         }
@@ -108,31 +141,48 @@ impl<'m, M: FolioOps> Zap<'m, M> {
         let mut flush_from = addr;
         let mut cleared = false;
         let mut addr = addr;
+        // In a uffd-wp file mapping zapped with markers kept, uffd-wp entries leave markers:
+        // the fast loop hands them to `zap_other`.
+        let markers = self.keep_markers && self.vma.uffd_wp() && self.vma.is_file();
         table.lazy_mmu_enter();
         loop {
-            let stop = zap_run(
-                &mut *self.mem,
-                &mut self.gather,
-                &mut self.gathered,
-                &mut acc,
-                table,
-                &mut addr,
-                end,
-                &mut cleared,
-            );
+            let stop = if markers {
+                zap_run::<M, T, true>(
+                    &mut *self.mem,
+                    &mut self.gather,
+                    &mut self.gathered,
+                    &mut acc,
+                    table,
+                    &mut addr,
+                    end,
+                    &mut cleared,
+                )
+            } else {
+                zap_run::<M, T, false>(
+                    &mut *self.mem,
+                    &mut self.gather,
+                    &mut self.gathered,
+                    &mut acc,
+                    table,
+                    &mut addr,
+                    end,
+                    &mut cleared,
+                )
+            };
             match stop {
                 Stop::Done => break,
                 Stop::GatherFull => {}
                 Stop::Entry(pte) => {
-                    // `zap_run` stops at an entry only with room in the gather, and
-                    // `zap_other` gathers nothing: go on.
+                    // `zap_run` stops at an entry only with room in the gather.
                     self.zap_other(table, addr, pte, &mut acc);
                     addr += PAGE_SIZE;
                     cleared = true;
-                    continue;
+                    if self.gathered < GATHER {
+                        continue;
+                    }
                 }
             }
-            // The gather is full: flush what was cleared so far, then drop its references.
+            // The gather is full: flush what was cleared so far, then release it.
             table.lazy_mmu_leave();
             self.flush(table, flush_from, addr);
             flush_from = addr;
@@ -151,32 +201,112 @@ impl<'m, M: FolioOps> Zap<'m, M> {
         let present = (acc.anon + acc.file) as u64 + acc.pageless;
         self.stats.present += present;
         self.stats.batches += present - acc.batched_extra;
-        self.stats.nonpresent += acc.swap as u64;
+        self.stats.nonpresent += acc.nonpresent;
         Ok(())
     }
 
-    /// Everything [`zap_run`] declines, one entry: a non-present (swap) entry, a present one
-    /// without `struct page`.
+    /// Everything [`zap_run`] declines, one entry: a non-present entry (by what it stands
+    /// for), a present one without `struct page`, a uffd-wp entry that leaves a marker.
     #[inline(never)]
     fn zap_other<T: PageTable>(&mut self, table: &mut T, addr: u64, pte: u64, acc: &mut Acc) {
-        if !T::Format::is_present(pte) {
+        type F<T> = <T as PageTable>::Format;
+        if F::<T>::is_present(pte) {
             let pte = table.get_and_clear(addr);
-            self.mem.swap_free(pte);
-            acc.swap += 1;
+            let pfn = F::<T>::pfn(pte);
+            let folio = if F::<T>::is_special(pte) {
+                None
+            } else {
+                self.mem.folio(pfn).filter(|f| f.contains(pfn))
+            };
+            match folio {
+                Some(folio) => {
+                    let counts = (&mut acc.anon, &mut acc.file);
+                    unmap_folio::<M, F<T>>(
+                        &mut *self.mem,
+                        &mut self.gather,
+                        &mut self.gathered,
+                        counts,
+                        folio,
+                        pfn,
+                        pte,
+                        1,
+                    );
+                }
+                // Special, or a frame without (or outside its) folio metadata.
+                None => acc.pageless += 1,
+            }
+            self.leave_marker(table, addr, F::<T>::is_uffd_wp(pte));
             return;
         }
-        // Special, or a frame without (or outside its) folio metadata: nothing to account.
-        table.get_and_clear(addr);
-        acc.pageless += 1;
+        acc.nonpresent += 1;
+        let kind = NonPresent::decode::<F<T>>(pte);
+        if let NonPresent::Marker(m) = kind {
+            // `MADV_DONTNEED` keeps uffd-wp and guard markers; munmap drops every marker.
+            if self.keep_markers && m.intersects(Markers::UFFD_WP | Markers::GUARD) {
+                return;
+            }
+        }
+        let pte = table.get_and_clear(addr);
+        let folio = kind
+            .pfn()
+            .and_then(|pfn| self.mem.folio(pfn).filter(|f| f.contains(pfn)));
+        match (kind, folio) {
+            (NonPresent::Swap { .. }, _) => {
+                self.mem.swap_free(pte);
+                acc.swap += 1;
+            }
+            (NonPresent::Migration { .. }, Some(folio)) => {
+                if folio.anon {
+                    acc.anon += 1;
+                } else {
+                    acc.file += 1;
+                }
+            }
+            (
+                NonPresent::DevicePrivate { pfn, .. } | NonPresent::DeviceExclusive { pfn },
+                Some(folio),
+            ) => {
+                // The entry holds a mapping and a reference, released like a present page's.
+                if folio.anon {
+                    acc.anon += 1;
+                } else {
+                    acc.file += 1;
+                }
+                self.gather[self.gathered] = (folio, pfn, 1);
+                self.gathered += 1;
+            }
+            _ => {}
+        }
+        self.leave_marker(table, addr, F::<T>::swp_is_uffd_wp(pte));
     }
 
-    /// Flushes `[start, end)` from the TLB, then drops the gathered references.
+    /// Leaves a uffd-wp marker at the just cleared `addr` when its entry had uffd-wp
+    /// (`pte_install_uffd_wp_if_needed`): only when markers are kept, in a uffd-wp file mapping.
+    fn leave_marker<T: PageTable>(&mut self, table: &mut T, addr: u64, uffd_wp: bool) {
+        if uffd_wp && self.keep_markers && self.vma.uffd_wp() && self.vma.is_file() {
+            table.set(
+                addr,
+                NonPresent::Marker(Markers::UFFD_WP).encode::<T::Format>(),
+            );
+        }
+    }
+
+    /// Flushes `[start, end)` from the TLB, then removes the gathered rmaps and drops the
+    /// references (`tlb_flush_rmaps`, then the page freeing).
     fn flush<T: PageTable>(&mut self, table: &mut T, start: u64, end: u64) {
         table.flush_tlb_range(start, end);
         self.stats.tlb_flushes += 1;
-        for i in 0..self.gathered {
-            let (folio, nr) = self.gather[i];
-            self.mem.ref_sub(&folio, nr);
+        let mem = &mut *self.mem;
+        for &(folio, pfn, nr) in &self.gather[..self.gathered] {
+            if nr == 1 {
+                // A small folio's page (`folio_put`): the constant lets the backend's
+                // one-page path be inlined as such.
+                mem.remove_rmap(&folio, pfn, 1);
+                mem.ref_sub(&folio, 1);
+            } else {
+                mem.remove_rmap(&folio, pfn, nr);
+                mem.ref_sub(&folio, nr);
+            }
         }
         self.gathered = 0;
     }
@@ -190,6 +320,8 @@ struct Acc {
     swap: i64,
     /// Present entries cleared without a `struct page` (not in RSS).
     pageless: u64,
+    /// Non-present entries met (cleared or kept).
+    nonpresent: u64,
     /// Sum of `nr - 1` over the batches.
     batched_extra: u64,
 }
@@ -200,7 +332,8 @@ enum Stop {
     Done,
     /// The gather is full: flush before going on.
     GatherFull,
-    /// At an entry the loop does not handle (non-present, no `struct page`), with its value.
+    /// At an entry the loop does not handle (non-present, no `struct page`, uffd-wp when it
+    /// leaves a marker), with its value.
     Entry(u64),
 }
 
@@ -210,9 +343,9 @@ enum Stop {
 /// needs [`Zap::zap_other`]. Out of line, with its counters in locals.
 #[allow(clippy::too_many_arguments)]
 #[inline(never)]
-fn zap_run<M: FolioOps, T: PageTable>(
+fn zap_run<M: FolioOps, T: PageTable, const MARKERS: bool>(
     mem: &mut M,
-    gather: &mut [(Folio, usize); GATHER],
+    gather: &mut [Gathered; GATHER],
     gathered: &mut usize,
     acc: &mut Acc,
     table: &mut T,
@@ -235,6 +368,9 @@ fn zap_run<M: FolioOps, T: PageTable>(
             continue;
         }
         if !F::<T>::is_present(pte) || F::<T>::is_special(pte) {
+            break Stop::Entry(pte);
+        }
+        if MARKERS && F::<T>::is_uffd_wp(pte) {
             break Stop::Entry(pte);
         }
         let pfn = F::<T>::pfn(pte);
@@ -282,7 +418,7 @@ fn zap_run<M: FolioOps, T: PageTable>(
 #[inline(never)]
 fn zap_batch<M: FolioOps, T: PageTable>(
     mem: &mut M,
-    gather: &mut [(Folio, usize); GATHER],
+    gather: &mut [Gathered; GATHER],
     gathered: &mut usize,
     acc: &mut Acc,
     table: &mut T,
@@ -311,12 +447,13 @@ fn zap_batch<M: FolioOps, T: PageTable>(
 
 /// Accounts `nr` cleared entries of `folio` from `pfn`, `pte` holding their last dirty and
 /// accessed bits: the anon or file count in `counts`, dirty/accessed for a file folio (anon
-/// pages need no up-to-date state), the rmap removal, and one gather entry.
+/// pages need no up-to-date state), and one gather entry, whose rmap removal and reference drop
+/// wait for the TLB flush.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn unmap_folio<M: FolioOps, F: PteFormat>(
     mem: &mut M,
-    gather: &mut [(Folio, usize); GATHER],
+    gather: &mut [Gathered; GATHER],
     gathered: &mut usize,
     (anon, file): (&mut i64, &mut i64),
     folio: Folio,
@@ -335,7 +472,6 @@ fn unmap_folio<M: FolioOps, F: PteFormat>(
         }
         *file += nr as i64;
     }
-    mem.remove_rmap(&folio, pfn, nr);
-    gather[*gathered] = (folio, nr);
+    gather[*gathered] = (folio, pfn, nr);
     *gathered += 1;
 }

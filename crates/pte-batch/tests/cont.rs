@@ -317,3 +317,51 @@ fn contiguous_backend_batched_equals_reference() {
         );
     }
 }
+
+/// The batch scan reads a folded block once (`pte_batch_hint`): 16 raw reads per 16 entries,
+/// not 16 per entry; a block whose contiguous bits are stray (not what a fold writes) is read
+/// entry by entry and not trusted.
+#[test]
+fn batch_scan_reads_a_folded_block_once() {
+    use oskit_pte_batch::{BatchFlags, Folio, folio_pte_batch};
+    let mut mem = vec![0u64; 512];
+    let mut t = ContSpace::new(BASE, &mut mem);
+    t.set_ptes(a(0), Arm64Pte::with_pfn(RW, PFN), 512);
+    assert_eq!(t.stats().folds, 32);
+    t.reset_stats();
+    let folio = Folio {
+        pfn: PFN,
+        nr_pages: 512,
+        anon: true,
+    };
+    let first = t.get(a(0));
+    let b = folio_pte_batch(&t, &folio, a(0), first, 512, BatchFlags::empty());
+    assert_eq!(b.nr, 512);
+    // The test's get of the first entry (one block) and the scan: every entry read once.
+    assert_eq!(t.stats().reads, 16 + 512);
+    // Starting mid-block: the rest of that block in one read too.
+    t.reset_stats();
+    let e = t.get(a(5));
+    let b = folio_pte_batch(&t, &folio, a(5), e, 27, BatchFlags::empty());
+    assert_eq!(b.nr, 27);
+    assert_eq!(t.stats().reads, 16 + 32);
+
+    // A stray contiguous bit over entries that are not one fold: no run is trusted, and the
+    // scan stops at the entry that differs.
+    let mut mem = vec![0u64; 512];
+    let mut t = ContSpace::new(BASE, &mut mem);
+    for k in 0..16 {
+        t.entries_mut()[k] = Arm64Pte::with_pfn(RW, PFN + k as u64) | Arm64Pte::CONT;
+    }
+    t.entries_mut()[9] = Arm64Pte::with_pfn(RW, PFN + 100) | Arm64Pte::CONT;
+    let folio = Folio {
+        pfn: PFN,
+        nr_pages: 16,
+        anon: true,
+    };
+    let e = t.get(a(0));
+    assert_eq!(
+        folio_pte_batch(&t, &folio, a(0), e, 16, BatchFlags::empty()).nr,
+        9
+    );
+}

@@ -3,6 +3,9 @@
 
 #![allow(dead_code, unreachable_pub)]
 
+#[cfg(all(feature = "x86", target_arch = "x86_64"))]
+pub mod real;
+
 use oskit_pte_batch::sim::{SimFolios, SimPage};
 use oskit_pte_batch::{PteFormat, VmFlags, Vma, X86Flags};
 

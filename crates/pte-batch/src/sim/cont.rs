@@ -19,6 +19,8 @@ pub struct ContSpace<'a> {
     base: u64,
     entries: &'a mut [u64],
     stats: TableStats,
+    /// Raw entries read (counted behind `&self`).
+    reads: core::cell::Cell<u64>,
 }
 
 impl<'a> ContSpace<'a> {
@@ -28,6 +30,7 @@ impl<'a> ContSpace<'a> {
             base: base & !(CONT as u64 * PAGE_SIZE - 1),
             entries,
             stats: TableStats::default(),
+            reads: core::cell::Cell::new(0),
         }
     }
 
@@ -43,12 +46,20 @@ impl<'a> ContSpace<'a> {
 
     /// What the table was asked to do, including TLB maintenance for break-before-make.
     pub fn stats(&self) -> TableStats {
-        self.stats
+        TableStats {
+            reads: self.reads.get(),
+            ..self.stats
+        }
     }
 
     /// Forgets the counters.
     pub fn reset_stats(&mut self) {
         self.stats = TableStats::default();
+        self.reads.set(0);
+    }
+
+    fn count_reads(&self, n: usize) {
+        self.reads.set(self.reads.get() + n as u64);
     }
 
     /// Whether the block holding `addr` is folded (its entries carry the contiguous bit).
@@ -153,15 +164,43 @@ impl PageTable for ContSpace<'_> {
     type Format = Arm64Pte;
 
     fn get(&self, addr: u64) -> u64 {
-        let Some(i) = self.index(addr) else { return 0 };
+        self.get_run(addr).0
+    }
+
+    /// One read of a folded block: its accessed/dirty gathered, and, when its 16 entries are
+    /// what a fold writes (consecutive frames, one protection up to accessed/dirty, all with
+    /// the contiguous bit: stray bits in a corrupt table are not trusted), the rest of the
+    /// block as the run (`pte_batch_hint`).
+    fn get_run(&self, addr: u64) -> (u64, usize) {
+        let Some(i) = self.index(addr) else {
+            return (0, 1);
+        };
         let e = self.entries[i];
         if e & Arm64Pte::CONT == 0 {
-            return e;
+            self.count_reads(1);
+            return (e, 1);
         }
-        match self.block(i) {
-            Some(b) => (e & !Arm64Pte::CONT) | self.gathered(b),
-            None => e & !Arm64Pte::CONT,
+        let Some(b) = self.block(i) else {
+            self.count_reads(1);
+            return (e & !Arm64Pte::CONT, 1);
+        };
+        self.count_reads(CONT);
+        let base = self.entries[b.start];
+        let plain = |x: u64| Arm64Pte::mkold(Arm64Pte::mkclean(x));
+        let mut bits = 0;
+        let mut uniform = true;
+        for (k, &x) in self.entries[b.clone()].iter().enumerate() {
+            if Arm64Pte::is_young(x) {
+                bits |= Arm64Pte::AF;
+            }
+            if Arm64Pte::is_dirty(x) {
+                bits |= Arm64Pte::SW_DIRTY;
+            }
+            uniform &=
+                x & Arm64Pte::CONT != 0 && plain(x) == plain(Arm64Pte::advance_pfn(base, k as u64));
         }
+        let run = if uniform { CONT - i % CONT } else { 1 };
+        ((e & !Arm64Pte::CONT) | bits, run)
     }
 
     fn set(&mut self, addr: u64, pte: u64) {

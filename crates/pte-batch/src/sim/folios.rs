@@ -2,7 +2,7 @@
 //! and a page allocator over the free pages.
 
 use crate::Error;
-use crate::hal::{Folio, FolioOps, MaybePinned, PageAlloc};
+use crate::hal::{Folio, FolioOps, MaybePinned, PageAlloc, SwapCountFull};
 
 /// One frame's metadata. Folio-wide fields live in the head page.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -49,6 +49,10 @@ pub struct SimFolios<'a> {
     violations: u64,
     frees: u64,
     swap_refs: i64,
+    swap_full: u32,
+    continuations: u64,
+    restore_exclusive: bool,
+    restores: u64,
 }
 
 impl<'a> SimFolios<'a> {
@@ -63,6 +67,10 @@ impl<'a> SimFolios<'a> {
             violations: 0,
             frees: 0,
             swap_refs: 0,
+            swap_full: 0,
+            continuations: 0,
+            restore_exclusive: false,
+            restores: 0,
         }
     }
 
@@ -76,6 +84,10 @@ impl<'a> SimFolios<'a> {
             violations: 0,
             frees: 0,
             swap_refs: 0,
+            swap_full: 0,
+            continuations: 0,
+            restore_exclusive: false,
+            restores: 0,
         }
     }
 
@@ -154,6 +166,27 @@ impl<'a> SimFolios<'a> {
     /// Net swap-slot references taken by copies minus those dropped by zaps.
     pub fn swap_refs(&self) -> i64 {
         self.swap_refs
+    }
+
+    /// Makes the next `n` calls of [`FolioOps::swap_dup`] report a full swap count (each one
+    /// then needs a continuation, which takes a page from the allocation budget).
+    pub fn set_swap_count_full(&mut self, n: u32) {
+        self.swap_full = n;
+    }
+
+    /// Swap-count continuations added.
+    pub fn continuations(&self) -> u64 {
+        self.continuations
+    }
+
+    /// Whether [`FolioOps::restore_device_exclusive`] succeeds (a device revokes its access).
+    pub fn set_restore_device_exclusive(&mut self, on: bool) {
+        self.restore_exclusive = on;
+    }
+
+    /// Device-exclusive entries restored.
+    pub fn restores(&self) -> u64 {
+        self.restores
     }
 
     /// Lets only `n` more allocations succeed (`None`: unlimited).
@@ -304,9 +337,26 @@ impl FolioOps for SimFolios<'_> {
         }
     }
 
-    fn swap_dup(&mut self, _pte: u64) -> Result<(), Error> {
+    fn swap_dup(&mut self, _pte: u64) -> Result<(), SwapCountFull> {
+        if self.swap_full > 0 {
+            self.swap_full -= 1;
+            return Err(SwapCountFull);
+        }
         self.swap_refs += 1;
         Ok(())
+    }
+
+    fn swap_count_continuation(&mut self, _pte: u64) -> Result<(), Error> {
+        if let Some(b) = &mut self.alloc_budget {
+            *b = b.checked_sub(1).ok_or(Error::NoMemory)?;
+        }
+        self.continuations += 1;
+        Ok(())
+    }
+
+    fn restore_device_exclusive(&mut self, _pfn: u64) -> bool {
+        self.restores += u64::from(self.restore_exclusive);
+        self.restore_exclusive
     }
 
     fn swap_free(&mut self, _pte: u64) {

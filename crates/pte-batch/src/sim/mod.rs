@@ -1,14 +1,16 @@
 //! Software model of the hardware and of the kernel's page metadata: page tables in
 //! caller-provided memory ([`SimSpace`], and [`ContSpace`] with arm64's contiguous bit) and a
-//! `struct page` array ([`SimFolios`]). No allocation: the caller provides the storage, so the
+//! `struct page` array ([`SimFolios`]), and an order checker for teardown ([`Ordered`]). No allocation: the caller provides the storage, so the
 //! model also runs on bare metal.
 
 mod cont;
 mod folios;
+mod order;
 mod space;
 
 pub use cont::ContSpace;
 pub use folios::{SimFolios, SimPage};
+pub use order::{OrderLog, Ordered};
 pub use space::SimSpace;
 
 /// Counters of what a simulated page table was asked to do.
@@ -29,4 +31,6 @@ pub struct TableStats {
     /// Entries write-protected (not next to `writes`, so that counting both stays two plain
     /// increments rather than one vector update).
     pub wrprotects: u64,
+    /// Raw entries read ([`ContSpace`] only: a folded block's gathered read counts 16).
+    pub reads: u64,
 }

@@ -3,9 +3,12 @@
 #![allow(dead_code, unreachable_pub)]
 
 use oskit_pte_batch::hal::{PAGE_SIZE, PTRS_PER_TABLE};
-use oskit_pte_batch::sim::{SimFolios, SimPage, SimSpace};
+use std::cell::RefCell;
+
+use oskit_pte_batch::sim::{OrderLog, Ordered, SimFolios, SimPage, SimSpace};
 use oskit_pte_batch::{
-    Error, Fork, PteFormat, Rss, VmFlags, Vma, X86Flags, X86Pte, Zap, reference,
+    Error, Fork, Markers, Migration, NonPresent, PteFormat, Rss, VmFlags, Vma, X86Flags, X86Pte,
+    Zap, reference,
 };
 
 /// xorshift64*.
@@ -70,6 +73,12 @@ pub struct World {
     pub pages: Vec<SimPage>,
     pub src: Vma,
     pub dst: Vma,
+    /// A device revokes device-exclusive access when fork asks.
+    pub restore: bool,
+    /// `swap_dup` calls that report a full swap count (each needs a continuation).
+    pub swap_full: u32,
+    /// Zap as `MADV_DONTNEED` (markers kept) rather than munmap.
+    pub keep_markers: bool,
 }
 
 impl World {
@@ -82,23 +91,30 @@ impl World {
             pages,
             src,
             dst,
+            restore: false,
+            swap_full: 0,
+            keep_markers: false,
         }
     }
 
     pub fn folios(&mut self) -> SimFolios<'_> {
-        SimFolios::from_pages(BASE_PFN, &mut self.pages)
+        let mut f = SimFolios::from_pages(BASE_PFN, &mut self.pages);
+        f.set_restore_device_exclusive(self.restore);
+        f.set_swap_count_full(self.swap_full);
+        f
     }
 
     pub fn page(&self, pfn: u64) -> &SimPage {
         &self.pages[(pfn - BASE_PFN) as usize]
     }
 
-    /// Maps `pte` at entry `i` of the parent and accounts it.
+    /// Maps `pte` at entry `i` of the parent and accounts it (a present page, or a device
+    /// entry, which holds a mapping and a reference too).
     pub fn map(&mut self, i: usize, pte: u64) {
         self.parent[i] = pte;
-        if X86Pte::is_present(pte) && !X86Pte::is_special(pte) {
+        if let Some(pfn) = mapped_pfn(pte) {
             let mut f = self.folios();
-            f.account_mapping(X86Pte::pfn(pte));
+            f.account_mapping(pfn);
         }
     }
 
@@ -110,6 +126,8 @@ impl World {
     ) -> (Result<(), Error>, Rss, u64, oskit_pte_batch::CopyStats) {
         let (src, dst) = (self.src, self.dst);
         let mut folios = SimFolios::from_pages(BASE_PFN, &mut self.pages);
+        folios.set_restore_device_exclusive(self.restore);
+        folios.set_swap_count_full(self.swap_full);
         let mut p = SimSpace::<X86Pte>::new(BASE, &mut self.parent);
         let mut c = SimSpace::<X86Pte>::new(BASE, &mut self.child);
         let mut fork = Fork::new(&mut folios, src, dst);
@@ -124,6 +142,8 @@ impl World {
     pub fn fork_reference(&mut self, start: usize, end: usize) -> (Result<(), Error>, Rss, u64) {
         let (src, dst) = (self.src, self.dst);
         let mut folios = SimFolios::from_pages(BASE_PFN, &mut self.pages);
+        folios.set_restore_device_exclusive(self.restore);
+        folios.set_swap_count_full(self.swap_full);
         let mut p = SimSpace::<X86Pte>::new(BASE, &mut self.parent);
         let mut c = SimSpace::<X86Pte>::new(BASE, &mut self.child);
         let mut rss = Rss::default();
@@ -149,10 +169,18 @@ impl World {
         } else {
             &mut self.parent
         };
-        let mut t = SimSpace::<X86Pte>::new(BASE, entries);
-        let mut zap = Zap::new(&mut folios, vma);
+        let log = RefCell::new(OrderLog::new());
+        let mut t = Ordered::new(SimSpace::<X86Pte>::new(BASE, entries), &log);
+        let mut of = Ordered::new(&mut folios, &log);
+        let zap = Zap::new(&mut of, vma);
+        let mut zap = if self.keep_markers {
+            zap.keep_markers()
+        } else {
+            zap
+        };
         let r = zap.zap_range(&mut t, addr(start), addr(end));
         let rss = zap.rss();
+        check_order(&log.borrow(), "batched zap");
         (r, rss, folios.violations())
     }
 
@@ -169,11 +197,94 @@ impl World {
         } else {
             &mut self.parent
         };
-        let mut t = SimSpace::<X86Pte>::new(BASE, entries);
+        let log = RefCell::new(OrderLog::new());
+        let mut t = Ordered::new(SimSpace::<X86Pte>::new(BASE, entries), &log);
+        let mut of = Ordered::new(&mut folios, &log);
         let mut rss = Rss::default();
-        let r = reference::zap_range(&mut t, &mut folios, vma, addr(start), addr(end), &mut rss);
+        let r = reference::zap_range_with(
+            &mut t,
+            &mut of,
+            vma,
+            self.keep_markers,
+            addr(start),
+            addr(end),
+            &mut rss,
+        );
+        check_order(&log.borrow(), "reference zap");
         (r, rss, folios.violations())
     }
+}
+
+/// Every rmap removal and reference drop came after the TLB flush covering the page's entries.
+pub fn check_order(log: &OrderLog, what: &str) {
+    assert!(!log.overflowed(), "{what}: order log overflowed");
+    assert_eq!(
+        log.violations(),
+        0,
+        "{what}: page released before the TLB flush of its entry (address, pfn) {:?}",
+        log.first_violation()
+    );
+}
+
+/// The page an entry holds a mapping of: a present entry's (not special), a device entry's.
+pub fn mapped_pfn(pte: u64) -> Option<u64> {
+    if X86Pte::is_none(pte) {
+        return None;
+    }
+    if X86Pte::is_present(pte) {
+        return (!X86Pte::is_special(pte)).then(|| X86Pte::pfn(pte));
+    }
+    match NonPresent::decode::<X86Pte>(pte) {
+        NonPresent::DevicePrivate { pfn, .. } | NonPresent::DeviceExclusive { pfn } => Some(pfn),
+        _ => None,
+    }
+}
+
+/// A random non-present entry of every flavor (device and hwpoison ones for `pfn`, migration
+/// ones for `held`, a page something else keeps alive; a swap entry without one), with random
+/// soft-dirty and (in a uffd-wp mapping) uffd-wp bits.
+pub fn random_nonpresent(rng: &mut Rng, pfn: u64, held: Option<u64>, src: Vma) -> u64 {
+    let mut k = rng.below(12);
+    if held.is_none() && (4..=6).contains(&k) {
+        k = 0;
+    }
+    let mpfn = held.unwrap_or(pfn);
+    let kind = match k {
+        0..=3 => NonPresent::Swap {
+            ty: rng.below(3) as u32,
+            offset: 1 + rng.below(1 << 20),
+            exclusive: rng.chance(50),
+        },
+        4 => NonPresent::Migration {
+            pfn: mpfn,
+            kind: Migration::Read,
+        },
+        5 => NonPresent::Migration {
+            pfn: mpfn,
+            kind: Migration::ReadExclusive,
+        },
+        6 => NonPresent::Migration {
+            pfn: mpfn,
+            kind: Migration::Write,
+        },
+        7 => NonPresent::DevicePrivate {
+            pfn,
+            write: rng.chance(50),
+        },
+        8 => NonPresent::DeviceExclusive { pfn },
+        9 => NonPresent::Hwpoison { pfn },
+        _ => NonPresent::Marker(Markers::from_bits_truncate(1 + rng.below(7))),
+    };
+    let mut e = kind.encode::<X86Pte>();
+    if !matches!(kind, NonPresent::Marker(_)) {
+        if rng.chance(30) {
+            e = X86Pte::swp_mk_soft_dirty(e);
+        }
+        if src.uffd_wp() && rng.chance(30) {
+            e = X86Pte::swp_mk_uffd_wp(e);
+        }
+    }
+    e
 }
 
 /// The VMA of a random scenario.
@@ -190,6 +301,9 @@ pub fn random_vmas(rng: &mut Rng) -> (Vma, Vma) {
     }
     if rng.chance(25) {
         flags |= VmFlags::UFFD_WP;
+    }
+    if flags.contains(VmFlags::SHARED) || rng.chance(30) {
+        flags |= VmFlags::FILE;
     }
     let mut dst = flags;
     if rng.chance(50) {
@@ -242,6 +356,13 @@ pub fn random_world(rng: &mut Rng, tables: usize) -> World {
             p.poisoned = rng.chance(1) && rng.chance(20);
         }
     }
+    let pinned: Vec<u64> = (0..frames as u64)
+        .map(|k| BASE_PFN + k)
+        .filter(|&pfn| {
+            let p = w.page(pfn);
+            p.used && w.page(p.head).pinned
+        })
+        .collect();
     let n = w.parent.len();
     let mut i = 0;
     while i < n {
@@ -251,7 +372,12 @@ pub fn random_world(rng: &mut Rng, tables: usize) -> World {
                 i += 1 + rng.below(40) as usize;
             }
             4 => {
-                let e = swap_entry(1 + rng.below(1000), rng.chance(30));
+                let pfn = BASE_PFN + rng.below(frames as u64 - 256);
+                // A page under migration is held by the migration (here: by a pin's
+                // references), so no zap frees it while its entries remain.
+                let held =
+                    (!pinned.is_empty()).then(|| pinned[rng.below(pinned.len() as u64) as usize]);
+                let e = random_nonpresent(rng, pfn, held, src);
                 w.map(i, e);
                 i += 1;
             }
@@ -320,6 +446,13 @@ pub fn random_world(rng: &mut Rng, tables: usize) -> World {
             }
         }
     }
+    w.restore = rng.chance(70);
+    w.swap_full = if rng.chance(20) {
+        rng.below(4) as u32
+    } else {
+        0
+    };
+    w.keep_markers = rng.chance(40);
     // Pins and anon-exclusive flags: exclusive only for pages mapped exactly once.
     {
         let mut f = w.folios();
