@@ -2,13 +2,13 @@
 //! and the guest services around a suspend, page-table roots, and a xenstore. `no_std`, no
 //! allocation: usable by tests, fuzzing, benches and a bare-metal kernel alike.
 
+mod faults;
 mod host;
 mod page_tables;
 mod store;
 
-pub use host::{
-    Fault, PortState, SIM_SHARED_INFO_VA, SimConfig, SimGuest, SimPlan, SimPort, SimXen, Violations,
-};
+pub use faults::{Fault, Violations};
+pub use host::{PortState, SIM_SHARED_INFO_VA, SimConfig, SimGuest, SimPlan, SimPort, SimXen};
 pub use page_tables::SimPageTables;
 pub use store::{MAX_PATH, MAX_VALUE, SimStore};
 
