@@ -417,9 +417,9 @@ impl<T: XenStore + ?Sized> XenStore for &mut T {
 pub struct XenCpuid {
     /// Base leaf (`0x4000_0000` or `0x4000_0100`, ...).
     pub base: u32,
-    /// Xen major version (leaf base+1, EAX[31:16]).
+    /// Xen major version (leaf base+1, EAX bits 31:16).
     pub major: u16,
-    /// Xen minor version (leaf base+1, EAX[15:0]).
+    /// Xen minor version (leaf base+1, EAX bits 15:0).
     pub minor: u16,
     /// Number of hypercall pages (leaf base+2, EAX).
     pub hypercall_pages: u32,
