@@ -35,11 +35,13 @@ pub enum Fault {
     Unmask,
     /// [`Console::resume`](crate::hal::Console::resume).
     ConsoleResume,
+    /// [`EventDelivery::set_callback`](crate::hal::EventDelivery::set_callback).
+    Delivery,
 }
 
 impl Fault {
     /// Every fault point.
-    pub const ALL: [Fault; 14] = [
+    pub const ALL: [Fault; 15] = [
         Fault::Freeze,
         Fault::DeviceSuspend,
         Fault::StopMachine,
@@ -54,6 +56,7 @@ impl Fault {
         Fault::BindIpi,
         Fault::Unmask,
         Fault::ConsoleResume,
+        Fault::Delivery,
     ];
 
     /// The errno the injected failure returns.
@@ -63,9 +66,11 @@ impl Fault {
             Fault::DeviceSuspend => errno::EIO,
             Fault::StopMachine | Fault::Pin | Fault::BindVirq | Fault::BindIpi => errno::ENOMEM,
             Fault::GrantSuspend | Fault::GrantResume => errno::ENOSYS,
-            Fault::UpdateVaMapping | Fault::SetupSharedInfo | Fault::Unpin | Fault::Unmask => {
-                errno::EINVAL
-            }
+            Fault::UpdateVaMapping
+            | Fault::SetupSharedInfo
+            | Fault::Unpin
+            | Fault::Unmask
+            | Fault::Delivery => errno::EINVAL,
             Fault::Hypercall => errno::EPERM,
             Fault::ConsoleResume => errno::EIO,
         }
@@ -86,6 +91,7 @@ impl Fault {
             Fault::Unpin => Step::Unpin,
             Fault::BindVirq | Fault::BindIpi | Fault::Unmask => Step::Rebind,
             Fault::ConsoleResume => Step::ConsoleResume,
+            Fault::Delivery => Step::Delivery,
         }
     }
 }
@@ -162,6 +168,15 @@ violations! {
     XENBUS_RUNNING = 23;
     /// Hypercall: time keeping was not suspended.
     TIME_RUNNING = 24;
+    /// Audit: the host has more VIRQ/IPI ports bound than the guest's table has bindings
+    /// (a port leaked: bound at the hypervisor, unknown to the guest).
+    PORT_LEAK = 25;
+    /// Audit: event delivery is not set up in the current domain (no callback, a vCPU's
+    /// `vcpu_info` not registered) or the guest's store/console channels are stale.
+    DELIVERY_STALE = 26;
+    /// Audit: an event was delivered on a port bound to nothing of the guest's (a stale
+    /// pending bit the mask sweep missed).
+    STRAY_EVENT = 27;
 }
 
 impl Violations {

@@ -12,7 +12,45 @@ use super::faults::{Fault, NR_FAULTS, Violations};
 
 mod guest;
 
-pub use guest::SimGuest;
+pub use guest::{SimDevice, SimGuest};
+
+/// Devices in the model's device list.
+pub const SIM_DEVICES: usize = 4;
+
+/// What a device of the model's list did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DeviceOp {
+    /// It was suspended.
+    Suspend,
+    /// It was resumed.
+    Resume,
+}
+
+/// The device operations since [`SimXen::set_faults`], in order (the first 64).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceLog {
+    entries: [(u8, DeviceOp); 64],
+    len: usize,
+}
+
+impl DeviceLog {
+    const EMPTY: Self = Self {
+        entries: [(0, DeviceOp::Suspend); 64],
+        len: 0,
+    };
+
+    fn push(&mut self, device: u8, op: DeviceOp) {
+        if let Some(e) = self.entries.get_mut(self.len) {
+            *e = (device, op);
+            self.len += 1;
+        }
+    }
+
+    /// `(device index, operation)` in the order they happened.
+    pub fn as_slice(&self) -> &[(u8, DeviceOp)] {
+        &self.entries[..self.len]
+    }
+}
 
 /// Where the model maps shared info (a fixmap slot).
 pub const SIM_SHARED_INFO_VA: u64 = 0xffff_ffff_ff5f_e000;
@@ -121,7 +159,8 @@ struct State<const CPUS: usize, const PORTS: usize> {
     cpu_map_resets: u32,
     // Guest services.
     frozen: bool,
-    devices_suspended: bool,
+    devices: [bool; SIM_DEVICES],
+    device_log: DeviceLog,
     bus: Bus,
     time_stopped: bool,
     console_generation: u32,
@@ -133,6 +172,11 @@ struct State<const CPUS: usize, const PORTS: usize> {
     violations: Violations,
     hypercalls: u32,
     delivered: u64,
+    // Event delivery (what the guest set up in this domain).
+    callback: bool,
+    vcpu_info: [bool; CPUS],
+    guest_channels: crate::hal::ToolstackChannels,
+    strays: u32,
 }
 
 /// The software Xen host for `CPUS` vCPUs and `PORTS` event-channel ports.
@@ -213,7 +257,8 @@ impl<const CPUS: usize, const PORTS: usize> SimXen<CPUS, PORTS> {
             kernel_root: false,
             cpu_map_resets: 0,
             frozen: false,
-            devices_suspended: false,
+            devices: [false; SIM_DEVICES],
+            device_log: DeviceLog::EMPTY,
             bus: Bus::Connected { generation: 0 },
             time_stopped: false,
             console_generation: 0,
@@ -224,8 +269,13 @@ impl<const CPUS: usize, const PORTS: usize> SimXen<CPUS, PORTS> {
             violations: Violations::NONE,
             hypercalls: 0,
             delivered: 0,
+            callback: true,
+            vcpu_info: [true; CPUS],
+            guest_channels: crate::hal::ToolstackChannels::default(),
+            strays: 0,
         };
         st.toolstack_channels();
+        st.guest_channels = st.channels();
         Self {
             st: RefCell::new(st),
         }
@@ -257,6 +307,7 @@ impl<const CPUS: usize, const PORTS: usize> SimXen<CPUS, PORTS> {
         }
         st.calls = [0; NR_FAULTS];
         st.fired = None;
+        st.device_log = DeviceLog::EMPTY;
     }
 
     /// The first injected fault that fired since [`SimXen::set_faults`].
@@ -339,6 +390,22 @@ impl<const CPUS: usize, const PORTS: usize> SimXen<CPUS, PORTS> {
         st.deliver(port).map(|_| vcpu)
     }
 
+    /// The device list's operations since [`SimXen::set_faults`] (or the build).
+    pub fn device_log(&self) -> DeviceLog {
+        self.st.borrow().device_log
+    }
+
+    /// Events delivered on ports bound to nothing of the guest's (stale pending bits a mask
+    /// sweep missed), so far.
+    pub fn strays(&self) -> u32 {
+        self.st.borrow().strays
+    }
+
+    /// The store and console channels the toolstack bound in the current domain.
+    pub fn toolstack_channels(&self) -> crate::hal::ToolstackChannels {
+        self.st.borrow().channels()
+    }
+
     /// Events delivered so far (including ones delivered by an unmask).
     pub fn delivered(&self) -> u64 {
         self.st.borrow().delivered
@@ -363,7 +430,7 @@ impl<const CPUS: usize, const PORTS: usize> SimXen<CPUS, PORTS> {
         if st.frozen {
             v |= Violations::TASKS_FROZEN;
         }
-        if st.devices_suspended {
+        if st.devices.iter().any(|&d| d) {
             v |= Violations::DEVICES_SUSPENDED;
         }
         if st.bus
@@ -396,6 +463,21 @@ impl<const CPUS: usize, const PORTS: usize> SimXen<CPUS, PORTS> {
         }
         if !st.irqs_enabled || st.others_quiesced {
             v |= Violations::CPUS_STOPPED;
+        }
+        if !st.callback || !st.vcpu_info.iter().all(|&r| r) || st.guest_channels != st.channels() {
+            v |= Violations::DELIVERY_STALE;
+        }
+        if st.strays != 0 {
+            v |= Violations::STRAY_EVENT;
+        }
+        let host_bound = st
+            .ports
+            .iter()
+            .filter(|p| matches!(p.state, PortState::Virq { .. } | PortState::Ipi { .. }))
+            .count();
+        let guest_bound = events.bindings().filter(|(_, i)| i.port != 0).count();
+        if host_bound > guest_bound {
+            v |= Violations::PORT_LEAK;
         }
         for (_, info) in events.bindings() {
             let expected = match info.kind {
@@ -444,15 +526,46 @@ impl<const CPUS: usize, const PORTS: usize> State<CPUS, PORTS> {
         self.start_info.console_evtchn = console;
     }
 
+    fn channels(&self) -> crate::hal::ToolstackChannels {
+        crate::hal::ToolstackChannels {
+            store: self.start_info.store_evtchn,
+            console: self.start_info.console_evtchn,
+        }
+    }
+
+    /// Marks `port` pending and delivers it when it is unmasked and event delivery reaches
+    /// its vCPU (callback set, `vcpu_info` registered).
     fn deliver(&mut self, port: Port) -> Option<Port> {
         let p = &mut self.ports[port as usize];
         p.pending = true;
         if p.masked {
             return None;
         }
+        let vcpu = match p.state {
+            PortState::Virq { vcpu, .. } | PortState::Ipi { vcpu } => vcpu,
+            PortState::Free | PortState::Reserved => 0,
+        };
+        if !self.callback || !self.vcpu_info.get(vcpu as usize).copied().unwrap_or(false) {
+            return None;
+        }
+        let p = &mut self.ports[port as usize];
         p.pending = false;
-        self.delivered += 1;
+        if matches!(p.state, PortState::Virq { .. } | PortState::Ipi { .. }) {
+            self.delivered += 1;
+        } else {
+            self.strays += 1;
+        }
         Some(port)
+    }
+
+    /// Interrupts came back on: every pending, unmasked port is delivered.
+    fn deliver_unmasked(&mut self) {
+        for port in 0..PORTS {
+            let p = self.ports[port];
+            if p.pending && !p.masked {
+                self.deliver(port as Port);
+            }
+        }
     }
 
     /// What Xen and the toolstack would refuse to save.
@@ -491,7 +604,7 @@ impl<const CPUS: usize, const PORTS: usize> State<CPUS, PORTS> {
         if !self.frozen {
             v |= Violations::TASKS_RUNNING;
         }
-        if !self.devices_suspended {
+        if !self.devices.iter().all(|&d| d) {
             v |= Violations::DEVICES_RUNNING;
         }
         if self.bus != Bus::Suspended {
@@ -512,16 +625,29 @@ impl<const CPUS: usize, const PORTS: usize> State<CPUS, PORTS> {
         self.start_info.store_mfn += self.mfn_base;
         self.start_info.console_mfn += self.mfn_base;
         self.start_info.shared_info = self.shared_info_mfn << 12;
-        // Fresh shared info: nothing masked or pending. Ports the old domain used are taken,
-        // so every binding the guest makes lands on a different number.
+        // Ports the old domain used are taken, so every binding the guest makes lands on a
+        // different number. Shared info is not fresh: the old domain's ports and the last port
+        // of the space carry stale pending, unmasked bits, so a guest that does not mask the
+        // whole port space before interrupts come back gets stray events.
         for p in self.ports.iter_mut() {
             let old = p.state;
             *p = SimPort::default();
             if matches!(old, PortState::Virq { .. } | PortState::Ipi { .. }) {
                 p.state = PortState::Reserved;
+                p.pending = true;
             }
         }
         self.ports[0].state = PortState::Reserved;
+        self.ports[PORTS - 1].pending = true;
+        // The old store and console channels stay taken too: the toolstack's new ones move.
+        for old in [self.start_info.store_evtchn, self.start_info.console_evtchn] {
+            if let Some(p) = self.ports.get_mut(old as usize) {
+                p.state = PortState::Reserved;
+            }
+        }
+        // A new domain delivers nothing until the guest sets delivery up again.
+        self.callback = false;
+        self.vcpu_info = [false; CPUS];
         self.next_port = 1;
         self.virq_port = [[0; NR_VIRQS as usize]; CPUS];
         self.toolstack_channels();

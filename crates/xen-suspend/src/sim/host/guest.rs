@@ -1,12 +1,15 @@
 //! The guest's handle on the software host: every guest-service and hypervisor trait
 //! implemented against the host's state.
 
-use super::{Bus, Fault, PTE_FLAGS, PortState, SIM_SHARED_INFO_VA, SimPlan, SimXen, State};
+use super::{
+    Bus, DeviceOp, Fault, PTE_FLAGS, PortState, SIM_DEVICES, SIM_SHARED_INFO_VA, SimPlan, SimXen,
+    State,
+};
 use crate::abi::Port;
 use crate::error::errno;
 use crate::hal::{
-    Console, Devices, Errno, Freezer, GrantTable, Hypervisor, P2m, StartInfoFrames, StopMachine,
-    SuspendResult, Time, XenBus,
+    Console, Devices, Errno, EventDelivery, Freezer, GrantTable, Hypervisor, P2m, StartInfoFrames,
+    StopMachine, SuspendResult, Time, XenBus,
 };
 
 /// A handle on a [`SimXen`] implementing every trait but [`crate::hal::PageTables`] (see
@@ -16,9 +19,17 @@ pub struct SimGuest<'h, const CPUS: usize, const PORTS: usize> {
     pub(super) host: &'h SimXen<CPUS, PORTS>,
 }
 
-impl<const CPUS: usize, const PORTS: usize> SimGuest<'_, CPUS, PORTS> {
+impl<'h, const CPUS: usize, const PORTS: usize> SimGuest<'h, CPUS, PORTS> {
     fn with<R>(&self, f: impl FnOnce(&mut State<CPUS, PORTS>) -> R) -> R {
         f(&mut self.host.st.borrow_mut())
+    }
+
+    /// The device list of the guest's device model.
+    pub fn devices(&self) -> [SimDevice<'h, CPUS, PORTS>; SIM_DEVICES] {
+        core::array::from_fn(|i| SimDevice {
+            host: self.host,
+            index: i as u8,
+        })
     }
 
     pub(crate) fn register_roots(&self, total: usize, pinned: usize) {
@@ -59,17 +70,38 @@ impl<const CPUS: usize, const PORTS: usize> Freezer for SimGuest<'_, CPUS, PORTS
     }
 }
 
+/// One device of the model's device list ([`SIM_DEVICES`] of them); the guest's device model
+/// is the list (`[SimDevice]` implements [`Devices`]).
+#[derive(Debug, Clone, Copy)]
+pub struct SimDevice<'h, const CPUS: usize, const PORTS: usize> {
+    host: &'h SimXen<CPUS, PORTS>,
+    index: u8,
+}
+
+impl<const CPUS: usize, const PORTS: usize> Devices for SimDevice<'_, CPUS, PORTS> {
+    type Error = Errno;
+    fn suspend(&mut self) -> Result<(), Errno> {
+        let mut st = self.host.st.borrow_mut();
+        st.inject(Fault::DeviceSuspend)?;
+        st.devices[usize::from(self.index)] = true;
+        st.device_log.push(self.index, DeviceOp::Suspend);
+        Ok(())
+    }
+    fn resume(&mut self) {
+        let mut st = self.host.st.borrow_mut();
+        if core::mem::take(&mut st.devices[usize::from(self.index)]) {
+            st.device_log.push(self.index, DeviceOp::Resume);
+        }
+    }
+}
+
 impl<const CPUS: usize, const PORTS: usize> Devices for SimGuest<'_, CPUS, PORTS> {
     type Error = Errno;
     fn suspend(&mut self) -> Result<(), Errno> {
-        self.with(|st| {
-            st.inject(Fault::DeviceSuspend)?;
-            st.devices_suspended = true;
-            Ok(())
-        })
+        Devices::suspend(&mut self.devices()[..])
     }
     fn resume(&mut self) {
-        self.with(|st| st.devices_suspended = false)
+        Devices::resume(&mut self.devices()[..])
     }
 }
 
@@ -108,7 +140,11 @@ impl<const CPUS: usize, const PORTS: usize> StopMachine for SimGuest<'_, CPUS, P
             Ok(saved)
         })?;
         let r = f();
-        self.with(|st| (st.cpu, st.irqs_enabled, st.others_quiesced) = saved);
+        self.with(|st| {
+            (st.cpu, st.irqs_enabled, st.others_quiesced) = saved;
+            // Interrupts are on again: whatever is pending and unmasked arrives now.
+            st.deliver_unmasked();
+        });
         Ok(r)
     }
 }
@@ -172,6 +208,10 @@ impl<const CPUS: usize, const PORTS: usize> Hypervisor for SimGuest<'_, CPUS, PO
     fn bind_virq(&mut self, virq: u32, vcpu: u32) -> Result<Port, Errno> {
         self.with(|st| {
             st.inject(Fault::BindVirq)?;
+            // Xen binds a global VIRQ only on vCPU 0.
+            if vcpu != 0 && !crate::abi::virq::is_per_vcpu(virq) {
+                return Err(Errno(errno::EINVAL));
+            }
             let slot = st
                 .virq_port
                 .get(vcpu as usize)
@@ -217,11 +257,30 @@ impl<const CPUS: usize, const PORTS: usize> Hypervisor for SimGuest<'_, CPUS, PO
                 .ok_or(Errno(errno::EINVAL))?;
             p.masked = false;
             if p.pending {
-                p.pending = false;
-                st.delivered += 1;
+                st.deliver(port);
             }
             Ok(())
         })
+    }
+
+    fn close(&mut self, port: Port) -> Result<(), Errno> {
+        self.with(|st| {
+            let p = st.ports.get(port as usize).ok_or(Errno(errno::EINVAL))?;
+            match p.state {
+                PortState::Virq { virq, vcpu } => {
+                    st.virq_port[vcpu as usize][virq as usize] = 0;
+                }
+                PortState::Ipi { .. } => {}
+                PortState::Free | PortState::Reserved => return Err(Errno(errno::EINVAL)),
+            }
+            st.ports[port as usize].state = PortState::Free;
+            st.ports[port as usize].pending = false;
+            Ok(())
+        })
+    }
+
+    fn max_ports(&self) -> usize {
+        PORTS
     }
 
     fn suspend(&mut self) -> Result<SuspendResult, Errno> {
@@ -285,5 +344,32 @@ impl<const CPUS: usize, const PORTS: usize> Hypervisor for SimGuest<'_, CPUS, PO
 
     fn reset_cpu_map(&mut self) {
         self.with(|st| st.cpu_map_resets += 1)
+    }
+}
+
+impl<const CPUS: usize, const PORTS: usize> EventDelivery for SimGuest<'_, CPUS, PORTS> {
+    type Error = Errno;
+    fn set_callback(&mut self) -> Result<(), Errno> {
+        self.with(|st| {
+            st.inject(Fault::Delivery)?;
+            st.callback = true;
+            Ok(())
+        })
+    }
+    fn register_vcpu_info(&mut self, vcpu: u32) -> Result<(), Errno> {
+        self.with(|st| {
+            let slot = st
+                .vcpu_info
+                .get_mut(vcpu as usize)
+                .ok_or(Errno(errno::EINVAL))?;
+            *slot = true;
+            Ok(())
+        })
+    }
+    fn reread_channels(&mut self) -> Result<(), Errno> {
+        self.with(|st| {
+            st.guest_channels = st.channels();
+            Ok(())
+        })
     }
 }
