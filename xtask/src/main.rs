@@ -15,6 +15,7 @@ mod report;
 mod setup;
 mod suite;
 mod tracedump;
+mod xen_hvm;
 
 use std::process::ExitCode;
 
