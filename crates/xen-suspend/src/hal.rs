@@ -278,7 +278,7 @@ impl<T: EventDelivery + ?Sized> EventDelivery for &mut T {
 /// The kernel's services a suspend uses, named once: one associated type per concern, so a
 /// [`crate::Machine`] takes one type parameter. Implement it on a marker type:
 ///
-/// ```ignore
+/// ```text
 /// enum MyXen {}
 /// impl Platform for MyXen {
 ///     type Freezer = MyFreezer; /* ... */
