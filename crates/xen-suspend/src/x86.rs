@@ -268,10 +268,11 @@ impl XenHvm {
         .map(drop)
     }
 
-    /// A port from an HVM param: untrusted, must fit the 2-level port space.
+    /// A port from an HVM param: untrusted, must fit the 2-level port space (0: no channel,
+    /// e.g. an HVM guest without a PV console).
     fn port_param(&self, index: u32) -> Result<Port, Errno> {
         let v = self.param(index)?;
-        if v == 0 || v >= NR_EVENT_CHANNELS_2L as u64 {
+        if v >= NR_EVENT_CHANNELS_2L as u64 {
             return Err(Errno(errno::EINVAL));
         }
         Ok(v as Port)

@@ -161,30 +161,16 @@ impl<'a, C: StoreChannel, const W: usize> XsClient<'a, C, W> {
         Ok(())
     }
 
-    fn read_exact(&mut self, out: &mut [u8]) -> Result<(), WireError> {
-        let mut got = 0;
-        while got < out.len() {
-            let n = self.ring.read_rsp(&mut out[got..])?;
-            got += n;
-            if n > 0 {
-                // Space for xenstored to write more.
-                self.chan.notify();
-            } else {
-                self.wait()?;
-            }
-        }
-        Ok(())
-    }
-
     /// Reads one message into the scratch buffer: its header and payload length.
     fn read_message(&mut self) -> Result<Header, WireError> {
         let mut raw = [0; HEADER_LEN];
-        self.read_exact(&mut raw)?;
+        read_exact(&self.ring, &mut self.chan, &mut raw)?;
         let h = Header::parse(&raw)?;
-        let mut payload = [0; PAYLOAD_MAX];
-        let len = h.len as usize;
-        self.read_exact(&mut payload[..len])?;
-        self.scratch[..len].copy_from_slice(&payload[..len]);
+        read_exact(
+            &self.ring,
+            &mut self.chan,
+            &mut self.scratch[..h.len as usize],
+        )?;
         Ok(h)
     }
 
@@ -345,6 +331,26 @@ impl<'a, C: StoreChannel, const W: usize> XsClient<'a, C, W> {
         }
         first
     }
+}
+
+/// Reads exactly `out.len()` response bytes, waiting on `chan` while the ring is empty.
+fn read_exact<C: StoreChannel>(
+    ring: &Ring<'_>,
+    chan: &mut C,
+    out: &mut [u8],
+) -> Result<(), WireError> {
+    let mut got = 0;
+    while got < out.len() {
+        let n = ring.read_rsp(&mut out[got..])?;
+        got += n;
+        if n > 0 {
+            // Space for xenstored to write more.
+            chan.notify();
+        } else {
+            chan.wait().map_err(|e| WireError::Channel(e.errno()))?;
+        }
+    }
+    Ok(())
 }
 
 impl<C: StoreChannel, const W: usize> XenStore for XsClient<'_, C, W> {
