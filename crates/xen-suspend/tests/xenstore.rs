@@ -330,3 +330,30 @@ fn page_with_reply(h: &Header) -> Box<[AtomicU32; 1024]> {
     p[515].store(16, Ordering::Release);
     p
 }
+
+#[test]
+fn a_transaction_is_retried_while_the_commit_answers_eagain() {
+    let page = page();
+    let server = RefCell::new(RingServer::new(&page));
+    let mut xs = client(&page, &server);
+    xs.write(0, "/n", b"1").unwrap();
+    server.borrow_mut().xsd.conflicts = 2;
+    let mut runs = 0;
+    let r = xs.transaction(5, |xs, tx| {
+        runs += 1;
+        let mut b = [0u8; 4];
+        let n = xs.read(tx, "/n", &mut b)?;
+        xs.write(tx, "/n", &[b[..n][0] + 1])?;
+        Ok(n)
+    });
+    assert_eq!((r, runs), (Ok(1), 3));
+    let mut b = [0u8; 4];
+    assert_eq!(xs.read(0, "/n", &mut b), Ok(1));
+    assert_eq!(b[0], b'2', "committed once");
+    // Out of tries: the last EAGAIN, nothing committed.
+    server.borrow_mut().xsd.conflicts = 9;
+    let r = xs.transaction(2, |xs, tx| xs.write(tx, "/n", b"x"));
+    assert_eq!(r, Err(WireError::Errno(11)));
+    assert_eq!(xs.read(0, "/n", &mut b), Ok(1));
+    assert_eq!(b[0], b'2');
+}

@@ -1,7 +1,7 @@
 //! A xenstore client over the shared ring (Mini-OS's and Linux's `xenbus_comms` job):
-//! requests with `req_id` matching, transactions (with [`XenStore`]'s `EAGAIN` retry left to
-//! the caller, as the shutdown handler does), watches with their events queued, and
-//! suspend/resume of the connection.
+//! requests with `req_id` matching, transactions retried on `EAGAIN`
+//! ([`XsClient::transaction`]), watches with their events queued, and suspend/resume of the
+//! connection.
 //!
 //! [`wire`] is the message codec (also what a test server over xenstored's unix socket
 //! speaks); [`ring`] the shared page. Nothing allocates; one client is about 9 KiB.
@@ -224,6 +224,33 @@ impl<'a, C: StoreChannel, const W: usize> XsClient<'a, C, W> {
             out[..n].copy_from_slice(&payload[..n]);
             return Ok(payload.len());
         }
+    }
+
+    /// Runs `body` in a transaction and commits it, starting over (up to `tries` times in
+    /// all) while the commit answers `EAGAIN` (another writer got there first). An error of
+    /// `body` aborts the transaction and is returned; so is the last `EAGAIN`.
+    pub fn transaction<R>(
+        &mut self,
+        tries: u32,
+        mut body: impl FnMut(&mut Self, Transaction) -> Result<R, WireError>,
+    ) -> Result<R, WireError> {
+        let mut last = WireError::Errno(crate::error::errno::EAGAIN);
+        for _ in 0..tries {
+            let tx = self.start()?;
+            let r = match body(self, tx) {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = self.end(tx, true);
+                    return Err(e);
+                }
+            };
+            match self.end(tx, false) {
+                Ok(()) => return Ok(r),
+                Err(e @ WireError::Errno(crate::error::errno::EAGAIN)) => last = e,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last)
     }
 
     /// `XS_DIRECTORY`: the children of `path`, NUL-separated, into `out`; returns the full
