@@ -21,6 +21,7 @@ pub const TARGETS: &[(&str, Harness)] = &[
     ("xen_suspend_cpuid", xen_suspend::cpuid),
     ("xen_suspend_request", xen_suspend::request),
     ("xen_suspend_faults", xen_suspend::faults),
+    ("xen_suspend_xenstore_ring", xen_suspend::xenstore_ring),
     ("bts_ops", bts::ops),
     ("bts_ds_area", bts::ds_area),
     ("pv_apf_host_events", pv_apf::host_events),

@@ -244,3 +244,111 @@ pub fn faults(data: &[u8]) {
         assert_eq!(port.and_then(|p| ch.irq_for_port(p)), Some(irq));
     }
 }
+
+/// Arbitrary bytes in the shared xenstore page and arbitrary server behaviour: the ring
+/// client returns a value or a typed error for every request, never panics or reads out of
+/// bounds, and never reports a reply longer than `XENSTORE_PAYLOAD_MAX`.
+pub fn xenstore_ring(data: &[u8]) {
+    use std::cell::Cell;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use oskit_xen_suspend::hal::{Errno, XenStore};
+    use oskit_xen_suspend::xenstore::wire::PAYLOAD_MAX;
+    use oskit_xen_suspend::xenstore::{StoreChannel, XsClient, ring::Ring};
+
+    const PAGE_BYTES: usize = 2076;
+    let (init, script) = data.split_at(data.len().min(PAGE_BYTES));
+    let page: Box<[AtomicU32; 1024]> = Box::new(std::array::from_fn(|_| AtomicU32::new(0)));
+    for (i, w) in crate::words(init).enumerate() {
+        page[i].store(w, Ordering::Relaxed);
+    }
+
+    /// xenstored as the script says: each wait runs one step.
+    struct Server<'a> {
+        page: &'a [AtomicU32; 1024],
+        script: &'a [u8],
+        at: Cell<usize>,
+    }
+    impl StoreChannel for &Server<'_> {
+        type Error = Errno;
+        fn notify(&mut self) {}
+        fn wait(&mut self) -> Result<(), Errno> {
+            let at = self.at.get();
+            let Some(&op) = self.script.get(at) else {
+                return Err(Errno(110));
+            };
+            let n = usize::from(*self.script.get(at + 1).unwrap_or(&0));
+            let bytes = self
+                .script
+                .get(at + 2..(at + 2 + n).min(self.script.len()))
+                .unwrap_or(&[]);
+            self.at.set(at + 2 + bytes.len());
+            match op % 4 {
+                // Reply bytes at rsp_prod.
+                0 => {
+                    let mut prod = self.page[515].load(Ordering::Relaxed);
+                    for &b in bytes {
+                        let at = 1024 + (prod as usize & 1023);
+                        let w = &self.page[at / 4];
+                        let s = (at % 4) * 8;
+                        let old = w.load(Ordering::Relaxed);
+                        w.store(
+                            (old & !(0xff << s)) | (u32::from(b) << s),
+                            Ordering::Relaxed,
+                        );
+                        prod = prod.wrapping_add(1);
+                    }
+                    self.page[515].store(prod, Ordering::Release);
+                }
+                // Scribble an index or control word.
+                1 => {
+                    let v = crate::words(bytes).next().unwrap_or(0);
+                    self.page[512 + usize::from(op / 4) % 7].store(v, Ordering::Release);
+                }
+                // Consume every request.
+                2 => {
+                    let prod = self.page[513].load(Ordering::Acquire);
+                    self.page[512].store(prod, Ordering::Release);
+                }
+                _ => {}
+            }
+            Ok(())
+        }
+    }
+
+    let server = Server {
+        page: &page,
+        script,
+        at: Cell::new(0),
+    };
+    let mut xs = XsClient::<_, 2>::new(Ring::new(&page), &server);
+    let mut buf = [0u8; 64];
+    for round in 0..16u32 {
+        if server.at.get() >= script.len() {
+            break;
+        }
+        match round % 8 {
+            0 => {
+                if let Ok(n) = xs.read(0, "control/shutdown", &mut buf) {
+                    assert!(n <= PAYLOAD_MAX, "reply of {n} bytes");
+                }
+            }
+            1 => drop(xs.write(0, "control/shutdown", b"")),
+            2 => drop(xs.start().and_then(|t| xs.end(t, false))),
+            3 => drop(xs.watch("control/shutdown", "t")),
+            4 => drop(xs.poll()),
+            5 => {
+                if let Ok(n) = xs.directory(0, "device", &mut buf) {
+                    assert!(n <= PAYLOAD_MAX);
+                }
+            }
+            6 => drop(xs.resume()),
+            _ => {
+                let (mut p, mut t) = ([0u8; 8], [0u8; 4]);
+                while let Some((pl, tl)) = xs.next_event(&mut p, &mut t) {
+                    assert!(pl <= PAYLOAD_MAX && tl <= PAYLOAD_MAX);
+                }
+            }
+        }
+    }
+}

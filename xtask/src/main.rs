@@ -16,6 +16,7 @@ mod report;
 mod setup;
 mod suite;
 mod tracedump;
+mod xen_hvm;
 
 use std::process::ExitCode;
 

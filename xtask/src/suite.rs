@@ -14,7 +14,7 @@ use crate::{
 };
 
 /// How one stage ended.
-enum Outcome {
+pub(crate) enum Outcome {
     Passed,
     Failed(String),
     Skipped(String),
@@ -370,6 +370,9 @@ fn boot_stages(suite: &mut Suite) {
             },
         },
     );
+    suite.stage(crate::xen_hvm::NAME, |log| {
+        crate::xen_hvm::stage(&kernel, log)
+    });
     let red = [
         (
             "fail-check",

@@ -54,17 +54,17 @@ fn bench(c: &mut Criterion) {
 
     let mut w1 = world::<64, 1024, 4096>(10_000);
     g.bench_function(
-        BenchmarkId::new("oskit", "64vcpu-1024ports-10000roots"),
+        BenchmarkId::new("oskit", "64vcpu-768ports-10000roots"),
         |b| b.iter(|| cycle(&mut w1)),
     );
     let mut w2 = world::<128, 2048, 8192>(20_000);
     g.bench_function(
-        BenchmarkId::new("oskit", "128vcpu-2048ports-20000roots"),
+        BenchmarkId::new("oskit", "128vcpu-1536ports-20000roots"),
         |b| b.iter(|| cycle(&mut w2)),
     );
 
     g.bench_function(
-        BenchmarkId::new("floor-host-calls-only", "64vcpu-1024ports-10000roots"),
+        BenchmarkId::new("floor-host-calls-only", "64vcpu-768ports-10000roots"),
         |b| {
             b.iter_batched_ref(
                 || world::<64, 1024, 4096>(10_000),

@@ -21,6 +21,8 @@ pub mod hypercall {
     pub const MMUEXT_OP: u32 = 26;
     /// `__HYPERVISOR_sched_op`.
     pub const SCHED_OP: u32 = 29;
+    /// `__HYPERVISOR_vcpu_op`.
+    pub const VCPU_OP: u32 = 24;
     /// `__HYPERVISOR_event_channel_op`.
     pub const EVENT_CHANNEL_OP: u32 = 32;
     /// `__HYPERVISOR_hvm_op`.
@@ -65,6 +67,12 @@ pub mod evtchnop {
     pub const UNMASK: u32 = 9;
 }
 
+/// `vcpu_op` sub-commands (`VCPUOP_*`).
+pub mod vcpuop {
+    /// Registers where a vCPU's `vcpu_info` lives ([`super::VcpuRegisterVcpuInfo`]).
+    pub const REGISTER_VCPU_INFO: u32 = 10;
+}
+
 /// `update_va_mapping` flags (`UVMF_*`).
 pub mod uvmf {
     /// No TLB flush.
@@ -91,6 +99,13 @@ pub mod hvmop {
     pub const SET_PARAM: u32 = 0;
     /// `HVMOP_get_param`.
     pub const GET_PARAM: u32 = 1;
+    /// `HVMOP_set_evtchn_upcall_vector`: a per-vCPU upcall vector
+    /// ([`super::XenHvmEvtchnUpcallVector`]).
+    pub const SET_EVTCHN_UPCALL_VECTOR: u32 = 23;
+    /// `HVM_PARAM_CALLBACK_IRQ`: how event-channel upcalls reach the domain.
+    pub const PARAM_CALLBACK_IRQ: u32 = 0;
+    /// `HVM_PARAM_CALLBACK_IRQ` value type "vector" (bits 63:56): bits 7:0 are the vector.
+    pub const CALLBACK_VIA_TYPE_VECTOR: u64 = 2 << 56;
     /// `HVM_PARAM_STORE_PFN`.
     pub const PARAM_STORE_PFN: u32 = 1;
     /// `HVM_PARAM_STORE_EVTCHN`.
@@ -131,6 +146,12 @@ pub mod virq {
     pub const XENPMU: u32 = 13;
     /// First architecture-specific VIRQ.
     pub const ARCH_0: u32 = 16;
+    /// Whether `virq` is per-vCPU (bound once per vCPU: `TIMER`, `DEBUG`, `XENOPROF`,
+    /// `XENPMU`, marked "V." in `xen.h`). Every other VIRQ is global ("G."): Xen binds it
+    /// only on vCPU 0 and answers `-EINVAL` for any other vCPU.
+    pub const fn is_per_vcpu(virq: u32) -> bool {
+        matches!(virq, TIMER | DEBUG | XENOPROF | XENPMU)
+    }
     /// Number of VIRQs (`NR_VIRQS`).
     pub const NR_VIRQS: u32 = 24;
 }
@@ -176,6 +197,44 @@ pub struct EvtchnBindIpi {
 pub struct EvtchnUnmask {
     /// IN: the port to unmask.
     pub port: Port,
+}
+
+/// `struct evtchn_close`: argument of [`evtchnop::CLOSE`].
+#[derive(
+    FromBytes, IntoBytes, KnownLayout, Immutable, Debug, Clone, Copy, Default, PartialEq, Eq,
+)]
+#[repr(C)]
+pub struct EvtchnClose {
+    /// IN: the port to close.
+    pub port: Port,
+}
+
+/// `struct vcpu_register_vcpu_info`: argument of [`vcpuop::REGISTER_VCPU_INFO`].
+#[derive(
+    FromBytes, IntoBytes, KnownLayout, Immutable, Debug, Clone, Copy, Default, PartialEq, Eq,
+)]
+#[repr(C)]
+pub struct VcpuRegisterVcpuInfo {
+    /// Guest frame holding the `vcpu_info`.
+    pub mfn: u64,
+    /// Byte offset of the `vcpu_info` in that frame.
+    pub offset: u32,
+    /// Reserved (zero).
+    pub rsvd: u32,
+}
+
+/// `struct xen_hvm_evtchn_upcall_vector`: argument of [`hvmop::SET_EVTCHN_UPCALL_VECTOR`].
+#[derive(
+    FromBytes, IntoBytes, KnownLayout, Immutable, Debug, Clone, Copy, Default, PartialEq, Eq,
+)]
+#[repr(C)]
+pub struct XenHvmEvtchnUpcallVector {
+    /// The vCPU.
+    pub vcpu: u32,
+    /// The vector its upcalls arrive on.
+    pub vector: u8,
+    /// Explicit padding (zero).
+    pub _pad: [u8; 3],
 }
 
 /// `struct sched_shutdown`: argument of [`schedop::SHUTDOWN`].
@@ -302,3 +361,8 @@ const_assert_eq!(core::mem::offset_of!(StartInfo, first_p2m_pfn), 1152);
 const_assert_eq!(core::mem::size_of::<StartInfo>(), 1168);
 const_assert_eq!(core::mem::align_of::<StartInfo>(), 8);
 const_assert!(virq::NR_VIRQS > virq::XENPMU);
+const_assert_eq!(core::mem::size_of::<EvtchnClose>(), 4);
+const_assert_eq!(core::mem::size_of::<VcpuRegisterVcpuInfo>(), 16);
+const_assert_eq!(core::mem::offset_of!(VcpuRegisterVcpuInfo, offset), 8);
+const_assert_eq!(core::mem::size_of::<XenHvmEvtchnUpcallVector>(), 8);
+const_assert_eq!(core::mem::offset_of!(XenHvmEvtchnUpcallVector, vector), 4);

@@ -53,6 +53,9 @@ pub enum Step {
     GrantResume,
     /// Unpinning a root pinned for the save.
     Unpin,
+    /// Setting event delivery up again in the new domain (callback, `vcpu_info`, store and
+    /// console channels).
+    Delivery,
     /// Binding a VIRQ or IPI again in the new domain.
     Rebind,
     /// Resuming the console.

@@ -141,15 +141,24 @@ impl<'a> EventChannels<'a> {
 
     /// Binds VIRQ `virq` of `cpu`: a new IRQ, its port from the hypervisor, unmasked.
     ///
-    /// A port the hypervisor returns that the table cannot take (out of range, 0, in use) is
-    /// refused with [`Error::BadPort`] and stays bound at the hypervisor (the trait has no
-    /// close): size the table for the hypervisor's port space.
+    /// A global VIRQ (see [`crate::abi::virq::is_per_vcpu`]) binds only on CPU 0, as Xen
+    /// requires: any other CPU is [`Error::OutOfRange`] without a hypercall. A port the
+    /// hypervisor returns that the table cannot take (out of range or 0) is closed again and
+    /// refused with [`Error::BadPort`]; so is one the table already maps (that one is left
+    /// alone: closing it would kill the binding that owns it). When the unmask fails the port
+    /// is closed and the binding rolled back, so the VIRQ can be bound again.
+    ///
+    /// Calling context: CPU bring-up or driver init, any CPU, interrupts on or off; issues
+    /// hypercalls; allocates nothing.
     pub fn bind_virq<H: Hypervisor>(
         &mut self,
         hv: &mut H,
         virq: u32,
         cpu: u32,
     ) -> Result<Irq, Error> {
+        if cpu != 0 && !crate::abi::virq::is_per_vcpu(virq) {
+            return Err(Error::OutOfRange);
+        }
         let slot = self.virq_slot(virq, cpu)?;
         if *slot != NO_IRQ {
             return Err(Error::AlreadyBound);
@@ -158,12 +167,13 @@ impl<'a> EventChannels<'a> {
         let port = hv
             .bind_virq(virq, cpu)
             .map_err(|e| Error::Hypervisor(e.errno()))?;
-        self.install(hv, irq, IrqKind::Virq, virq, cpu, port)?;
+        self.install_new(hv, irq, IrqKind::Virq, virq, cpu, port)?;
         self.cpus[cpu as usize].virq[virq as usize] = irq;
         Ok(irq)
     }
 
-    /// Binds IPI `ipi` (`< NR_IPIS`) of `cpu`: a new IRQ, its port from the hypervisor, unmasked.
+    /// Binds IPI `ipi` (`< NR_IPIS`) of `cpu`: a new IRQ, its port from the hypervisor,
+    /// unmasked. Errors and calling context as [`EventChannels::bind_virq`].
     pub fn bind_ipi<H: Hypervisor>(
         &mut self,
         hv: &mut H,
@@ -176,9 +186,55 @@ impl<'a> EventChannels<'a> {
         }
         let irq = self.alloc_irq()?;
         let port = hv.bind_ipi(cpu).map_err(|e| Error::Hypervisor(e.errno()))?;
-        self.install(hv, irq, IrqKind::Ipi, ipi, cpu, port)?;
+        self.install_new(hv, irq, IrqKind::Ipi, ipi, cpu, port)?;
         self.cpus[cpu as usize].ipi[ipi as usize] = irq;
         Ok(irq)
+    }
+
+    /// Unbinds `irq`: masks and closes its port (`EVTCHNOP_close`) and frees the IRQ and its
+    /// per-CPU slot, so it is not rebound by the next restore.
+    ///
+    /// [`Error::OutOfRange`] when `irq` is not bound. When the close fails the port stays
+    /// masked and the binding is forgotten anyway (the hypervisor's error is returned): a
+    /// port that cannot be closed must not be rebound in a new domain either.
+    ///
+    /// Calling context: CPU offline (after the CPU stopped taking interrupts) or driver
+    /// teardown; issues hypercalls; allocates nothing.
+    pub fn unbind<H: Hypervisor>(&mut self, hv: &mut H, irq: Irq) -> Result<(), Error> {
+        let info = self.info(irq).ok_or(Error::OutOfRange)?;
+        let slot = match info.kind {
+            IrqKind::Virq => self.virq_slot(info.index, info.cpu)?,
+            IrqKind::Ipi => self.ipi_slot(info.index, info.cpu)?,
+            IrqKind::Free => return Err(Error::OutOfRange),
+        };
+        *slot = NO_IRQ;
+        self.irqs[irq as usize] = IrqInfo::default();
+        if info.port == 0 {
+            // Lost its port in a failed rebind: nothing bound at the hypervisor.
+            return Ok(());
+        }
+        if let Some(p) = self.port_to_irq.get_mut(info.port as usize) {
+            *p = NO_IRQ;
+        }
+        hv.mask(info.port);
+        hv.close(info.port)
+            .map_err(|e| Error::Hypervisor(e.errno()))
+    }
+
+    /// Unbinds every VIRQ and IPI of `cpu` (CPU offline). Every binding is unbound even when
+    /// one close fails; returns the first failure. Calling context as
+    /// [`EventChannels::unbind`].
+    pub fn unbind_cpu<H: Hypervisor>(&mut self, hv: &mut H, cpu: u32) -> Result<(), Error> {
+        let per_cpu = *self.cpus.get(cpu as usize).ok_or(Error::OutOfRange)?;
+        let mut first = None;
+        for &irq in per_cpu.virq.iter().chain(per_cpu.ipi.iter()) {
+            if irq != NO_IRQ {
+                if let Err(e) = self.unbind(hv, irq) {
+                    first.get_or_insert(e);
+                }
+            }
+        }
+        first.map_or(Ok(()), Err)
     }
 
     /// The IRQ an event on `port` raises.
@@ -218,14 +274,20 @@ impl<'a> EventChannels<'a> {
             .map(|(irq, i)| (irq as Irq, *i))
     }
 
-    /// After a restore in a new domain: masks every port, forgets every IRQ ↔ port binding,
-    /// then binds every VIRQ and IPI of every CPU again, records the new port and unmasks it.
+    /// After a restore in a new domain: masks every port of the hypervisor's port space
+    /// ([`Hypervisor::max_ports`], which may be larger than the table: the new domain's
+    /// shared info may carry stale unmasked pending bits anywhere), forgets every IRQ ↔ port
+    /// binding, then binds every VIRQ and IPI of every CPU again, records the new port and
+    /// unmasks it.
     ///
     /// A binding that fails is left without a port (its IRQ stays allocated, so a later resume
     /// retries it); the others are still made. Returns the first failure.
+    ///
+    /// Calling context: CPU 0 with interrupts off and the other CPUs quiesced (inside
+    /// [`crate::Machine::suspend`]); allocates nothing.
     pub fn resume<H: Hypervisor>(&mut self, hv: &mut H) -> Result<(), Error> {
         // The new port space is not live yet.
-        for port in 0..self.port_to_irq.len() {
+        for port in 0..hv.max_ports() {
             hv.mask(port as Port);
         }
         for info in self.irqs.iter_mut() {
@@ -244,7 +306,9 @@ impl<'a> EventChannels<'a> {
                 let bound = hv
                     .bind_virq(virq as u32, cpu)
                     .map_err(|e| Error::Hypervisor(e.errno()))
-                    .and_then(|port| self.install(hv, irq, IrqKind::Virq, virq as u32, cpu, port));
+                    .and_then(|port| {
+                        self.install_or_close(hv, irq, IrqKind::Virq, virq as u32, cpu, port)
+                    });
                 if let Err(e) = bound {
                     first.get_or_insert(e);
                 }
@@ -256,7 +320,9 @@ impl<'a> EventChannels<'a> {
                 let bound = hv
                     .bind_ipi(cpu)
                     .map_err(|e| Error::Hypervisor(e.errno()))
-                    .and_then(|port| self.install(hv, irq, IrqKind::Ipi, ipi as u32, cpu, port));
+                    .and_then(|port| {
+                        self.install_or_close(hv, irq, IrqKind::Ipi, ipi as u32, cpu, port)
+                    });
                 if let Err(e) = bound {
                     first.get_or_insert(e);
                 }
@@ -279,24 +345,51 @@ impl<'a> EventChannels<'a> {
             .ok_or(Error::OutOfRange)
     }
 
-    /// The lowest free IRQ.
-    ///
-    /// Nothing frees an IRQ and every allocation takes the lowest free one, so the used IRQs
-    /// are a prefix of the table: a binary search finds the first free one, and binding every
-    /// VIRQ and IPI of every CPU costs O(n log n) instead of the O(n²) of a scan per bind.
+    /// The lowest free IRQ (a scan: [`EventChannels::unbind`] leaves holes anywhere).
     fn alloc_irq(&self) -> Result<Irq, Error> {
-        let free = |i: &IrqInfo| i.kind == IrqKind::Free;
-        let first = self.irqs.partition_point(|i| !free(i));
-        debug_assert_eq!(
-            Some(first),
-            self.irqs.iter().position(free).or(Some(self.irqs.len())),
-            "the used IRQs are a prefix of the table"
-        );
-        if first < self.irqs.len() {
-            Ok(first as Irq)
-        } else {
-            Err(Error::NoIrq)
+        self.irqs
+            .iter()
+            .position(|i| i.kind == IrqKind::Free)
+            .map(|i| i as Irq)
+            .ok_or(Error::NoIrq)
+    }
+
+    /// [`EventChannels::install`], closing the port at the hypervisor when it fails (unless
+    /// another binding owns it). A first bind also frees the IRQ: nothing of it is left.
+    fn install_new<H: Hypervisor>(
+        &mut self,
+        hv: &mut H,
+        irq: Irq,
+        kind: IrqKind,
+        index: u32,
+        cpu: u32,
+        port: Port,
+    ) -> Result<(), Error> {
+        let r = self.install_or_close(hv, irq, kind, index, cpu, port);
+        if r.is_err() {
+            self.irqs[irq as usize] = IrqInfo::default();
         }
+        r
+    }
+
+    /// [`EventChannels::install`], closing the port at the hypervisor when it fails (unless
+    /// another binding owns it), so no port stays bound there that the table does not know.
+    fn install_or_close<H: Hypervisor>(
+        &mut self,
+        hv: &mut H,
+        irq: Irq,
+        kind: IrqKind,
+        index: u32,
+        cpu: u32,
+        port: Port,
+    ) -> Result<(), Error> {
+        let owned_by_other = port != 0 && self.irq_for_port(port).is_some();
+        let r = self.install(hv, irq, kind, index, cpu, port);
+        if r.is_err() && !owned_by_other && port != 0 {
+            // Best effort: the first error is the one to report.
+            let _ = hv.close(port);
+        }
+        r
     }
 
     /// Records `port` (untrusted: it came from the hypervisor) for `irq` and unmasks it.
@@ -319,6 +412,13 @@ impl<'a> EventChannels<'a> {
             cpu,
             port,
         };
-        hv.unmask(port).map_err(|e| Error::Hypervisor(e.errno()))
+        if let Err(e) = hv.unmask(port) {
+            // Not usable: forget the port (a first bind frees the IRQ too; a rebind keeps it
+            // without a port, so the next restore retries it).
+            self.port_to_irq[port as usize] = NO_IRQ;
+            self.irqs[irq as usize].port = 0;
+            return Err(Error::Hypervisor(e.errno()));
+        }
+        Ok(())
     }
 }

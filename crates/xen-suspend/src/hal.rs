@@ -58,6 +58,31 @@ pub trait Devices {
     fn resume(&mut self);
 }
 
+/// A list of devices is the kernel's device model: the slice suspends its devices from last to
+/// first (a device registered after its parent suspends before it) and resumes them first to
+/// last. When one fails, the ones already suspended are resumed in the reverse order of their
+/// suspension and its error is returned: on failure every device is running again. Hand it
+/// to a [`crate::Machine`] as `&mut devices[..]`.
+impl<D: Devices> Devices for [D] {
+    type Error = D::Error;
+    fn suspend(&mut self) -> Result<(), Self::Error> {
+        for i in (0..self.len()).rev() {
+            if let Err(e) = self[i].suspend() {
+                for dev in &mut self[i + 1..] {
+                    dev.resume();
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+    fn resume(&mut self) {
+        for dev in self.iter_mut() {
+            dev.resume();
+        }
+    }
+}
+
 /// The xenbus frontends and backends.
 pub trait XenBus {
     /// Quiesces xenbus before the save.
@@ -174,6 +199,11 @@ pub trait Hypervisor {
     fn mask(&mut self, port: Port);
     /// `EVTCHNOP_unmask`: unmasks `port`, delivering an event that is pending on it.
     fn unmask(&mut self, port: Port) -> Result<(), Self::Error>;
+    /// `EVTCHNOP_close`: closes `port` (it may be bound again later).
+    fn close(&mut self, port: Port) -> Result<(), Self::Error>;
+    /// Size of the hypervisor's port space for this domain (4096 for the 2-level ABI on a
+    /// 64-bit guest): the resume mask sweep covers all of it, not just the guest's table.
+    fn max_ports(&self) -> usize;
     /// `SCHEDOP_shutdown(SHUTDOWN_suspend)` with start info's MFN: returns when the guest runs
     /// again.
     fn suspend(&mut self) -> Result<SuspendResult, Self::Error>;
@@ -199,6 +229,87 @@ pub trait Hypervisor {
     /// Resumed in a new domain: every online vCPU counts as initialised again (Linux resets
     /// `xen_cpu_initialized_map` to the online map).
     fn reset_cpu_map(&mut self) {}
+}
+
+/// The event channels the toolstack bound for the domain: its xenstore and console rings'.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct ToolstackChannels {
+    /// The xenstore ring's port (`HVM_PARAM_STORE_EVTCHN`, start info's `store_evtchn`).
+    pub store: Port,
+    /// The console ring's port (`HVM_PARAM_CONSOLE_EVTCHN`, start info's `console_evtchn`).
+    pub console: Port,
+}
+
+/// How events reach the vCPUs, set up again after a restore into a new domain (Linux's
+/// `xen_hvm_post_suspend` and `xen_vcpu_restore`): a new domain delivers nothing until it is.
+///
+/// Called by [`crate::Machine::suspend`] on CPU 0 with interrupts off and the other CPUs
+/// quiesced, after shared info is mapped again and before the event channels are rebound, in
+/// this order: [`EventDelivery::set_callback`], [`EventDelivery::register_vcpu_info`] for
+/// every vCPU of the event table, [`EventDelivery::reread_channels`].
+pub trait EventDelivery {
+    /// A failed hypercall.
+    type Error: HalError;
+    /// Points the domain's upcall at the kernel's callback vector again
+    /// (`HVM_PARAM_CALLBACK_IRQ`; PV: `set_callbacks`).
+    fn set_callback(&mut self) -> Result<(), Self::Error>;
+    /// Registers `vcpu`'s `vcpu_info` again (`VCPUOP_register_vcpu_info`) and, where the
+    /// kernel uses one, its per-vCPU upcall vector (`HVMOP_set_evtchn_upcall_vector`).
+    fn register_vcpu_info(&mut self, vcpu: u32) -> Result<(), Self::Error>;
+    /// Reads the new domain's store and console event channels (`HVM_PARAM_STORE_EVTCHN`,
+    /// `HVM_PARAM_CONSOLE_EVTCHN`; PV: start info) and keeps them where xenbus and the
+    /// console find them when they reconnect (e.g. a [`ToolstackChannels`] field).
+    fn reread_channels(&mut self) -> Result<(), Self::Error>;
+}
+
+impl<T: EventDelivery + ?Sized> EventDelivery for &mut T {
+    type Error = T::Error;
+    fn set_callback(&mut self) -> Result<(), Self::Error> {
+        (**self).set_callback()
+    }
+    fn register_vcpu_info(&mut self, vcpu: u32) -> Result<(), Self::Error> {
+        (**self).register_vcpu_info(vcpu)
+    }
+    fn reread_channels(&mut self) -> Result<(), Self::Error> {
+        (**self).reread_channels()
+    }
+}
+
+/// The kernel's services a suspend uses, named once: one associated type per concern, so a
+/// [`crate::Machine`] takes one type parameter. Implement it on a marker type:
+///
+/// ```text
+/// enum MyXen {}
+/// impl Platform for MyXen {
+///     type Freezer = MyFreezer; /* ... */
+///     type Hypervisor = XenHvm;
+/// }
+/// let machine = Machine::<MyXen> { freezer: MyFreezer, /* ... */ hypervisor: hvm };
+/// ```
+///
+/// Any type may serve several roles (e.g. `&mut Kernel` for the freezer, devices and xenbus).
+/// Only [`Platform::Stop`] runs outside the stopped section; everything else is used inside it.
+pub trait Platform {
+    /// Freezes and thaws tasks.
+    type Freezer: Freezer;
+    /// The device model.
+    type Devices: Devices;
+    /// Xenbus.
+    type XenBus: XenBus;
+    /// Stop-machine.
+    type Stop: StopMachine;
+    /// The P2M.
+    type P2m: P2m;
+    /// Page-table roots.
+    type PageTables: PageTables;
+    /// The grant table.
+    type Grants: GrantTable;
+    /// Time keeping.
+    type Time: Time;
+    /// The console.
+    type Console: Console;
+    /// The hypervisor: event channels, the suspend hypercall, event delivery.
+    type Hypervisor: Hypervisor + EventDelivery;
 }
 
 /// A xenstore transaction handle.
@@ -366,6 +477,12 @@ impl<T: Hypervisor + ?Sized> Hypervisor for &mut T {
     }
     fn unmask(&mut self, port: Port) -> Result<(), Self::Error> {
         (**self).unmask(port)
+    }
+    fn close(&mut self, port: Port) -> Result<(), Self::Error> {
+        (**self).close(port)
+    }
+    fn max_ports(&self) -> usize {
+        (**self).max_ports()
     }
     fn suspend(&mut self) -> Result<SuspendResult, Self::Error> {
         (**self).suspend()

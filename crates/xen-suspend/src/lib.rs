@@ -12,6 +12,7 @@ mod suspend;
 mod sync;
 #[cfg(all(feature = "x86", target_arch = "x86_64"))]
 pub mod x86;
+pub mod xenstore;
 
 pub use error::{Error, Outcome, Step};
 pub use events::{EventChannels, EventStorage};

@@ -4,34 +4,40 @@
 use crate::error::{Error, Outcome, Step};
 use crate::events::EventChannels;
 use crate::hal::{
-    Console, Devices, Freezer, GrantTable, HalError, Hypervisor, P2m, PageTables, StartInfoFrames,
-    StopMachine, SuspendResult, Time, XenBus,
+    Console, Devices, EventDelivery, Freezer, GrantTable, HalError, Hypervisor, P2m, PageTables,
+    Platform, StartInfoFrames, StopMachine, SuspendResult, Time, XenBus,
 };
 
-/// Everything a suspend touches, one trait each. Build it with a struct literal; fields may be
-/// `&mut` borrows of longer-lived objects (every trait has a blanket `&mut T` impl).
-#[derive(Debug)]
-pub struct Machine<F, D, B, S, M, P, G, T, C, H> {
+/// Everything a suspend touches, one trait each, typed by one [`Platform`]. Build it with a
+/// struct literal (`Machine::<MyPlatform> { .. }`); fields may be `&mut` borrows of
+/// longer-lived objects (every trait has a blanket `&mut T` impl).
+pub struct Machine<P: Platform> {
     /// Freezes and thaws tasks.
-    pub freezer: F,
+    pub freezer: P::Freezer,
     /// The device model.
-    pub devices: D,
+    pub devices: P::Devices,
     /// Xenbus.
-    pub xenbus: B,
+    pub xenbus: P::XenBus,
     /// Stop-machine.
-    pub stop: S,
+    pub stop: P::Stop,
     /// The P2M.
-    pub p2m: M,
+    pub p2m: P::P2m,
     /// Page-table roots.
-    pub page_tables: P,
+    pub page_tables: P::PageTables,
     /// The grant table.
-    pub grants: G,
+    pub grants: P::Grants,
     /// Time keeping.
-    pub time: T,
+    pub time: P::Time,
     /// The console.
-    pub console: C,
+    pub console: P::Console,
     /// The hypervisor.
-    pub hypervisor: H,
+    pub hypervisor: P::Hypervisor,
+}
+
+impl<P: Platform> core::fmt::Debug for Machine<P> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Machine").finish_non_exhaustive()
+    }
 }
 
 /// The first failure of a suspend; later ones are consequences and are not reported.
@@ -48,19 +54,7 @@ impl FirstFailure {
     }
 }
 
-impl<F, D, B, S, M, P, G, T, C, H> Machine<F, D, B, S, M, P, G, T, C, H>
-where
-    F: Freezer,
-    D: Devices,
-    B: XenBus,
-    S: StopMachine,
-    M: P2m,
-    P: PageTables,
-    G: GrantTable,
-    T: Time,
-    C: Console,
-    H: Hypervisor,
-{
+impl<Pf: Platform> Machine<Pf> {
     /// Saves the domain (Linux's `do_suspend`): returns once the guest runs again, in the same
     /// domain or a new one.
     ///
@@ -68,8 +62,12 @@ where
     /// load the kernel's root, pin every unpinned root (marking it save-pinned), suspend grants
     /// and time, turn start info's store and console MFNs into PFNs, point shared info at a
     /// dummy page and unmap it, issue the hypercall, then undo all of it (in a new domain also
-    /// rebind every VIRQ and IPI in `events` and resume the console); then xenbus resume (or
-    /// suspend-cancel), devices resume, thaw.
+    /// set event delivery up again ([`EventDelivery`]: callback, every vCPU's `vcpu_info`,
+    /// the store and console channels), rebind every VIRQ and IPI in `events` and resume the
+    /// console); then xenbus resume (or suspend-cancel), devices resume, thaw.
+    ///
+    /// Calling context: process context of the task handling the `control/shutdown` watch
+    /// (it sleeps in freeze and stop-machine); not reentrant; allocates nothing.
     ///
     /// Every failure is rolled back as far as it can be: when this returns, tasks are thawed,
     /// devices and xenbus run, and every step after a failed one that can still run has run.
@@ -149,7 +147,14 @@ where
 }
 
 /// The part that runs on CPU 0 with interrupts off (Linux's `xen_suspend`).
-fn save_on_cpu0<M: P2m, P: PageTables, G: GrantTable, T: Time, C: Console, H: Hypervisor>(
+fn save_on_cpu0<
+    M: P2m,
+    P: PageTables,
+    G: GrantTable,
+    T: Time,
+    C: Console,
+    H: Hypervisor + EventDelivery,
+>(
     p2m: &M,
     page_tables: &mut P,
     grants: &mut G,
@@ -205,6 +210,9 @@ fn save_on_cpu0<M: P2m, P: PageTables, G: GrantTable, T: Time, C: Console, H: Hy
     if let Err(e) = hv.setup_shared_info() {
         fail.note(Step::PostSuspend, &e);
     }
+    if outcome == Outcome::Resumed {
+        restore_delivery(hv, events.cpus(), &mut fail);
+    }
     time.resume();
     if let Err(e) = grants.resume() {
         fail.note(Step::GrantResume, &e);
@@ -220,6 +228,23 @@ fn save_on_cpu0<M: P2m, P: PageTables, G: GrantTable, T: Time, C: Console, H: Hy
         }
     }
     (outcome, fail)
+}
+
+/// A new domain delivers nothing until the callback and every vCPU's `vcpu_info` are set up
+/// again; the store and console channels may have moved. Every step runs even when an earlier
+/// one failed.
+fn restore_delivery<H: EventDelivery>(hv: &mut H, cpus: usize, fail: &mut FirstFailure) {
+    if let Err(e) = hv.set_callback() {
+        fail.note(Step::Delivery, &e);
+    }
+    for vcpu in 0..cpus {
+        if let Err(e) = hv.register_vcpu_info(vcpu as u32) {
+            fail.note(Step::Delivery, &e);
+        }
+    }
+    if let Err(e) = hv.reread_channels() {
+        fail.note(Step::Delivery, &e);
+    }
 }
 
 /// Pins every unpinned root and marks it save-pinned; stops at the first failure.

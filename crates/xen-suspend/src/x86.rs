@@ -9,13 +9,14 @@ use core::ptr::NonNull;
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use crate::abi::{
-    DOMID_SELF, EvtchnBindIpi, EvtchnBindVirq, EvtchnUnmask, NR_EVENT_CHANNELS_2L, Port,
-    SchedShutdown, XenAddToPhysmap, XenHvmParam, evtchnop, hvmop, hypercall, schedop, shutdown,
-    xenmem,
+    DOMID_SELF, EvtchnBindIpi, EvtchnBindVirq, EvtchnClose, EvtchnUnmask, NR_EVENT_CHANNELS_2L,
+    Port, SchedShutdown, VcpuRegisterVcpuInfo, XenAddToPhysmap, XenHvmEvtchnUpcallVector,
+    XenHvmParam, evtchnop, hvmop, hypercall, schedop, shutdown, vcpuop, xenmem,
 };
-use crate::error::Error;
+use crate::error::{Error, errno};
 use crate::hal::{
-    Cpuid, Errno, HypercallInsn, Hypervisor, P2m, StartInfoFrames, SuspendResult, XenCpuid, detect,
+    Cpuid, Errno, EventDelivery, HypercallInsn, Hypervisor, P2m, StartInfoFrames, SuspendResult,
+    ToolstackChannels, XenCpuid, detect,
 };
 
 /// The CPU this code runs on.
@@ -169,14 +170,40 @@ impl P2m for HvmP2m {
     }
 }
 
+/// How the kernel receives event-channel upcalls, for [`EventDelivery`] after a restore.
+#[derive(Debug, Clone, Copy)]
+pub struct Delivery {
+    /// The IDT vector of the upcall handler (Linux uses 0xf3).
+    pub vector: u8,
+    /// `true`: per-vCPU upcall vectors (`HVMOP_set_evtchn_upcall_vector` for each vCPU);
+    /// `false`: one domain-wide callback (`HVM_PARAM_CALLBACK_IRQ` of type vector).
+    pub per_vcpu_vector: bool,
+    /// Where vCPU `n`'s `vcpu_info` lives, as (guest frame, byte offset), registered with
+    /// `VCPUOP_register_vcpu_info`; `None`: the legacy slots in shared info (vCPUs < 32),
+    /// nothing to register.
+    pub vcpu_info: Option<fn(u32) -> (u64, u32)>,
+}
+
+impl Default for Delivery {
+    fn default() -> Self {
+        Self {
+            vector: 0xf3,
+            per_vcpu_vector: false,
+            vcpu_info: None,
+        }
+    }
+}
+
 /// The hypervisor of an HVM guest: event channels, the suspend hypercall, shared info mapped
-/// at a guest frame the kernel chose.
+/// at a guest frame the kernel chose, event delivery.
 #[derive(Debug)]
 pub struct XenHvm {
     hc: Hypercalls,
     shared_info: NonNull<u8>,
     shared_info_gpfn: u64,
     frames: StartInfoFrames,
+    delivery: Delivery,
+    channels: ToolstackChannels,
 }
 
 impl XenHvm {
@@ -196,6 +223,8 @@ impl XenHvm {
             shared_info: shared_info_va,
             shared_info_gpfn,
             frames: StartInfoFrames::default(),
+            delivery: Delivery::default(),
+            channels: ToolstackChannels::default(),
         };
         this.setup_shared_info()
             .map_err(|e| Error::Hypervisor(e.0))?;
@@ -206,7 +235,47 @@ impl XenHvm {
             .param(hvmop::PARAM_CONSOLE_PFN)
             .map_err(|e| Error::Hypervisor(e.0))?;
         this.frames = StartInfoFrames { store, console };
+        this.reread_channels().map_err(|e| Error::Hypervisor(e.0))?;
         Ok(this)
+    }
+
+    /// Sets how upcalls reach the kernel (re-established by [`EventDelivery`] after a
+    /// restore); [`Delivery::default`] until called.
+    pub fn set_delivery(&mut self, delivery: Delivery) {
+        self.delivery = delivery;
+    }
+
+    /// The store and console event channels of the current domain (read at `new` and by
+    /// [`EventDelivery::reread_channels`]).
+    pub fn channels(&self) -> ToolstackChannels {
+        self.channels
+    }
+
+    fn set_param(&self, index: u32, value: u64) -> Result<(), Errno> {
+        let mut p = XenHvmParam {
+            domid: DOMID_SELF,
+            index,
+            value,
+            ..XenHvmParam::default()
+        };
+        // SAFETY: HVMOP_set_param reads one xen_hvm_param, live on our stack.
+        check(unsafe {
+            self.hc.call(
+                hypercall::HVM_OP,
+                [u64::from(hvmop::SET_PARAM), &raw mut p as u64, 0, 0, 0],
+            )
+        })
+        .map(drop)
+    }
+
+    /// A port from an HVM param: untrusted, must fit the 2-level port space (0: no channel,
+    /// e.g. an HVM guest without a PV console).
+    fn port_param(&self, index: u32) -> Result<Port, Errno> {
+        let v = self.param(index)?;
+        if v >= NR_EVENT_CHANNELS_2L as u64 {
+            return Err(Errno(errno::EINVAL));
+        }
+        Ok(v as Port)
     }
 
     fn param(&self, index: u32) -> Result<u64, Errno> {
@@ -271,6 +340,15 @@ impl Hypervisor for XenHvm {
     fn unmask(&mut self, port: Port) -> Result<(), Errno> {
         let mut op = EvtchnUnmask { port };
         self.evtchn_op(evtchnop::UNMASK, &mut op)
+    }
+
+    fn close(&mut self, port: Port) -> Result<(), Errno> {
+        let mut op = EvtchnClose { port };
+        self.evtchn_op(evtchnop::CLOSE, &mut op)
+    }
+
+    fn max_ports(&self) -> usize {
+        NR_EVENT_CHANNELS_2L
     }
 
     fn suspend(&mut self) -> Result<SuspendResult, Errno> {
@@ -352,6 +430,77 @@ impl Hypervisor for XenHvm {
         ) {
             self.frames = StartInfoFrames { store, console };
         }
+        Ok(())
+    }
+}
+
+impl EventDelivery for XenHvm {
+    type Error = Errno;
+
+    fn set_callback(&mut self) -> Result<(), Errno> {
+        if self.delivery.per_vcpu_vector {
+            // Set per vCPU in register_vcpu_info.
+            return Ok(());
+        }
+        self.set_param(
+            hvmop::PARAM_CALLBACK_IRQ,
+            hvmop::CALLBACK_VIA_TYPE_VECTOR | u64::from(self.delivery.vector),
+        )
+    }
+
+    fn register_vcpu_info(&mut self, vcpu: u32) -> Result<(), Errno> {
+        if let Some(place) = self.delivery.vcpu_info {
+            let (mfn, offset) = place(vcpu);
+            let mut op = VcpuRegisterVcpuInfo {
+                mfn,
+                offset,
+                rsvd: 0,
+            };
+            // SAFETY: VCPUOP_register_vcpu_info reads one vcpu_register_vcpu_info, live on
+            // our stack; the frame it names is the kernel's (`Delivery::vcpu_info`'s contract
+            // is the caller's: it names memory reserved for that vCPU's vcpu_info).
+            check(unsafe {
+                self.hc.call(
+                    hypercall::VCPU_OP,
+                    [
+                        u64::from(vcpuop::REGISTER_VCPU_INFO),
+                        u64::from(vcpu),
+                        &raw mut op as u64,
+                        0,
+                        0,
+                    ],
+                )
+            })?;
+        }
+        if self.delivery.per_vcpu_vector {
+            let mut op = XenHvmEvtchnUpcallVector {
+                vcpu,
+                vector: self.delivery.vector,
+                _pad: [0; 3],
+            };
+            // SAFETY: HVMOP_set_evtchn_upcall_vector reads one xen_hvm_evtchn_upcall_vector,
+            // live on our stack.
+            check(unsafe {
+                self.hc.call(
+                    hypercall::HVM_OP,
+                    [
+                        u64::from(hvmop::SET_EVTCHN_UPCALL_VECTOR),
+                        &raw mut op as u64,
+                        0,
+                        0,
+                        0,
+                    ],
+                )
+            })?;
+        }
+        Ok(())
+    }
+
+    fn reread_channels(&mut self) -> Result<(), Errno> {
+        self.channels = ToolstackChannels {
+            store: self.port_param(hvmop::PARAM_STORE_EVTCHN)?,
+            console: self.port_param(hvmop::PARAM_CONSOLE_EVTCHN)?,
+        };
         Ok(())
     }
 }

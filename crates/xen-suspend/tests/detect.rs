@@ -90,6 +90,10 @@ fn hypercall_instruction_follows_the_vendor() {
 
 #[cfg(all(feature = "x86", target_arch = "x86_64"))]
 #[test]
+#[cfg_attr(
+    miri,
+    ignore = "executes CPUID (inline assembly), which Miri cannot run"
+)]
 fn real_probe_agrees_with_the_cpu() {
     use oskit_xen_suspend::hal::{Cpuid, find_xen_base};
     use oskit_xen_suspend::x86::{Cpu, probe};

@@ -7,6 +7,7 @@ use oskit_xen_suspend::{Error, EventStorage};
 struct Hostile {
     ports: Vec<u32>,
     unmasked: Vec<u32>,
+    closed: Vec<u32>,
 }
 
 impl Hypervisor for Hostile {
@@ -18,6 +19,13 @@ impl Hypervisor for Hostile {
         Ok(self.ports.remove(0))
     }
     fn mask(&mut self, _: u32) {}
+    fn close(&mut self, port: u32) -> Result<(), Errno> {
+        self.closed.push(port);
+        Ok(())
+    }
+    fn max_ports(&self) -> usize {
+        16
+    }
     fn unmask(&mut self, port: u32) -> Result<(), Errno> {
         self.unmasked.push(port);
         Ok(())
@@ -48,6 +56,7 @@ fn ports_out_of_range_zero_or_in_use_are_refused() {
     let mut hv = Hostile {
         ports: vec![5, 16, 0, 5, u32::MAX, 6],
         unmasked: vec![],
+        closed: vec![],
     };
     let first = ch.bind_virq(&mut hv, 0, 0).unwrap();
     assert_eq!(ch.irq_for_port(5), Some(first));
@@ -60,6 +69,8 @@ fn ports_out_of_range_zero_or_in_use_are_refused() {
     assert_eq!(ch.irq_for_port(6), Some(second));
     assert_eq!(ch.bindings().count(), 2);
     assert_eq!(hv.unmasked, [5, 6], "only accepted ports are unmasked");
+    // Refused ports are closed again, except 0 (never valid) and 5 (the first binding's).
+    assert_eq!(hv.closed, [16, u32::MAX]);
 }
 
 #[test]
@@ -69,6 +80,7 @@ fn argument_errors_and_a_full_table() {
     let mut hv = Hostile {
         ports: (1..16).collect(),
         unmasked: vec![],
+        closed: vec![],
     };
     assert_eq!(ch.bind_virq(&mut hv, 24, 0), Err(Error::OutOfRange));
     assert_eq!(ch.bind_virq(&mut hv, 0, 2), Err(Error::OutOfRange));
@@ -87,6 +99,7 @@ fn resume_with_a_hostile_port_keeps_the_other_bindings() {
     let mut hv = Hostile {
         ports: vec![1, 2, 3],
         unmasked: vec![],
+        closed: vec![],
     };
     let a = ch.bind_virq(&mut hv, 0, 0).unwrap();
     let b = ch.bind_virq(&mut hv, 1, 0).unwrap();
@@ -100,4 +113,32 @@ fn resume_with_a_hostile_port_keeps_the_other_bindings() {
     assert_eq!(ch.irq_for_port(1), None, "old ports forgotten");
     assert_eq!(ch.irq_for_port(9), Some(a));
     assert_eq!(ch.irq_for_port(4), Some(c));
+    assert!(
+        hv.closed.is_empty(),
+        "the duplicate 9 belongs to a binding: not closed"
+    );
+}
+
+#[test]
+fn a_global_virq_binds_only_on_cpu_0_without_asking_the_hypervisor() {
+    use oskit_xen_suspend::abi::virq;
+    let mut storage = EventStorage::<2, 8, 16>::new();
+    let mut ch = storage.channels();
+    // No ports to hand out: a hypercall would panic the test.
+    let mut hv = Hostile {
+        ports: vec![],
+        unmasked: vec![],
+        closed: vec![],
+    };
+    for v in [virq::CONSOLE, virq::CON_RING, virq::DOM_EXC, virq::ARCH_0] {
+        assert_eq!(
+            ch.bind_virq(&mut hv, v, 1),
+            Err(Error::OutOfRange),
+            "VIRQ {v}"
+        );
+    }
+    hv.ports = vec![3, 4];
+    ch.bind_virq(&mut hv, virq::CONSOLE, 0).unwrap();
+    // Per-vCPU ones ("V." in xen.h) bind anywhere, VIRQ_DEBUG included.
+    ch.bind_virq(&mut hv, virq::DEBUG, 1).unwrap();
 }

@@ -5,12 +5,52 @@
 use core::cell::RefCell;
 
 use crate::abi::{NR_EVENT_CHANNELS_2L, Port, START_INFO_MAGIC, StartInfo, virq::NR_VIRQS};
-use crate::error::{Step, errno};
-use crate::hal::{
-    Console, Devices, Errno, Freezer, GrantTable, Hypervisor, P2m, StartInfoFrames, StopMachine,
-    SuspendResult, Time, XenBus,
-};
+use crate::hal::Errno;
 use zerocopy::FromZeros;
+
+use super::faults::{Fault, NR_FAULTS, Violations};
+
+mod guest;
+
+pub use guest::{SimDevice, SimGuest};
+
+/// Devices in the model's device list.
+pub const SIM_DEVICES: usize = 4;
+
+/// What a device of the model's list did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DeviceOp {
+    /// It was suspended.
+    Suspend,
+    /// It was resumed.
+    Resume,
+}
+
+/// The device operations since [`SimXen::set_faults`], in order (the first 64).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceLog {
+    entries: [(u8, DeviceOp); 64],
+    len: usize,
+}
+
+impl DeviceLog {
+    const EMPTY: Self = Self {
+        entries: [(0, DeviceOp::Suspend); 64],
+        len: 0,
+    };
+
+    fn push(&mut self, device: u8, op: DeviceOp) {
+        if let Some(e) = self.entries.get_mut(self.len) {
+            *e = (device, op);
+            self.len += 1;
+        }
+    }
+
+    /// `(device index, operation)` in the order they happened.
+    pub fn as_slice(&self) -> &[(u8, DeviceOp)] {
+        &self.entries[..self.len]
+    }
+}
 
 /// Where the model maps shared info (a fixmap slot).
 pub const SIM_SHARED_INFO_VA: u64 = 0xffff_ffff_ff5f_e000;
@@ -18,195 +58,6 @@ pub const SIM_SHARED_INFO_VA: u64 = 0xffff_ffff_ff5f_e000;
 const PTE_FLAGS: u64 = 0x63;
 /// Largest domain the model builds (frames per domain generation).
 const MAX_PAGES: u64 = 0x10_0000;
-
-/// A step of the host or of a guest service that the model can make fail.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[repr(u8)]
-pub enum Fault {
-    /// [`Freezer::freeze`].
-    Freeze,
-    /// [`Devices::suspend`].
-    DeviceSuspend,
-    /// [`StopMachine::stop_machine`].
-    StopMachine,
-    /// Pinning a root.
-    Pin,
-    /// [`GrantTable::suspend`].
-    GrantSuspend,
-    /// [`Hypervisor::update_va_mapping`] (unmapping shared info).
-    UpdateVaMapping,
-    /// The suspend hypercall.
-    Hypercall,
-    /// [`Hypervisor::setup_shared_info`].
-    SetupSharedInfo,
-    /// [`GrantTable::resume`].
-    GrantResume,
-    /// Unpinning a root.
-    Unpin,
-    /// `EVTCHNOP_bind_virq`.
-    BindVirq,
-    /// `EVTCHNOP_bind_ipi`.
-    BindIpi,
-    /// `EVTCHNOP_unmask`.
-    Unmask,
-    /// [`Console::resume`].
-    ConsoleResume,
-}
-
-impl Fault {
-    /// Every fault point.
-    pub const ALL: [Fault; 14] = [
-        Fault::Freeze,
-        Fault::DeviceSuspend,
-        Fault::StopMachine,
-        Fault::Pin,
-        Fault::GrantSuspend,
-        Fault::UpdateVaMapping,
-        Fault::Hypercall,
-        Fault::SetupSharedInfo,
-        Fault::GrantResume,
-        Fault::Unpin,
-        Fault::BindVirq,
-        Fault::BindIpi,
-        Fault::Unmask,
-        Fault::ConsoleResume,
-    ];
-
-    /// The errno the injected failure returns.
-    pub const fn errno(self) -> i32 {
-        match self {
-            Fault::Freeze => errno::EBUSY,
-            Fault::DeviceSuspend => errno::EIO,
-            Fault::StopMachine | Fault::Pin | Fault::BindVirq | Fault::BindIpi => errno::ENOMEM,
-            Fault::GrantSuspend | Fault::GrantResume => errno::ENOSYS,
-            Fault::UpdateVaMapping | Fault::SetupSharedInfo | Fault::Unpin | Fault::Unmask => {
-                errno::EINVAL
-            }
-            Fault::Hypercall => errno::EPERM,
-            Fault::ConsoleResume => errno::EIO,
-        }
-    }
-
-    /// The suspend step whose failure it is.
-    pub const fn step(self) -> Step {
-        match self {
-            Fault::Freeze => Step::Freeze,
-            Fault::DeviceSuspend => Step::DeviceSuspend,
-            Fault::StopMachine => Step::StopMachine,
-            Fault::Pin => Step::Pin,
-            Fault::GrantSuspend => Step::GrantSuspend,
-            Fault::UpdateVaMapping => Step::PreSuspend,
-            Fault::Hypercall => Step::Hypercall,
-            Fault::SetupSharedInfo => Step::PostSuspend,
-            Fault::GrantResume => Step::GrantResume,
-            Fault::Unpin => Step::Unpin,
-            Fault::BindVirq | Fault::BindIpi | Fault::Unmask => Step::Rebind,
-            Fault::ConsoleResume => Step::ConsoleResume,
-        }
-    }
-}
-
-const NR_FAULTS: usize = Fault::ALL.len();
-
-/// A set of guest-state violations the host saw (at the hypercall) or an audit found.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
-pub struct Violations(pub u32);
-
-macro_rules! violations {
-    ($($(#[$doc:meta])* $name:ident = $bit:expr;)*) => {
-        impl Violations {
-            $($(#[$doc])* pub const $name: Violations = Violations(1 << $bit);)*
-            /// Names of the violations in the set.
-            pub fn names(self) -> impl Iterator<Item = &'static str> {
-                [$((stringify!($name), Self::$name)),*]
-                    .into_iter()
-                    .filter(move |(_, v)| self.contains(*v))
-                    .map(|(n, _)| n)
-            }
-        }
-    };
-}
-
-violations! {
-    /// Hypercall: not issued on CPU 0.
-    NOT_CPU0 = 0;
-    /// Hypercall: interrupts enabled.
-    IRQS_ENABLED = 1;
-    /// Hypercall: another CPU is still running.
-    CPUS_RUNNING = 2;
-    /// Hypercall: a page-table root is not pinned.
-    ROOT_UNPINNED = 3;
-    /// Hypercall: a user page-table root is loaded.
-    USER_ROOT_LOADED = 4;
-    /// Hypercall: start info's store frame is not its PFN.
-    STORE_NOT_CANONICAL = 5;
-    /// Hypercall: start info's console frame is not its PFN.
-    CONSOLE_NOT_CANONICAL = 6;
-    /// Hypercall: shared info is still mapped.
-    SHARED_INFO_MAPPED = 7;
-    /// Hypercall: the kernel still points at the real shared info.
-    SHARED_INFO_IN_USE = 8;
-    /// Hypercall: grant frames are still mapped.
-    GRANTS_MAPPED = 9;
-    /// Audit: tasks are frozen.
-    TASKS_FROZEN = 10;
-    /// Audit: devices are suspended.
-    DEVICES_SUSPENDED = 11;
-    /// Audit: xenbus is suspended or connected to an old domain.
-    XENBUS_STALE = 12;
-    /// Audit: time keeping is stopped.
-    TIME_STOPPED = 13;
-    /// Audit: the console is connected to an old domain.
-    CONSOLE_STALE = 14;
-    /// Audit: start info's store or console frame is not the current domain's MFN.
-    FRAME_STALE = 15;
-    /// Audit: shared info is not mapped at the current domain's frame, or not in use.
-    SHARED_INFO_STALE = 16;
-    /// Audit: grant frames are not all mapped in the current domain.
-    GRANTS_STALE = 17;
-    /// Audit: a root is still save-pinned, or pinned state disagrees with Xen's.
-    ROOT_SAVE_PINNED = 18;
-    /// Audit: a binding's port is not bound to it in the current domain, or is masked.
-    BINDING_STALE = 19;
-    /// Audit: CPUs are still stopped or interrupts off.
-    CPUS_STOPPED = 20;
-    /// Hypercall: tasks are not frozen.
-    TASKS_RUNNING = 21;
-    /// Hypercall: devices are not suspended.
-    DEVICES_RUNNING = 22;
-    /// Hypercall: xenbus is not suspended.
-    XENBUS_RUNNING = 23;
-    /// Hypercall: time keeping was not suspended.
-    TIME_RUNNING = 24;
-}
-
-impl Violations {
-    /// No violation.
-    pub const NONE: Violations = Violations(0);
-
-    /// Whether every violation of `other` is in the set.
-    pub const fn contains(self, other: Violations) -> bool {
-        self.0 & other.0 == other.0
-    }
-
-    /// Whether the set is empty.
-    pub const fn is_empty(self) -> bool {
-        self.0 == 0
-    }
-}
-
-impl core::ops::BitOr for Violations {
-    type Output = Violations;
-    fn bitor(self, rhs: Violations) -> Violations {
-        Violations(self.0 | rhs.0)
-    }
-}
-
-impl core::ops::BitOrAssign for Violations {
-    fn bitor_assign(&mut self, rhs: Violations) {
-        self.0 |= rhs.0;
-    }
-}
 
 /// What the next suspend hypercall does (when the guest passes the checks).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
@@ -308,7 +159,8 @@ struct State<const CPUS: usize, const PORTS: usize> {
     cpu_map_resets: u32,
     // Guest services.
     frozen: bool,
-    devices_suspended: bool,
+    devices: [bool; SIM_DEVICES],
+    device_log: DeviceLog,
     bus: Bus,
     time_stopped: bool,
     console_generation: u32,
@@ -320,6 +172,11 @@ struct State<const CPUS: usize, const PORTS: usize> {
     violations: Violations,
     hypercalls: u32,
     delivered: u64,
+    // Event delivery (what the guest set up in this domain).
+    callback: bool,
+    vcpu_info: [bool; CPUS],
+    guest_channels: crate::hal::ToolstackChannels,
+    strays: u32,
 }
 
 /// The software Xen host for `CPUS` vCPUs and `PORTS` event-channel ports.
@@ -400,7 +257,8 @@ impl<const CPUS: usize, const PORTS: usize> SimXen<CPUS, PORTS> {
             kernel_root: false,
             cpu_map_resets: 0,
             frozen: false,
-            devices_suspended: false,
+            devices: [false; SIM_DEVICES],
+            device_log: DeviceLog::EMPTY,
             bus: Bus::Connected { generation: 0 },
             time_stopped: false,
             console_generation: 0,
@@ -411,8 +269,13 @@ impl<const CPUS: usize, const PORTS: usize> SimXen<CPUS, PORTS> {
             violations: Violations::NONE,
             hypercalls: 0,
             delivered: 0,
+            callback: true,
+            vcpu_info: [true; CPUS],
+            guest_channels: crate::hal::ToolstackChannels::default(),
+            strays: 0,
         };
         st.toolstack_channels();
+        st.guest_channels = st.channels();
         Self {
             st: RefCell::new(st),
         }
@@ -444,6 +307,7 @@ impl<const CPUS: usize, const PORTS: usize> SimXen<CPUS, PORTS> {
         }
         st.calls = [0; NR_FAULTS];
         st.fired = None;
+        st.device_log = DeviceLog::EMPTY;
     }
 
     /// The first injected fault that fired since [`SimXen::set_faults`].
@@ -526,6 +390,22 @@ impl<const CPUS: usize, const PORTS: usize> SimXen<CPUS, PORTS> {
         st.deliver(port).map(|_| vcpu)
     }
 
+    /// The device list's operations since [`SimXen::set_faults`] (or the build).
+    pub fn device_log(&self) -> DeviceLog {
+        self.st.borrow().device_log
+    }
+
+    /// Events delivered on ports bound to nothing of the guest's (stale pending bits a mask
+    /// sweep missed), so far.
+    pub fn strays(&self) -> u32 {
+        self.st.borrow().strays
+    }
+
+    /// The store and console channels the toolstack bound in the current domain.
+    pub fn toolstack_channels(&self) -> crate::hal::ToolstackChannels {
+        self.st.borrow().channels()
+    }
+
     /// Events delivered so far (including ones delivered by an unmask).
     pub fn delivered(&self) -> u64 {
         self.st.borrow().delivered
@@ -550,7 +430,7 @@ impl<const CPUS: usize, const PORTS: usize> SimXen<CPUS, PORTS> {
         if st.frozen {
             v |= Violations::TASKS_FROZEN;
         }
-        if st.devices_suspended {
+        if st.devices.iter().any(|&d| d) {
             v |= Violations::DEVICES_SUSPENDED;
         }
         if st.bus
@@ -583,6 +463,21 @@ impl<const CPUS: usize, const PORTS: usize> SimXen<CPUS, PORTS> {
         }
         if !st.irqs_enabled || st.others_quiesced {
             v |= Violations::CPUS_STOPPED;
+        }
+        if !st.callback || !st.vcpu_info.iter().all(|&r| r) || st.guest_channels != st.channels() {
+            v |= Violations::DELIVERY_STALE;
+        }
+        if st.strays != 0 {
+            v |= Violations::STRAY_EVENT;
+        }
+        let host_bound = st
+            .ports
+            .iter()
+            .filter(|p| matches!(p.state, PortState::Virq { .. } | PortState::Ipi { .. }))
+            .count();
+        let guest_bound = events.bindings().filter(|(_, i)| i.port != 0).count();
+        if host_bound > guest_bound {
+            v |= Violations::PORT_LEAK;
         }
         for (_, info) in events.bindings() {
             let expected = match info.kind {
@@ -631,15 +526,46 @@ impl<const CPUS: usize, const PORTS: usize> State<CPUS, PORTS> {
         self.start_info.console_evtchn = console;
     }
 
+    fn channels(&self) -> crate::hal::ToolstackChannels {
+        crate::hal::ToolstackChannels {
+            store: self.start_info.store_evtchn,
+            console: self.start_info.console_evtchn,
+        }
+    }
+
+    /// Marks `port` pending and delivers it when it is unmasked and event delivery reaches
+    /// its vCPU (callback set, `vcpu_info` registered).
     fn deliver(&mut self, port: Port) -> Option<Port> {
         let p = &mut self.ports[port as usize];
         p.pending = true;
         if p.masked {
             return None;
         }
+        let vcpu = match p.state {
+            PortState::Virq { vcpu, .. } | PortState::Ipi { vcpu } => vcpu,
+            PortState::Free | PortState::Reserved => 0,
+        };
+        if !self.callback || !self.vcpu_info.get(vcpu as usize).copied().unwrap_or(false) {
+            return None;
+        }
+        let p = &mut self.ports[port as usize];
         p.pending = false;
-        self.delivered += 1;
+        if matches!(p.state, PortState::Virq { .. } | PortState::Ipi { .. }) {
+            self.delivered += 1;
+        } else {
+            self.strays += 1;
+        }
         Some(port)
+    }
+
+    /// Interrupts came back on: every pending, unmasked port is delivered.
+    fn deliver_unmasked(&mut self) {
+        for port in 0..PORTS {
+            let p = self.ports[port];
+            if p.pending && !p.masked {
+                self.deliver(port as Port);
+            }
+        }
     }
 
     /// What Xen and the toolstack would refuse to save.
@@ -678,7 +604,7 @@ impl<const CPUS: usize, const PORTS: usize> State<CPUS, PORTS> {
         if !self.frozen {
             v |= Violations::TASKS_RUNNING;
         }
-        if !self.devices_suspended {
+        if !self.devices.iter().all(|&d| d) {
             v |= Violations::DEVICES_RUNNING;
         }
         if self.bus != Bus::Suspended {
@@ -699,298 +625,32 @@ impl<const CPUS: usize, const PORTS: usize> State<CPUS, PORTS> {
         self.start_info.store_mfn += self.mfn_base;
         self.start_info.console_mfn += self.mfn_base;
         self.start_info.shared_info = self.shared_info_mfn << 12;
-        // Fresh shared info: nothing masked or pending. Ports the old domain used are taken,
-        // so every binding the guest makes lands on a different number.
+        // Ports the old domain used are taken, so every binding the guest makes lands on a
+        // different number. Shared info is not fresh: the old domain's ports and the last port
+        // of the space carry stale pending, unmasked bits, so a guest that does not mask the
+        // whole port space before interrupts come back gets stray events.
         for p in self.ports.iter_mut() {
             let old = p.state;
             *p = SimPort::default();
             if matches!(old, PortState::Virq { .. } | PortState::Ipi { .. }) {
                 p.state = PortState::Reserved;
+                p.pending = true;
             }
         }
         self.ports[0].state = PortState::Reserved;
+        self.ports[PORTS - 1].pending = true;
+        // The old store and console channels stay taken too: the toolstack's new ones move.
+        for old in [self.start_info.store_evtchn, self.start_info.console_evtchn] {
+            if let Some(p) = self.ports.get_mut(old as usize) {
+                p.state = PortState::Reserved;
+            }
+        }
+        // A new domain delivers nothing until the guest sets delivery up again.
+        self.callback = false;
+        self.vcpu_info = [false; CPUS];
         self.next_port = 1;
         self.virq_port = [[0; NR_VIRQS as usize]; CPUS];
         self.toolstack_channels();
         self.max_grant_frames = self.next_max_grant_frames;
-    }
-}
-
-/// A handle on a [`SimXen`] implementing every trait but [`crate::hal::PageTables`] (see
-/// [`super::SimPageTables`]). `Copy`: hand one to each field of a [`crate::Machine`].
-#[derive(Debug, Clone, Copy)]
-pub struct SimGuest<'h, const CPUS: usize, const PORTS: usize> {
-    host: &'h SimXen<CPUS, PORTS>,
-}
-
-impl<const CPUS: usize, const PORTS: usize> SimGuest<'_, CPUS, PORTS> {
-    fn with<R>(&self, f: impl FnOnce(&mut State<CPUS, PORTS>) -> R) -> R {
-        f(&mut self.host.st.borrow_mut())
-    }
-
-    pub(crate) fn register_roots(&self, total: usize, pinned: usize) {
-        self.with(|st| {
-            st.roots_total = total;
-            st.roots_pinned = pinned;
-        })
-    }
-
-    pub(crate) fn pin_root(&self, pin: bool) -> Result<(), Errno> {
-        self.with(|st| {
-            st.inject(if pin { Fault::Pin } else { Fault::Unpin })?;
-            if pin {
-                st.roots_pinned += 1;
-            } else {
-                st.roots_pinned -= 1;
-            }
-            Ok(())
-        })
-    }
-
-    pub(crate) fn load_kernel_root(&self) {
-        self.with(|st| st.kernel_root = true)
-    }
-}
-
-impl<const CPUS: usize, const PORTS: usize> Freezer for SimGuest<'_, CPUS, PORTS> {
-    type Error = Errno;
-    fn freeze(&mut self) -> Result<(), Errno> {
-        self.with(|st| {
-            st.inject(Fault::Freeze)?;
-            st.frozen = true;
-            Ok(())
-        })
-    }
-    fn thaw(&mut self) {
-        self.with(|st| st.frozen = false)
-    }
-}
-
-impl<const CPUS: usize, const PORTS: usize> Devices for SimGuest<'_, CPUS, PORTS> {
-    type Error = Errno;
-    fn suspend(&mut self) -> Result<(), Errno> {
-        self.with(|st| {
-            st.inject(Fault::DeviceSuspend)?;
-            st.devices_suspended = true;
-            Ok(())
-        })
-    }
-    fn resume(&mut self) {
-        self.with(|st| st.devices_suspended = false)
-    }
-}
-
-impl<const CPUS: usize, const PORTS: usize> XenBus for SimGuest<'_, CPUS, PORTS> {
-    fn suspend(&mut self) {
-        self.with(|st| st.bus = Bus::Suspended)
-    }
-    fn resume(&mut self) {
-        self.with(|st| {
-            st.bus = Bus::Connected {
-                generation: st.generation,
-            }
-        })
-    }
-    fn suspend_cancel(&mut self) {
-        // Reconnects to whatever it was connected to: the same domain.
-        self.with(|st| {
-            st.bus = Bus::Connected {
-                generation: st.generation,
-            }
-        })
-    }
-}
-
-impl<const CPUS: usize, const PORTS: usize> StopMachine for SimGuest<'_, CPUS, PORTS> {
-    type Error = Errno;
-    fn stop_machine<R>(&mut self, f: impl FnOnce() -> R) -> Result<R, Errno> {
-        let saved = self.with(|st| {
-            st.inject(Fault::StopMachine)?;
-            let saved = (st.cpu, st.irqs_enabled, st.others_quiesced);
-            st.cpu = 0;
-            st.irqs_enabled = false;
-            st.others_quiesced = true;
-            // The stopper thread runs on whatever root was loaded lazily.
-            st.kernel_root = false;
-            Ok(saved)
-        })?;
-        let r = f();
-        self.with(|st| (st.cpu, st.irqs_enabled, st.others_quiesced) = saved);
-        Ok(r)
-    }
-}
-
-impl<const CPUS: usize, const PORTS: usize> P2m for SimGuest<'_, CPUS, PORTS> {
-    fn pfn_to_mfn(&self, pfn: u64) -> Option<u64> {
-        self.host.mfn_of(pfn)
-    }
-    fn mfn_to_pfn(&self, mfn: u64) -> Option<u64> {
-        let st = self.host.st.borrow();
-        let pfn = mfn.checked_sub(st.mfn_base)?;
-        (pfn < st.cfg.nr_pages).then_some(pfn)
-    }
-}
-
-impl<const CPUS: usize, const PORTS: usize> GrantTable for SimGuest<'_, CPUS, PORTS> {
-    type Error = Errno;
-    fn suspend(&mut self) -> Result<(), Errno> {
-        self.with(|st| {
-            st.inject(Fault::GrantSuspend)?;
-            st.grants_mapped = 0;
-            Ok(())
-        })
-    }
-    fn resume(&mut self) -> Result<(), Errno> {
-        self.with(|st| {
-            st.inject(Fault::GrantResume)?;
-            if st.max_grant_frames < st.cfg.grant_frames {
-                return Err(Errno(errno::ENOSYS));
-            }
-            st.grants_mapped = st.cfg.grant_frames;
-            st.grants_generation = st.generation;
-            Ok(())
-        })
-    }
-}
-
-impl<const CPUS: usize, const PORTS: usize> Time for SimGuest<'_, CPUS, PORTS> {
-    fn suspend(&mut self) {
-        self.with(|st| st.time_stopped = true)
-    }
-    fn resume(&mut self) {
-        self.with(|st| st.time_stopped = false)
-    }
-}
-
-impl<const CPUS: usize, const PORTS: usize> Console for SimGuest<'_, CPUS, PORTS> {
-    type Error = Errno;
-    fn resume(&mut self) -> Result<(), Errno> {
-        self.with(|st| {
-            st.inject(Fault::ConsoleResume)?;
-            st.console_generation = st.generation;
-            Ok(())
-        })
-    }
-}
-
-impl<const CPUS: usize, const PORTS: usize> Hypervisor for SimGuest<'_, CPUS, PORTS> {
-    type Error = Errno;
-
-    fn bind_virq(&mut self, virq: u32, vcpu: u32) -> Result<Port, Errno> {
-        self.with(|st| {
-            st.inject(Fault::BindVirq)?;
-            let slot = st
-                .virq_port
-                .get(vcpu as usize)
-                .and_then(|v| v.get(virq as usize))
-                .copied()
-                .ok_or(Errno(errno::EINVAL))?;
-            if slot != 0 {
-                return Err(Errno(errno::EEXIST));
-            }
-            let port = st.alloc_port().ok_or(Errno(errno::ENOSPC))?;
-            st.ports[port as usize].state = PortState::Virq { virq, vcpu };
-            st.virq_port[vcpu as usize][virq as usize] = port;
-            Ok(port)
-        })
-    }
-
-    fn bind_ipi(&mut self, vcpu: u32) -> Result<Port, Errno> {
-        self.with(|st| {
-            st.inject(Fault::BindIpi)?;
-            if vcpu as usize >= CPUS {
-                return Err(Errno(errno::EINVAL));
-            }
-            let port = st.alloc_port().ok_or(Errno(errno::ENOSPC))?;
-            st.ports[port as usize].state = PortState::Ipi { vcpu };
-            Ok(port)
-        })
-    }
-
-    fn mask(&mut self, port: Port) {
-        self.with(|st| {
-            if let Some(p) = st.ports.get_mut(port as usize) {
-                p.masked = true;
-            }
-        })
-    }
-
-    fn unmask(&mut self, port: Port) -> Result<(), Errno> {
-        self.with(|st| {
-            st.inject(Fault::Unmask)?;
-            let p = st
-                .ports
-                .get_mut(port as usize)
-                .ok_or(Errno(errno::EINVAL))?;
-            p.masked = false;
-            if p.pending {
-                p.pending = false;
-                st.delivered += 1;
-            }
-            Ok(())
-        })
-    }
-
-    fn suspend(&mut self) -> Result<SuspendResult, Errno> {
-        self.with(|st| {
-            st.inject(Fault::Hypercall)?;
-            st.hypercalls += 1;
-            let v = st.check_guest();
-            st.violations |= v;
-            if !v.is_empty() || st.plan == SimPlan::Cancel {
-                // The toolstack refuses (or was told to cancel) and resumes the domain.
-                return Ok(SuspendResult::Cancelled);
-            }
-            st.new_domain();
-            Ok(SuspendResult::Resumed)
-        })
-    }
-
-    fn update_va_mapping(&mut self, va: u64, pte: u64, _flags: u64) -> Result<(), Errno> {
-        self.with(|st| {
-            st.inject(Fault::UpdateVaMapping)?;
-            if va != SIM_SHARED_INFO_VA {
-                return Err(Errno(errno::EINVAL));
-            }
-            st.shared_info_pte = pte;
-            Ok(())
-        })
-    }
-
-    fn start_info_frames(&self) -> StartInfoFrames {
-        let st = self.host.st.borrow();
-        StartInfoFrames {
-            store: st.start_info.store_mfn,
-            console: st.start_info.console_mfn,
-        }
-    }
-
-    fn set_start_info_frames(&mut self, frames: StartInfoFrames) {
-        self.with(|st| {
-            st.start_info.store_mfn = frames.store;
-            st.start_info.console_mfn = frames.console;
-        })
-    }
-
-    fn shared_info_va(&self) -> u64 {
-        SIM_SHARED_INFO_VA
-    }
-
-    fn use_dummy_shared_info(&mut self) {
-        self.with(|st| st.shared_info_dummy = true)
-    }
-
-    fn setup_shared_info(&mut self) -> Result<(), Errno> {
-        self.with(|st| {
-            st.inject(Fault::SetupSharedInfo)?;
-            // PV: map the frame start info names at the fixmap, then use it.
-            st.shared_info_pte = (st.start_info.shared_info & !0xfff) | PTE_FLAGS;
-            st.shared_info_dummy = false;
-            Ok(())
-        })
-    }
-
-    fn reset_cpu_map(&mut self) {
-        self.with(|st| st.cpu_map_resets += 1)
     }
 }

@@ -2,32 +2,45 @@
 //! and the guest services around a suspend, page-table roots, and a xenstore. `no_std`, no
 //! allocation: usable by tests, fuzzing, benches and a bare-metal kernel alike.
 
+mod faults;
 mod host;
 mod page_tables;
 mod store;
 
+pub use faults::{Fault, Violations};
 pub use host::{
-    Fault, PortState, SIM_SHARED_INFO_VA, SimConfig, SimGuest, SimPlan, SimPort, SimXen, Violations,
+    DeviceLog, DeviceOp, PortState, SIM_DEVICES, SIM_SHARED_INFO_VA, SimConfig, SimDevice,
+    SimGuest, SimPlan, SimPort, SimXen,
 };
 pub use page_tables::SimPageTables;
 pub use store::{MAX_PATH, MAX_VALUE, SimStore};
 
 use crate::hal::Cpuid;
 
-/// The [`crate::Machine`] of a simulated guest: every service a [`SimGuest`], page tables a
-/// [`SimPageTables`].
-pub type SimMachine<'h, 'p, 'r, const CPUS: usize, const PORTS: usize> = crate::Machine<
-    SimGuest<'h, CPUS, PORTS>,
-    SimGuest<'h, CPUS, PORTS>,
-    SimGuest<'h, CPUS, PORTS>,
-    SimGuest<'h, CPUS, PORTS>,
-    SimGuest<'h, CPUS, PORTS>,
-    &'p mut SimPageTables<'h, 'r, CPUS, PORTS>,
-    SimGuest<'h, CPUS, PORTS>,
-    SimGuest<'h, CPUS, PORTS>,
-    SimGuest<'h, CPUS, PORTS>,
-    SimGuest<'h, CPUS, PORTS>,
->;
+/// The [`crate::hal::Platform`] of a simulated guest: every service a [`SimGuest`], page
+/// tables a [`SimPageTables`].
+pub struct SimPlatform<'h, 'p, 'r, const CPUS: usize, const PORTS: usize>(
+    core::marker::PhantomData<&'p mut SimPageTables<'h, 'r, CPUS, PORTS>>,
+);
+
+impl<'h, 'p, 'r, const CPUS: usize, const PORTS: usize> crate::hal::Platform
+    for SimPlatform<'h, 'p, 'r, CPUS, PORTS>
+{
+    type Freezer = SimGuest<'h, CPUS, PORTS>;
+    type Devices = SimGuest<'h, CPUS, PORTS>;
+    type XenBus = SimGuest<'h, CPUS, PORTS>;
+    type Stop = SimGuest<'h, CPUS, PORTS>;
+    type P2m = SimGuest<'h, CPUS, PORTS>;
+    type PageTables = &'p mut SimPageTables<'h, 'r, CPUS, PORTS>;
+    type Grants = SimGuest<'h, CPUS, PORTS>;
+    type Time = SimGuest<'h, CPUS, PORTS>;
+    type Console = SimGuest<'h, CPUS, PORTS>;
+    type Hypervisor = SimGuest<'h, CPUS, PORTS>;
+}
+
+/// The [`crate::Machine`] of a simulated guest.
+pub type SimMachine<'h, 'p, 'r, const CPUS: usize, const PORTS: usize> =
+    crate::Machine<SimPlatform<'h, 'p, 'r, CPUS, PORTS>>;
 
 impl<'h, 'r, const CPUS: usize, const PORTS: usize> SimPageTables<'h, 'r, CPUS, PORTS> {
     /// A [`crate::Machine`] whose services are all `guest` and whose page tables are `self`.
