@@ -56,6 +56,10 @@ impl CpuBuffer {
     /// (a writer kept it busy).
     pub(crate) fn swap_reader(&self, st: &mut ReaderState) -> bool {
         let rp = st.reader_page;
+        // The reader page goes back into the ring, where the tail may enter it without a head
+        // push (which is what empties a page it overwrites): empty it now, while it is ours.
+        // Whoever calls this has read it up to its commit and the writer has left it.
+        self.pages()[rp as usize].clear();
         for _ in 0..HEAD_SPINS {
             let Some((prev, head)) = self.find_head(st) else {
                 return false;

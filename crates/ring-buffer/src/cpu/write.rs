@@ -90,6 +90,7 @@ impl CpuBuffer {
         // Interrupts see this CPU's memory operations in program order; keep the compiler
         // from moving the reservation above the store.
         compiler_fence(SeqCst);
+        interrupt_point();
         depth
     }
 
@@ -121,6 +122,13 @@ impl CpuBuffer {
         if self.tail.load(Ordering::Relaxed) != t {
             self.republish();
         }
+    }
+
+    /// [`CpuBuffer::leave`] for the outermost writer, out of line.
+    #[cold]
+    #[inline(never)]
+    fn leave_outermost_cold(&self) {
+        self.leave(0);
     }
 
     /// Re-enters as the outermost writer and publishes until no interrupt slipped in between
@@ -167,12 +175,18 @@ impl CpuBuffer {
                     // SAFETY: `payload` has `len` reserved bytes, ours until the leave.
                     unsafe { copy_payload(data, payload) };
                     self.entries.fetch_add(1);
-                    // Publish. Outermost writers publish everything before they leave, so
-                    // the commit page was `pd` when we entered, and only we publish until we
-                    // leave: committing `pd` up to our event publishes everything before it.
-                    // A nested writer that reserved after our event (on `pd` or beyond) shows
-                    // in the tail check of `leave_outermost`, which then publishes it.
-                    debug_assert_eq!(self.commit_page.load(Ordering::Relaxed), tail_page(t));
+                    // Publish. Outermost writers publish everything before they leave, and
+                    // only we publish until we leave, so the commit page is where the tail
+                    // was when we entered. If it is still `pd` (no nested writer moved the
+                    // tail to another sub-buffer between our entry and our reservation),
+                    // committing `pd` up to our event publishes everything before it; else
+                    // the full publish walks the sub-buffers in between. A nested writer that
+                    // reserved after our event (on `pd` or beyond) shows in the tail check of
+                    // `leave_outermost`, which then publishes it.
+                    if self.commit_page.load(Ordering::Relaxed) != tail_page(t) {
+                        self.leave_outermost_cold();
+                        return Ok(());
+                    }
                     interrupt_point();
                     pd.set_commit(tail_off(new) as u64);
                     self.leave_outermost(new);
@@ -412,28 +426,35 @@ impl CpuBuffer {
                     return Ok(()); // the reader swapped the head away: look again
                 }
                 interrupt_point();
-                // We own the old head: its events are lost.
+                // We own the old head: its events are lost. Empty it while we own it (a
+                // nested writer that finds `UPDATE` does not touch it), so the page is clean
+                // before anyone can move the tail onto it: resetting it after the push would
+                // erase what a nested writer wrote there meanwhile.
                 let np = self.page(next);
                 let lost = u64::from(np.entries.load(Ordering::Relaxed));
+                np.clear();
+                interrupt_point();
                 let total = self.overrun.fetch_add(lost) + lost;
+                interrupt_point();
                 let nl = link_next(np.link.load(Ordering::Acquire));
                 // Tell the reader that takes `nl` exactly how much was lost before it; the
                 // Release below publishes this with the flag.
                 let seq = self.pushes.fetch_add(1) + 1;
+                interrupt_point();
                 let newhead = self.page(nl);
                 newhead.head_overrun.store(total, Ordering::Relaxed);
+                interrupt_point();
                 newhead.push_seq.store(seq, Ordering::Relaxed);
+                interrupt_point();
                 np.link.store(link(nl, LINK_HEAD), Ordering::Release);
                 interrupt_point();
                 pd.link.store(link(next, 0), Ordering::Release);
             }
+            // Not the head: a page the reader handed back (cleared before it re-entered the
+            // ring) or one never written since the last reset. Either way already clean.
             _ => {}
         }
-        let np = self.page(next);
-        np.entries.store(0, Ordering::Relaxed);
-        np.end.store(0, Ordering::Relaxed);
-        np.real_end.store(0, Ordering::Relaxed);
-        np.set_commit(0);
+        interrupt_point();
         let new = tail_word(next, 0, tail_gen(t).wrapping_add(1));
         interrupt_point();
         if !self.tail.cas(t, new) {
@@ -457,8 +478,11 @@ impl CpuBuffer {
             }
             data_size
         };
+        interrupt_point();
         pd.real_end.store(off as u32, Ordering::Relaxed);
+        interrupt_point();
         pd.end.store(end as u32, Ordering::Release);
+        interrupt_point();
         self.pages_touched.fetch_add(1);
         Ok(())
     }
