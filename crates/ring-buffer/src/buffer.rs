@@ -68,7 +68,7 @@ pub struct Stats {
     /// Events lost because the writer overwrote their sub-buffer.
     pub overrun: u64,
     /// Events the writer dropped (producer/consumer mode full, or a nested writer that found
-    /// the ring wrapped onto uncommitted data or the head being moved).
+    /// the ring wrapped onto uncommitted data).
     pub dropped: u64,
     /// Events consumed by readers.
     pub read: u64,
@@ -385,7 +385,7 @@ pub(crate) fn new_page_desc(mem: NonNull<u8>) -> PageDesc {
     PageDesc {
         mem: SubbufMem::new(mem),
         link: AtomicU32::new(0),
-        entries: crate::sync::Local::<AtomicU32>::new(0),
+        entries: crate::sync::Local::<AtomicU64>::new(crate::cpu::ENTRIES_CLEAN),
         end: AtomicU32::new(0),
         real_end: AtomicU32::new(0),
         commit: AtomicU64::new(0),

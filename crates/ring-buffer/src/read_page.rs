@@ -184,7 +184,7 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
         let swapped = st.read == 0 && !on_commit && st.map_count == 0;
         let (len, events) = if swapped {
             let pd = &cb.pages()[st.reader_page as usize];
-            let events = u64::from(pd.entries.load(Ordering::Relaxed));
+            let events = pd.events();
             // The end of the last event, so the lost count can go where the end padding was.
             let len = pd.data_end();
             // SAFETY: reader lock held, the writer left the page (not the commit page), and

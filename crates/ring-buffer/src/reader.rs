@@ -4,7 +4,9 @@
 use core::ops::Range;
 
 use crate::{
-    cpu::{CpuBuffer, LINK_HEAD, LINK_UPDATE, ReaderState, link, link_flag, link_next},
+    cpu::{
+        CpuBuffer, LINK_HEAD, LINK_UPDATE, ReaderState, link, link_cleared, link_flag, link_next,
+    },
     format::{self, Record},
     sync::{Ordering, SpinGuard, spin_hint},
 };
@@ -68,14 +70,13 @@ impl CpuBuffer {
             self.pages()[rp as usize]
                 .link
                 .store(link(hn, LINK_HEAD), Ordering::Relaxed);
+            let l = self.pages()[prev as usize].link.load(Ordering::Acquire);
+            if link_flag(l) != LINK_HEAD || link_next(l) != head {
+                continue;
+            }
             if self.pages()[prev as usize]
                 .link
-                .compare_exchange(
-                    link(head, LINK_HEAD),
-                    link(rp, 0),
-                    Ordering::AcqRel,
-                    Ordering::Relaxed,
-                )
+                .compare_exchange(l, link_cleared(l, rp), Ordering::AcqRel, Ordering::Relaxed)
                 .is_ok()
             {
                 // Exact lost count: the CAS read the link state that made `head` the head.

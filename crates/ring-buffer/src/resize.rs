@@ -192,7 +192,7 @@ unsafe fn install<A: PageAlloc>(
             }
         } else {
             if pos < plan.start {
-                dropped_events += u64::from(pd.entries.load(Ordering::Relaxed));
+                dropped_events += pd.events();
             }
             // SAFETY: a sub-buffer of this buffer (allocated with `order`) that leaves it
             // now; the new array does not hold it.

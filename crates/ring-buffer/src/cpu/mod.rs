@@ -10,6 +10,10 @@
 //! Writers of one CPU nest (task < softirq < irq < NMI). The tail is one word (page, offset,
 //! generation) moved by compare-and-swap, so an interrupted writer simply retries. Only the
 //! outermost writer publishes `commit`, after every nested one is done (commit counting).
+//! A nested writer that finds a head push of the writer it interrupted half done finishes it
+//! (`finish_push`: every step is a compare-and-swap that fails once done, or a store of a
+//! value every participant computes alike), then writes on. A page is emptied before the tail
+//! can enter it, by whoever owns it then: the head push, or the reader handing its page back.
 //!
 //! The common write (outermost, same sub-buffer, delta fits in 27 bits) is one straight line,
 //! [`CpuBuffer::write`]; everything else ([`CpuBuffer::reserve_slow`], `move_tail`, a publish that

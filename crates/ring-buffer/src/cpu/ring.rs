@@ -13,14 +13,46 @@ use crate::{
 pub(crate) const LINK_HEAD: u32 = 1;
 pub(crate) const LINK_UPDATE: u32 = 2;
 
+/// A link: the next page's index in bits 2..18, the `HEAD`/`UPDATE` flag in bits 0..2, and a
+/// generation in bits 18..32 that every clearing of a flag advances
+/// ([`link_cleared`]), so a compare-and-swap that expects a link's earlier unflagged value
+/// fails once the link has been flagged and cleared since (no ABA).
 pub(crate) const fn link(next: u32, flag: u32) -> u32 {
     (next << 2) | flag
 }
 pub(crate) const fn link_next(l: u32) -> u32 {
-    l >> 2
+    (l >> 2) & 0xffff
 }
 pub(crate) const fn link_flag(l: u32) -> u32 {
     l & 3
+}
+/// `l` with the flag set to `flag`, same target and generation.
+pub(crate) const fn link_flagged(l: u32, flag: u32) -> u32 {
+    (l & !3) | flag
+}
+/// The unflagged link to `next` that replaces the flagged link `l`: next generation.
+pub(crate) const fn link_cleared(l: u32, next: u32) -> u32 {
+    ((l & !0x3_ffff).wrapping_add(1 << 18)) | (next << 2)
+}
+
+/// A sub-buffer's entries word: the number of events reserved on it in bits 0..32, and in bits
+/// 32..64 who emptied it last: [`ENTRIES_CLEAN`] (the reader, a reset or creation) or the head
+/// push number `seq` ([`push_state`]), with [`PUSH_PENDING`] while that push has yet to
+/// flag the next head. While pending, bits 0..32 hold the link to set the flag on.
+pub(crate) const ENTRIES_CLEAN: u64 = 1 << 32;
+/// See [`ENTRIES_CLEAN`].
+pub(crate) const PUSH_PENDING: u32 = 2;
+/// The entries word's state after head push number `seq` emptied the sub-buffer.
+pub(crate) const fn push_state(seq: u64) -> u32 {
+    (seq as u32) << 2
+}
+/// The state half of an entries word.
+pub(crate) const fn entries_state(w: u64) -> u32 {
+    (w >> 32) as u32
+}
+/// The count half of an entries word.
+pub(crate) const fn entries_count(w: u64) -> u64 {
+    w & 0xffff_ffff
 }
 /// The link of page `i` in a fresh ring of `n` pages plus the reader page (index `n`):
 /// 0 -> 1 -> ... -> n - 1 -> 0 with page 0 the head, and the reader page leading to it.
@@ -61,8 +93,9 @@ pub(crate) struct PageDesc {
     pub(crate) mem: SubbufMem,
     /// Next page in the ring, with the `HEAD`/`UPDATE` flags.
     pub(crate) link: AtomicU32,
-    /// Events reserved on the page (what an overwrite of it loses).
-    pub(crate) entries: Local<AtomicU32>,
+    /// Events reserved on the page (what an overwrite of it loses), and who emptied it: see
+    /// [`ENTRIES_CLEAN`].
+    pub(crate) entries: Local<AtomicU64>,
     /// Commit value once the writer has left the page.
     pub(crate) end: AtomicU32,
     /// Data offset where the last event ended, before the end padding.
@@ -100,6 +133,11 @@ impl PageDesc {
         self.header_word(8).store(value, Ordering::Release);
     }
 
+    /// Events reserved on the page in its current turn.
+    pub(crate) fn events(&self) -> u64 {
+        entries_count(self.entries.load(Ordering::Relaxed))
+    }
+
     /// Committed data bytes.
     pub(crate) fn size(&self) -> usize {
         (self.commit.load(Ordering::Acquire) & COMMIT_MASK) as usize
@@ -107,7 +145,7 @@ impl PageDesc {
 
     /// Empties the page's bookkeeping: no events, no end, nothing committed.
     pub(crate) fn clear(&self) {
-        self.entries.store(0, Ordering::Relaxed);
+        self.entries.store(ENTRIES_CLEAN, Ordering::Relaxed);
         self.end.store(0, Ordering::Relaxed);
         self.real_end.store(0, Ordering::Relaxed);
         self.set_commit(0);

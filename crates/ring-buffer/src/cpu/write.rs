@@ -4,7 +4,10 @@
 use core::sync::atomic::{Ordering::SeqCst, compiler_fence};
 
 use super::{CpuBuffer, PageDesc, STAMP_INVALID, tail_gen, tail_off, tail_page, tail_word};
-use super::{LINK_HEAD, LINK_UPDATE, link, link_flag, link_next};
+use super::{
+    LINK_HEAD, LINK_UPDATE, PUSH_PENDING, entries_count, entries_state, link_cleared, link_flag,
+    link_flagged, link_next, push_state,
+};
 use crate::{
     error::Error,
     format::{self, MAX_DELTA, TIME_EXTEND_SIZE},
@@ -408,50 +411,31 @@ impl CpuBuffer {
             return Err(Error::Full);
         }
         match link_flag(l) {
-            LINK_UPDATE => return Err(Error::Busy),
+            // A writer we interrupted is pushing the head: finish its push for it (it cannot
+            // resume before we return), then move on as it would have.
+            LINK_UPDATE => self.finish_push(pd, l, self.pushes.load(Ordering::Relaxed)),
             LINK_HEAD => {
                 if !self.overwrite.load(Ordering::Relaxed) {
                     return Err(Error::Full);
                 }
+                // Number this push before claiming it, so a nested writer that finds the
+                // claim knows the number (`pushes`); a claim that fails leaves a gap, which
+                // nobody minds.
+                let seq = self.pushes.fetch_add(1) + 1;
+                interrupt_point();
+                let claimed = link_flagged(l, LINK_UPDATE);
                 if pd
                     .link
-                    .compare_exchange(
-                        l,
-                        link(next, LINK_UPDATE),
-                        Ordering::AcqRel,
-                        Ordering::Relaxed,
-                    )
+                    .compare_exchange(l, claimed, Ordering::AcqRel, Ordering::Relaxed)
                     .is_err()
                 {
                     return Ok(()); // the reader swapped the head away: look again
                 }
                 interrupt_point();
-                // We own the old head: its events are lost. Empty it while we own it (a
-                // nested writer that finds `UPDATE` does not touch it), so the page is clean
-                // before anyone can move the tail onto it: resetting it after the push would
-                // erase what a nested writer wrote there meanwhile.
-                let np = self.page(next);
-                let lost = u64::from(np.entries.load(Ordering::Relaxed));
-                np.clear();
-                interrupt_point();
-                let total = self.overrun.fetch_add(lost) + lost;
-                interrupt_point();
-                let nl = link_next(np.link.load(Ordering::Acquire));
-                // Tell the reader that takes `nl` exactly how much was lost before it; the
-                // Release below publishes this with the flag.
-                let seq = self.pushes.fetch_add(1) + 1;
-                interrupt_point();
-                let newhead = self.page(nl);
-                newhead.head_overrun.store(total, Ordering::Relaxed);
-                interrupt_point();
-                newhead.push_seq.store(seq, Ordering::Relaxed);
-                interrupt_point();
-                np.link.store(link(nl, LINK_HEAD), Ordering::Release);
-                interrupt_point();
-                pd.link.store(link(next, 0), Ordering::Release);
+                self.finish_push(pd, claimed, seq);
             }
-            // Not the head: a page the reader handed back (cleared before it re-entered the
-            // ring) or one never written since the last reset. Either way already clean.
+            // Not the head: a page the reader handed back (emptied before it re-entered the
+            // ring) or one never written since the last reset. Either way already empty.
             _ => {}
         }
         interrupt_point();
@@ -487,6 +471,82 @@ impl CpuBuffer {
         Ok(())
     }
 
+    /// Completes head push number `seq`, claimed by flagging `UPDATE` on the link into the
+    /// head (`claimed` is that flagged link): the old head's events count as `overrun`, the
+    /// page is emptied for the tail, the page after it becomes the head (with the overrun
+    /// total and push number the reader needs), and the claim is cleared.
+    ///
+    /// Run by the writer that claimed, and by any writer nested inside it that finds the
+    /// claim: writers nest, so a nested one runs to completion while the claimer waits, and
+    /// every step here is either a compare-and-swap that fails once a helper did it, or a
+    /// store of a value every participant computes alike. The compare-and-swap of the old
+    /// head's entries word is the step that happens once: whoever wins it counts the page's
+    /// events (the value read before it), and a loser sees the winner's state.
+    #[cold]
+    #[inline(never)]
+    fn finish_push(&self, pd: &PageDesc, claimed: u32, seq: u64) {
+        let next = link_next(claimed);
+        let np = self.page(next);
+        let state = push_state(seq);
+        // Read in this order: the overrun total before the entries word, the link of the old
+        // head before both. If the entries word is still the old one afterwards, nobody had
+        // emptied the page when the other two were read, so they are the push's inputs.
+        let nlink = np.link.load(Ordering::Acquire);
+        interrupt_point();
+        let before = self.overrun.load(Ordering::Relaxed);
+        interrupt_point();
+        let w = np.entries.load(Ordering::Relaxed);
+        interrupt_point();
+        if entries_state(w) & !PUSH_PENDING != state {
+            let total = before + entries_count(w);
+            let newhead = self.page(link_next(nlink));
+            // Tell the reader that takes the new head exactly how much was lost before it;
+            // the Release of the flag below publishes this.
+            newhead.head_overrun.store(total, Ordering::Relaxed);
+            interrupt_point();
+            newhead.push_seq.store(seq, Ordering::Relaxed);
+            interrupt_point();
+            np.set_commit(0);
+            interrupt_point();
+            // Empty the page, leaving the link to flag for whoever finishes.
+            let pending = (u64::from(state | PUSH_PENDING) << 32) | u64::from(nlink);
+            let _ = np.entries.cas(w, pending);
+            interrupt_point();
+        }
+        let w = np.entries.load(Ordering::Relaxed);
+        if entries_state(w) == state | PUSH_PENDING {
+            let nlink = w as u32;
+            // The overrun total is `total`, or below it by the page's events if nobody
+            // added them yet.
+            let total = self
+                .page(link_next(nlink))
+                .head_overrun
+                .load(Ordering::Relaxed);
+            let cur = self.overrun.load(Ordering::Relaxed);
+            interrupt_point();
+            if cur < total {
+                let _ = self.overrun.cas(cur, total);
+                interrupt_point();
+            }
+            // Flag the new head: fails if done (the link's generation moved on since).
+            let _ = np.link.compare_exchange(
+                nlink,
+                link_flagged(nlink, LINK_HEAD),
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            );
+            interrupt_point();
+            let _ = np.entries.cas(w, u64::from(state) << 32);
+            interrupt_point();
+        }
+        let _ = pd.link.compare_exchange(
+            claimed,
+            link_cleared(claimed, next),
+            Ordering::AcqRel,
+            Ordering::Relaxed,
+        );
+    }
+
     /// Turns a reserved event into a discarded one (padding that keeps its length).
     pub(crate) fn discard(&self, slot: &Slot) {
         let pd = self.page(slot.page);
@@ -496,7 +556,7 @@ impl CpuBuffer {
             pd.put(slot.event_off + 4, (slot.event_len - 4) as u32);
         }
         interrupt_point();
-        pd.entries.fetch_add(u32::MAX); // -1
+        pd.entries.fetch_add(u64::MAX); // -1 (the count is at least 1: ours)
         // Readers ignore a discarded event's delta: make the next event carry an absolute time.
         self.stamp_pos.store(STAMP_INVALID, Ordering::Release);
     }
