@@ -305,9 +305,13 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
             if !cb.swap_reader(&mut st) {
                 break;
             }
+            // Linux 6.10 hands the losses over in the sub-buffer's commit flags and stored
+            // count, and zeroes the meta page's `reader.lost_events`; we put them there only
+            // when the sub-buffer cannot carry the count (no room after the events, or the
+            // writer is still on it), so a reader that reads both counts them once.
             st.meta_lost = st.lost;
-            if st.lost > 0 {
-                mark_missed(cb, &st);
+            if st.lost > 0 && mark_missed(cb, &st) {
+                st.meta_lost = 0;
             }
         }
         update_meta(cb, &st);
@@ -324,26 +328,33 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
     }
 }
 
-/// Flags lost events in the new reader sub-buffer once the writer has left it.
-fn mark_missed(cb: &CpuBuffer, st: &ReaderState) {
+/// Flags lost events in the new reader sub-buffer once the writer has left it, storing their
+/// number after the events when 8 bytes are free and zeroing the rest of the data area, as
+/// Linux 6.10 does. Returns whether the count is stored.
+fn mark_missed(cb: &CpuBuffer, st: &ReaderState) -> bool {
     let pd = &cb.pages()[st.reader_page as usize];
     if st.reader_page == cb.commit_page.load(Ordering::Acquire) {
-        return;
+        return false;
     }
     // The real end of data, so the count can go in the end padding.
     let size = pd.data_end();
-    let commit = format::missed_commit(size, cb.data_size());
-    if commit & RB_MISSED_STORED != 0 {
-        // SAFETY: `size + 8` is inside the data area, past the events, on a page the writer
-        // has left; we hold the reader lock.
-        unsafe {
+    let data_size = cb.data_size();
+    let commit = format::missed_commit(size, data_size);
+    let stored = commit & RB_MISSED_STORED != 0;
+    let count_end = if stored { size + 8 } else { size };
+    // SAFETY: `size <= count_end <= data_size`: inside the data area, past the events, on a
+    // page the writer has left; we hold the reader lock.
+    unsafe {
+        if stored {
             pd.data()
                 .add(size)
                 .cast::<u64>()
-                .write_unaligned(st.meta_lost.to_le())
-        };
+                .write_unaligned(st.meta_lost.to_le());
+        }
+        core::ptr::write_bytes(pd.data().add(count_end), 0, data_size - count_end);
     }
     pd.set_commit(commit);
+    stored
 }
 
 /// A mapping read through kernel addresses, page by page.
