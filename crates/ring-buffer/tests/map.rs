@@ -9,7 +9,8 @@ use common::{HeapPages, Rng, cpu0, payload, stored};
 use oskit_ring_buffer::{
     Clock, Config, Error, MapLayout, MapPage, MapRegion, MappedReader, Mode, RingBuffer,
     format::{
-        COMMIT_MASK, RB_MISSED_EVENTS, RB_MISSED_STORED, SUBBUF_HEADER_SIZE, Subbuf, TraceBufferMeta,
+        COMMIT_MASK, RB_MISSED_EVENTS, RB_MISSED_STORED, SUBBUF_HEADER_SIZE, Subbuf,
+        TraceBufferMeta,
     },
     sim::ManualClock,
 };
@@ -225,8 +226,12 @@ fn mapped_model(seed: u64, mode: Mode) {
                     Some(Some(stored)) => {
                         assert!(stored > 0);
                         assert_eq!(meta_lost, 0, "seed {seed}: counted twice");
-                        let end = SUBBUF_HEADER_SIZE + (sb.header().commit & COMMIT_MASK) as usize + 8;
-                        assert!(page[end..n].iter().all(|&b| b == 0), "seed {seed}: stale bytes");
+                        let end =
+                            SUBBUF_HEADER_SIZE + (sb.header().commit & COMMIT_MASK) as usize + 8;
+                        assert!(
+                            page[end..n].iter().all(|&b| b == 0),
+                            "seed {seed}: stale bytes"
+                        );
                     }
                     Some(None) => assert!(meta_lost > 0),
                 }
