@@ -7,7 +7,7 @@ use crate::{
     error::Error,
     format::{self, MAX_SUBBUF_ORDER, PAGE_SIZE},
     hal::{Clock, LocalCpu, NoWaiter, PageAlloc, Waiter},
-    mem::{PageArray, SubbufMem},
+    mem::{PageArray, SubbufMem, order_for},
     reader::Reader,
     sync::{AtomicU32, AtomicU64, Ordering},
 };
@@ -57,6 +57,19 @@ impl Config {
     pub const fn mode(mut self, mode: Mode) -> Self {
         self.mode = mode;
         self
+    }
+
+    /// The 4 KiB pages [`RingBuffer::new`] takes from its [`PageAlloc`] for this
+    /// configuration, all allocations rounded up to their power-of-two order as the
+    /// allocator sees them: per CPU `subbufs_per_cpu + 1` sub-buffers and their bookkeeping
+    /// array, plus the per-CPU array. Size a `sim::PagePool` with it (add one page per CPU
+    /// you will map, and one sub-buffer per `read_page` spare). Const: usable in a `static`'s
+    /// type.
+    pub const fn pages_needed(&self) -> usize {
+        let subbufs = self.subbufs_per_cpu + 1;
+        let per_cpu = (subbufs << self.subbuf_order)
+            + (1 << order_for(subbufs * core::mem::size_of::<PageDesc>()));
+        (1 << order_for(self.cpus * core::mem::size_of::<CpuBuffer>())) + self.cpus * per_cpu
     }
 }
 
@@ -187,8 +200,11 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
     ///
     /// Errors: [`Error::EventTooLarge`] above [`RingBuffer::max_payload`], [`Error::Disabled`],
     /// [`Error::Full`] (producer/consumer mode, or the ring wrapped onto data an interrupted
-    /// writer has not committed), [`Error::Busy`] (a nested writer found the interrupted one
-    /// moving the head). Full and Busy count the event as dropped.
+    /// writer has not committed: counted as dropped), `InvalidArgument` for a CPU the buffer
+    /// does not have.
+    ///
+    /// Context: the CPU `cpu` names, any context (task, softirq, irq, NMI), nested to any
+    /// depth. Lockless, never waits, never allocates.
     #[inline(always)]
     pub fn reserve(&self, cpu: LocalCpu, len: usize) -> Result<Reservation<'_>, Error> {
         let cb = self.cpu(cpu.id())?;
@@ -214,7 +230,7 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
     }
 
     /// Writes one event (reserve, copy, commit), without a [`Reservation`] in between.
-    /// Errors as [`RingBuffer::reserve`].
+    /// Errors and context as [`RingBuffer::reserve`].
     #[inline]
     pub fn write(&self, cpu: LocalCpu, data: &[u8]) -> Result<(), Error> {
         let cb = self.cpu(cpu.id())?;
@@ -228,6 +244,20 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
             );
         }
         Ok(())
+    }
+
+    /// Writes `value`'s bytes as one event ([`RingBuffer::write`] of
+    /// `value.as_bytes()`): a typed event, read back with [`Event::read_as`]. Errors and
+    /// context as [`RingBuffer::write`].
+    ///
+    /// [`Event::read_as`]: crate::Event::read_as
+    #[inline]
+    pub fn write_value<T: zerocopy::IntoBytes + zerocopy::Immutable + ?Sized>(
+        &self,
+        cpu: LocalCpu,
+        value: &T,
+    ) -> Result<(), Error> {
+        self.write(cpu, value.as_bytes())
     }
 
     /// Stops recording on every CPU (nests: each call needs an [`RingBuffer::record_enable`]).
@@ -264,11 +294,29 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
     }
 
     /// The consuming reader of `cpu` (takes that CPU's reader lock).
+    ///
+    /// Context: any CPU, any context that cannot interrupt a holder of the same reader lock
+    /// on its own CPU (it spins until the lock is free: from an interrupt or NMI handler, or
+    /// a panic path, use [`RingBuffer::try_reader`]). Does not allocate. `InvalidArgument`
+    /// for a CPU the buffer does not have.
     pub fn reader(&self, cpu: usize) -> Result<Reader<'_>, Error> {
         let cb = self.cpu(cpu)?;
         Ok(Reader {
             cpu: cb,
             st: cb.reader.lock(),
+        })
+    }
+
+    /// The consuming reader of `cpu` if its reader lock is free now, else `Busy`: never
+    /// waits, so a dump from a panic handler, an interrupt or an NMI cannot deadlock on a
+    /// reader it interrupted. `InvalidArgument` for a CPU the buffer does not have.
+    ///
+    /// Context: any, NMI included. Does not allocate.
+    pub fn try_reader(&self, cpu: usize) -> Result<Reader<'_>, Error> {
+        let cb = self.cpu(cpu)?;
+        Ok(Reader {
+            cpu: cb,
+            st: cb.reader.try_lock().ok_or(Error::Busy)?,
         })
     }
 

@@ -28,6 +28,17 @@ pub struct Event<'a> {
     pub lost: u64,
 }
 
+impl Event<'_> {
+    /// The payload read as a `T` (an event written with [`RingBuffer::write_value`]): its
+    /// first `size_of::<T>()` bytes, copied (no alignment needed). `None` when the payload is
+    /// shorter than a `T`.
+    ///
+    /// [`RingBuffer::write_value`]: crate::RingBuffer::write_value
+    pub fn read_as<T: zerocopy::FromBytes>(&self) -> Option<T> {
+        T::read_from_prefix(self.payload).ok().map(|(v, _)| v)
+    }
+}
+
 impl CpuBuffer {
     /// Finds the head: the page whose incoming link has `HEAD`, and that link's owner.
     pub(crate) fn find_head(&self, st: &ReaderState) -> Option<(u32, u32)> {

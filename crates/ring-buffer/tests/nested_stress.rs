@@ -108,10 +108,19 @@ impl Drop for ThreadTimer {
 
 /// Reads CPU 0: checks each source's sequence numbers increase and that the lost counts add
 /// up; returns (events read, lost counts summed).
-fn drain(rb: &Rb, last: &mut [Option<u64>; SOURCES]) -> (u64, u64) {
+fn drain(rb: &Rb, last: &mut [Option<u64>; SOURCES], last_ts: &mut u64) -> (u64, u64) {
     let (mut read, mut lost) = (0, 0);
     let mut r = rb.reader(0).unwrap();
     while let Some(ev) = r.next_event() {
+        // The order the README promises under nesting: events come out in buffer order with
+        // time stamps that never decrease (a writer whose reservation an interrupt beat
+        // reads the clock again, after the interrupting writer's reading).
+        assert!(
+            ev.ts >= *last_ts,
+            "time went back: {} after {last_ts}",
+            ev.ts
+        );
+        *last_ts = ev.ts;
         let src = ev.payload[0] as usize;
         let seq = u64::from_le_bytes(ev.payload[4..12].try_into().unwrap());
         assert!(src < SOURCES, "garbage event {:?}", ev.payload);
@@ -139,18 +148,18 @@ fn run(mode: Mode, consumer: bool, secs: f64) {
     );
     let stop = Arc::new(AtomicBool::new(false));
     let mut last = [None; SOURCES];
-    let (mut read, mut lost) = (0, 0);
+    let (mut read, mut lost, mut ts) = (0, 0, 0);
     let reader = consumer.then(|| {
         let (rb, stop) = (rb.clone(), stop.clone());
         std::thread::spawn(move || {
             let mut last = [None; SOURCES];
-            let (mut read, mut lost) = (0, 0);
+            let (mut read, mut lost, mut ts) = (0, 0, 0);
             while !stop.load(Ordering::Relaxed) {
-                let (r, l) = drain(&rb, &mut last);
+                let (r, l) = drain(&rb, &mut last, &mut ts);
                 read += r;
                 lost += l;
             }
-            (read, lost, last)
+            (read, lost, last, ts)
         })
     });
     let writer = {
@@ -174,12 +183,13 @@ fn run(mode: Mode, consumer: bool, secs: f64) {
     writer.join().unwrap();
     stop.store(true, Ordering::Relaxed);
     if let Some(h) = reader {
-        let (r, l, seen) = h.join().unwrap();
+        let (r, l, seen, t) = h.join().unwrap();
         read += r;
         lost += l;
         last = seen;
+        ts = t;
     }
-    let (r, l) = drain(&rb, &mut last);
+    let (r, l) = drain(&rb, &mut last, &mut ts);
     read += r;
     lost += l;
 
