@@ -32,6 +32,7 @@ commands:
                                    --report also writes BENCHMARKS.md
   budgets                          check the hot paths' instruction budgets (callgrind)
   miri    [CRATE]                  run the crates' tests under Miri (nightly)
+  stress  [SECS]                   ring-buffer nested-writer stress, SECS (60) per configuration
 ";
 
 fn main() -> ExitCode {
@@ -48,6 +49,7 @@ fn main() -> ExitCode {
         "bench" => suite::bench(rest),
         "miri" => suite::miri(rest),
         "budgets" => no_args(rest).and_then(|()| suite::budgets()),
+        "stress" => suite::stress(rest),
         "help" | "--help" | "-h" => {
             print!("{USAGE}");
             Ok(())

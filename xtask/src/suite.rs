@@ -549,3 +549,27 @@ fn chosen_crates(args: &[String]) -> Result<Vec<&'static str>, String> {
         _ => Err("expected at most one crate name".into()),
     }
 }
+
+/// `cargo xtask stress [SECS]`: the nested-writer stress of oskit-ring-buffer (signal handlers
+/// as interrupt and NMI writers, both modes, with and without a consumer), SECS seconds per
+/// configuration (60 by default; `cargo xtask test` runs it for under a second each).
+pub fn stress(args: &[String]) -> Result<(), String> {
+    let secs = match args {
+        [] => "60".to_string(),
+        [s] if s.parse::<f64>().is_ok_and(|v| v > 0.0) => s.clone(),
+        _ => return Err("usage: cargo xtask stress [SECS]".into()),
+    };
+    cmd::run(
+        cargo(&[
+            "test",
+            "--release",
+            "-p",
+            "oskit-ring-buffer",
+            "--test",
+            "nested_stress",
+            "--",
+            "--nocapture",
+        ])
+        .env("OSKIT_STRESS_SECS", secs),
+    )
+}
