@@ -220,6 +220,10 @@ fn run(mode: Mode, consumer: bool, secs: f64) {
 }
 
 #[test]
+#[cfg_attr(
+    miri,
+    ignore = "POSIX timers and signal handlers are foreign functions Miri cannot run"
+)]
 fn nested_signal_writers_keep_exact_accounting() {
     let secs: f64 = std::env::var("OSKIT_STRESS_SECS")
         .ok()
