@@ -309,17 +309,43 @@ fn boot_stages(suite: &mut Suite) {
         result
     };
     let default_smp = RunOptions::default().smp;
+    // The kernel's trace from the last full TCG boot, for the trace-cmd stage.
+    let mut kernel_trace = None;
     // The full scenario on one vCPU and on several: SMP bring-up must not be what makes it pass.
     for smp in [1, default_smp] {
         suite.stage(
             &format!("boot scenario=all smp={smp} (TCG)"),
             |log| match boot(Accel::Tcg, smp, None, log) {
-                Ok(b) if b.passed => Outcome::Passed,
+                Ok(b) if b.passed => {
+                    kernel_trace = b.trace;
+                    Outcome::Passed
+                }
                 Ok(b) => Outcome::Failed(b.failure.unwrap_or_default()),
                 Err(why) => Outcome::Failed(why),
             },
         );
     }
+    suite.stage(
+        "trace-cmd report of the kernel's trace (TCG boot)",
+        // (`trace-cmd --version` exits with 255: whether it runs at all is the test.)
+        |log| match (
+            &kernel_trace,
+            Command::new("trace-cmd").arg("--version").output().is_ok(),
+        ) {
+            (None, _) => Outcome::Skipped("no passing boot with a trace dump".into()),
+            (_, false) => Outcome::Skipped("trace-cmd is not installed".into()),
+            (Some(trace), true) => {
+                let dat = log.with_extension("dat");
+                match crate::tracedump::check_with_trace_cmd(trace, &dat) {
+                    Ok(summary) => {
+                        let _ = fs::write(log, summary);
+                        Outcome::Passed
+                    }
+                    Err(why) => Outcome::Failed(why),
+                }
+            }
+        },
+    );
     suite.stage(
         &format!("boot scenario=all smp={default_smp} (KVM)"),
         |log| match qemu::kvm_usable() {

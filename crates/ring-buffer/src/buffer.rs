@@ -113,6 +113,8 @@ pub struct RingBuffer<A: PageAlloc, C: Clock, W: Waiter = NoWaiter> {
 
 impl<A: PageAlloc, C: Clock> RingBuffer<A, C, NoWaiter> {
     /// Allocates every sub-buffer from `alloc`.
+    ///
+    /// Context: Task context at set-up; allocates `config.pages_needed()` pages from `alloc`; no spinning.
     pub fn new(config: Config, alloc: A, clock: C) -> Result<Self, Error> {
         Self::with_waiter(config, alloc, clock, NoWaiter)
     }
@@ -121,6 +123,8 @@ impl<A: PageAlloc, C: Clock> RingBuffer<A, C, NoWaiter> {
 impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
     /// Like [`RingBuffer::new`], with a [`Waiter`] woken at the `buffer_percent` fill level
     /// (50% by default, Linux's default).
+    ///
+    /// Context: Task context at set-up; allocates like [`RingBuffer::new`]; no spinning.
     pub fn with_waiter(config: Config, alloc: A, clock: C, waiter: W) -> Result<Self, Error> {
         if config.cpus == 0
             || config.subbufs_per_cpu < 2
@@ -188,6 +192,8 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
     }
 
     /// Switches between overwrite and producer/consumer mode (Linux's `options/overwrite`).
+    ///
+    /// Context: Any context; no allocation, no spinning.
     pub fn set_mode(&self, mode: Mode) {
         for cb in self.cpus.iter() {
             cb.overwrite
@@ -261,11 +267,15 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
     }
 
     /// Stops recording on every CPU (nests: each call needs an [`RingBuffer::record_enable`]).
+    ///
+    /// Context: Any context, NMI included; no allocation, no spinning.
     pub fn record_disable(&self) {
         self.record_disabled.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Undoes one [`RingBuffer::record_disable`].
+    ///
+    /// Context: Any context, NMI included; no allocation, no spinning.
     pub fn record_enable(&self) {
         let _ = self
             .record_disabled
@@ -273,12 +283,16 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
     }
 
     /// Stops recording on one CPU.
+    ///
+    /// Context: Any context, NMI included; no allocation, no spinning.
     pub fn record_disable_cpu(&self, cpu: usize) -> Result<(), Error> {
         self.cpu(cpu)?.disabled.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
 
     /// Undoes one [`RingBuffer::record_disable_cpu`].
+    ///
+    /// Context: Any context, NMI included; no allocation, no spinning.
     pub fn record_enable_cpu(&self, cpu: usize) -> Result<(), Error> {
         let _ = self
             .cpu(cpu)?
@@ -288,6 +302,8 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
     }
 
     /// Whether recording is on for `cpu`.
+    ///
+    /// Context: Any context, NMI included.
     pub fn is_recording(&self, cpu: usize) -> Result<bool, Error> {
         Ok(self.record_disabled.load(Ordering::Relaxed) == 0
             && self.cpu(cpu)?.disabled.load(Ordering::Relaxed) == 0)
@@ -321,6 +337,8 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
     }
 
     /// The counters of `cpu`.
+    ///
+    /// Context: Any context, NMI included (loads only; exact once the CPU's writers are quiet).
     pub fn stats(&self, cpu: usize) -> Result<Stats, Error> {
         let cb = self.cpu(cpu)?;
         Ok(Stats {
@@ -333,6 +351,8 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
 
     /// Sets the fill level (percent of a CPU's ring) at which the waiter is woken; 0 wakes on
     /// every commit. Values above 100 are `InvalidArgument`.
+    ///
+    /// Context: Any context; no allocation.
     pub fn set_buffer_percent(&self, percent: u32) -> Result<(), Error> {
         if percent > 100 {
             return Err(Error::InvalidArgument);
@@ -342,6 +362,8 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
     }
 
     /// Re-arms the wake-up of `cpu` (a reader about to sleep calls this; each wake-up disarms).
+    ///
+    /// Context: Any context; no allocation, no spinning.
     pub fn arm_waiter(&self, cpu: usize) -> Result<(), Error> {
         self.cpu(cpu)?.wake_armed.store(true, Ordering::SeqCst);
         Ok(())
@@ -358,6 +380,8 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
     /// No writer of `cpu` runs on either buffer during the call (as for
     /// [`RingBuffer::reset_quiesced`]), and both buffers allocate from the same memory (the
     /// same [`PageAlloc`]), since they keep each other's sub-buffers afterwards.
+    ///
+    /// Context: Task context with both CPUs' writers quiesced (see Safety); takes both reader locks; no allocation.
     pub unsafe fn swap_cpu<C2: Clock, W2: Waiter>(
         &self,
         other: &RingBuffer<A, C2, W2>,

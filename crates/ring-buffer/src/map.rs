@@ -187,6 +187,8 @@ pub(crate) fn update_meta(cb: &CpuBuffer, st: &ReaderState) {
 impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
     /// Maps `cpu`'s buffer: the first call numbers the sub-buffers and allocates the meta page;
     /// later calls only count (`Busy` when the count would overflow).
+    ///
+    /// Context: Task context (the `mmap` handler); the first map of a CPU allocates its meta page and takes the reader lock.
     pub fn map(&self, cpu: usize) -> Result<(), Error> {
         let cb = self.cpu(cpu)?;
         let mut st = cb.reader.lock();
@@ -209,6 +211,8 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
 
     /// Undoes one [`RingBuffer::map`]; the last one frees the meta page. `NotMapped` if not
     /// mapped.
+    ///
+    /// Context: Task context; the last unmap frees the meta page; takes the reader lock.
     pub fn unmap(&self, cpu: usize) -> Result<(), Error> {
         let cb = self.cpu(cpu)?;
         let mut st = cb.reader.lock();
@@ -231,6 +235,8 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
     }
 
     /// How many times `cpu` is mapped.
+    ///
+    /// Context: Any context that may take the reader lock (spins on it).
     pub fn map_count(&self, cpu: usize) -> Result<u32, Error> {
         Ok(self.cpu(cpu)?.reader.lock().map_count)
     }
@@ -238,6 +244,8 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
     /// The layout of `cpu`'s mapping: which pages an mmap request of it covers.
     ///
     /// Errors: `InvalidArgument` for a CPU the buffer does not have.
+    ///
+    /// Context: Task context (the `mmap` handler); no allocation.
     pub fn map_layout(&self, cpu: usize) -> Result<MapLayout, Error> {
         Ok(self.layout_of(self.cpu(cpu)?))
     }
@@ -249,6 +257,8 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
 
     /// The kernel address of one page of `cpu`'s mapping (to build the user mapping from);
     /// `None` for [`MapPage::Zero`] (map the zero page).
+    ///
+    /// Context: Task context (the `mmap` or fault handler); no allocation.
     pub fn map_page(&self, cpu: usize, page: MapPage) -> Result<Option<NonNull<u8>>, Error> {
         let cb = self.cpu(cpu)?;
         let st = cb.reader.lock();
@@ -275,6 +285,8 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
     /// is accounted as read (the consumer reads it from the mapping); otherwise a new one is
     /// swapped in. Lost events are flagged (and stored when room) in the new sub-buffer's
     /// `commit`, as Linux does. The meta page is refreshed.
+    ///
+    /// Context: Task context (the ioctl); takes the reader lock (spins), never allocates.
     pub fn map_get_reader(&self, cpu: usize) -> Result<(), Error> {
         let cb = self.cpu(cpu)?;
         let mut st = cb.reader.lock();
@@ -320,6 +332,8 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
 
     /// A [`MapRegion`] over `cpu`'s mapping as user space would see it, read through the
     /// kernel addresses (for tests, examples and in-kernel consumers).
+    ///
+    /// Context: Task context; no allocation.
     pub fn mapped_view(&self, cpu: usize) -> Result<MappedView<'_, A, C, W>, Error> {
         if self.map_count(cpu)? == 0 {
             return Err(Error::NotMapped);
