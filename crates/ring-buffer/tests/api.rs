@@ -436,7 +436,12 @@ fn swap_cpu_exchanges_buffers() {
 
 #[test]
 fn pages_needed_is_what_new_takes() {
-    for (cpus, subbufs, order) in [(1, 2, 0), (2, 4, 0), (3, 7, 1), (4, 100, 0), (2, 300, 2)] {
+    let configs: &[(usize, usize, u32)] = if cfg!(miri) {
+        &[(1, 2, 0), (3, 7, 1)]
+    } else {
+        &[(1, 2, 0), (2, 4, 0), (3, 7, 1), (4, 100, 0), (2, 300, 2)]
+    };
+    for &(cpus, subbufs, order) in configs {
         let config = Config::new(cpus, subbufs).subbuf_order(order);
         let alloc = HeapPages::default();
         let rb = RingBuffer::new(config, &alloc, ManualClock::new(0)).unwrap();
