@@ -109,6 +109,10 @@ pub struct MappedEvent {
     /// Events lost just before this one (from the reader sub-buffer's commit flags and stored
     /// count, or the meta page, when it was handed out).
     pub lost: u64,
+    /// Events were lost just before this one: whenever `lost > 0`, and also when the producer
+    /// flagged losses it could not count (`RB_MISSED_EVENTS` without `RB_MISSED_STORED` on a
+    /// full sub-buffer, and no count on the meta page: then `lost` is 0).
+    pub missed: bool,
 }
 
 /// Reads events out of a mapped CPU buffer.
@@ -122,6 +126,8 @@ pub struct MappedReader<R: MapRegion, G: GetReader> {
     skip: usize,
     ts: u64,
     lost: u64,
+    /// Losses flagged before the next event (counted in `lost` or not).
+    missed: bool,
 }
 
 impl<R: MapRegion, G: GetReader> MappedReader<R, G> {
@@ -141,11 +147,12 @@ impl<R: MapRegion, G: GetReader> MappedReader<R, G> {
             skip: meta.reader.read as usize,
             ts: 0,
             lost: meta.reader.lost_events,
+            missed: meta.reader.lost_events > 0,
         };
         // Losses not delivered yet come with the reader sub-buffer we start on, unless a
         // consumer before us read some of it (and took them).
         if reader.skip == 0 {
-            reader.lost = reader.losses_before(meta.reader.id, &meta)?;
+            (reader.lost, reader.missed) = reader.losses_before(meta.reader.id, &meta)?;
         }
         Ok(reader)
     }
@@ -195,7 +202,7 @@ impl<R: MapRegion, G: GetReader> MappedReader<R, G> {
             self.skip = 0;
             // The producer's count covers everything lost since events were last delivered,
             // including a count we got at start and had no event to deliver with.
-            self.lost = self.losses_before(meta.reader.id, &meta)?;
+            (self.lost, self.missed) = self.losses_before(meta.reader.id, &meta)?;
         }
         Ok(fresh)
     }
@@ -205,17 +212,21 @@ impl<R: MapRegion, G: GetReader> MappedReader<R, G> {
     /// meta page's `reader.lost_events` (which Linux 6.10 leaves at 0, and which a producer
     /// sets only for a count the sub-buffer does not carry). Never both: they would count
     /// the same events twice. A count that would lie outside the sub-buffer is `Corrupt`.
-    fn losses_before(&self, id: u32, meta: &TraceBufferMeta) -> Result<u64, Error> {
+    /// Also says whether losses were flagged at all (a flag without a count on a full
+    /// sub-buffer, on Linux).
+    fn losses_before(&self, id: u32, meta: &TraceBufferMeta) -> Result<(u64, bool), Error> {
         let base = self.subbuf_offset(id);
         let commit = self.read_u64(base + 8)?;
-        if commit & RB_MISSED_EVENTS == 0 || commit & RB_MISSED_STORED == 0 {
-            return Ok(meta.reader.lost_events);
+        let flagged = commit & RB_MISSED_EVENTS != 0;
+        if !flagged || commit & RB_MISSED_STORED == 0 {
+            let n = meta.reader.lost_events;
+            return Ok((n, flagged || n > 0));
         }
         let size = (commit & COMMIT_MASK) as usize;
         if size + 8 > self.subbuf_size() - SUBBUF_HEADER_SIZE {
             return Err(Error::Corrupt);
         }
-        self.read_u64(base + SUBBUF_HEADER_SIZE + size)
+        Ok((self.read_u64(base + SUBBUF_HEADER_SIZE + size)?, true))
     }
 
     fn read_u64(&self, offset: usize) -> Result<u64, Error> {
@@ -284,10 +295,12 @@ impl<R: MapRegion, G: GetReader> MappedReader<R, G> {
                         .read(data + offset, dst)
                         .map_err(|_| Error::Corrupt)?;
                     let lost = core::mem::take(&mut self.lost);
+                    let missed = core::mem::take(&mut self.missed);
                     return Ok(Some(MappedEvent {
                         ts: self.ts,
                         len,
                         lost,
+                        missed,
                     }));
                 }
                 Record::TimeExtend(d) => self.ts = self.ts.wrapping_add(d),

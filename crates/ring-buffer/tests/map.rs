@@ -290,3 +290,60 @@ fn mapped_consumption_matches_model_producer_consumer() {
         mapped_model(seed, Mode::ProducerConsumer);
     }
 }
+
+/// A Linux 6.10 reader sub-buffer as the kernel hands it out: losses in the commit flags, the
+/// meta page's `lost_events` 0. With room, the count is stored after the events and becomes
+/// the first event's `lost`; on a full sub-buffer only the flag says events were lost.
+#[test]
+fn mapped_reader_takes_losses_from_the_commit_flags() {
+    use oskit_ring_buffer::format::{self, PAGE_SIZE};
+    // A mapping: meta page, then sub-buffers 0 and 1; sub-buffer 1 is the reader.
+    let mapping = |commit: u64, stored: Option<u64>| {
+        let mut m = vec![0u8; 3 * PAGE_SIZE];
+        let meta = TraceBufferMeta {
+            meta_page_size: PAGE_SIZE as u32,
+            meta_struct_len: 80,
+            subbuf_size: PAGE_SIZE as u32,
+            nr_subbufs: 2,
+            reader: oskit_ring_buffer::format::ReaderMeta {
+                lost_events: 0,
+                id: 1,
+                read: 0,
+            },
+            ..TraceBufferMeta::default()
+        };
+        m[..80].copy_from_slice(zerocopy::IntoBytes::as_bytes(&meta));
+        let sb = 2 * PAGE_SIZE;
+        m[sb..sb + 8].copy_from_slice(&500u64.to_le_bytes());
+        m[sb + 8..sb + 16].copy_from_slice(&commit.to_le_bytes());
+        // One 4-byte event "abcd", delta 7.
+        m[sb + 16..sb + 20].copy_from_slice(&format::header(1, 7).to_le_bytes());
+        m[sb + 20..sb + 24].copy_from_slice(b"abcd");
+        if let Some(n) = stored {
+            m[sb + 24..sb + 32].copy_from_slice(&n.to_le_bytes());
+        }
+        m
+    };
+    let first = |m: &[u8]| {
+        let mut r = MappedReader::new(m, || Ok(())).unwrap();
+        let mut buf = [0u8; 64];
+        let ev = r.next_in_subbuf(&mut buf).unwrap().unwrap();
+        assert_eq!((ev.ts, &buf[..ev.len]), (507, &b"abcd"[..]));
+        (ev.lost, ev.missed)
+    };
+    let stored = mapping(8 | RB_MISSED_EVENTS | RB_MISSED_STORED, Some(4761));
+    assert_eq!(first(&stored), (4761, true));
+    let flag_only = mapping(8 | RB_MISSED_EVENTS, None);
+    assert_eq!(first(&flag_only), (0, true));
+    let none = mapping(8, None);
+    assert_eq!(first(&none), (0, false));
+    // A stored count that would lie past the sub-buffer is corrupt, not read out of bounds.
+    let past = mapping(
+        (PAGE_SIZE as u64 - 16 - 4) | RB_MISSED_EVENTS | RB_MISSED_STORED,
+        None,
+    );
+    assert!(matches!(
+        MappedReader::new(&past[..], || Ok(())).err(),
+        Some(Error::Corrupt)
+    ));
+}
