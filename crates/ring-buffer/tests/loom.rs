@@ -547,6 +547,19 @@ fn nested_writer_at_every_interrupt_point_overwriting() {
     every_point(Config::new(1, 2).mode(Mode::Overwrite), &ops, 8);
 }
 
+/// The last write of a run, interrupted right after it entered by a nested writer that moves
+/// the tail to the next sub-buffer: the outer write then lands there on the fast path, and
+/// must still publish the sub-buffer the nested writer left (else the reader stops at it and
+/// the nested event stays unread).
+#[test]
+fn nested_writer_moving_the_page_under_a_fast_write() {
+    for mode in [Mode::Overwrite, Mode::ProducerConsumer] {
+        let ops = [Op::Write(4000), Op::Write(8)];
+        let points = every_point(Config::new(1, 4).mode(mode), &ops, 100);
+        assert!(points > 10, "only {points} interrupt points");
+    }
+}
+
 /// Every interrupt point of a short run with a reader draining concurrently.
 #[test]
 fn nested_writer_at_every_interrupt_point_vs_reader() {
