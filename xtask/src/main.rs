@@ -36,6 +36,7 @@ commands:
   miri    [CRATE]                  run the crates' tests under Miri (nightly)
   release                          the release checks of `test` alone: rustdoc, publish
                                    dry-run, consumer lockfiles, MSRV
+  stress  [SECS]                   ring-buffer nested-writer stress, SECS (60) per configuration
 ";
 
 fn main() -> ExitCode {
@@ -53,6 +54,7 @@ fn main() -> ExitCode {
         "miri" => suite::miri(rest),
         "budgets" => no_args(rest).and_then(|()| suite::budgets()),
         "release" => no_args(rest).and_then(|()| suite::release_checks()),
+        "stress" => suite::stress(rest),
         "help" | "--help" | "-h" => {
             print!("{USAGE}");
             Ok(())

@@ -114,6 +114,16 @@ pub fn run(opts: &RunOptions) -> Result<(), String> {
     println!();
     if let Some(trace) = &boot.trace {
         tracedump::print(trace, 10);
+        let dat = crate::cmd::root()
+            .join("target")
+            .join("oskit-kernel-trace.dat");
+        match tracedump::write_trace_dat(trace, &dat) {
+            Ok(()) => println!(
+                "trace: the kernel's sub-buffers as a trace-cmd file: {} (`trace-cmd report` it)",
+                dat.display()
+            ),
+            Err(why) => println!("trace: no trace.dat: {why}"),
+        }
         println!();
     }
     match &boot.failure {

@@ -348,17 +348,43 @@ fn boot_stages(suite: &mut Suite) {
         result
     };
     let default_smp = RunOptions::default().smp;
+    // The kernel's trace from the last full TCG boot, for the trace-cmd stage.
+    let mut kernel_trace = None;
     // The full scenario on one vCPU and on several: SMP bring-up must not be what makes it pass.
     for smp in [1, default_smp] {
         suite.stage(
             &format!("boot scenario=all smp={smp} (TCG)"),
             |log| match boot(Accel::Tcg, smp, None, log) {
-                Ok(b) if b.passed => Outcome::Passed,
+                Ok(b) if b.passed => {
+                    kernel_trace = b.trace;
+                    Outcome::Passed
+                }
                 Ok(b) => Outcome::Failed(b.failure.unwrap_or_default()),
                 Err(why) => Outcome::Failed(why),
             },
         );
     }
+    suite.stage(
+        "trace-cmd report of the kernel's trace (TCG boot)",
+        // (`trace-cmd --version` exits with 255: whether it runs at all is the test.)
+        |log| match (
+            &kernel_trace,
+            Command::new("trace-cmd").arg("--version").output().is_ok(),
+        ) {
+            (None, _) => Outcome::Skipped("no passing boot with a trace dump".into()),
+            (_, false) => Outcome::Skipped("trace-cmd is not installed".into()),
+            (Some(trace), true) => {
+                let dat = log.with_extension("dat");
+                match crate::tracedump::check_with_trace_cmd(trace, &dat) {
+                    Ok(summary) => {
+                        let _ = fs::write(log, summary);
+                        Outcome::Passed
+                    }
+                    Err(why) => Outcome::Failed(why),
+                }
+            }
+        },
+    );
     suite.stage(
         &format!("boot scenario=all smp={default_smp} (KVM)"),
         |log| match qemu::kvm_usable() {
@@ -600,4 +626,28 @@ fn chosen_crates(args: &[String]) -> Result<Vec<&'static str>, String> {
         }
         _ => Err("expected at most one crate name".into()),
     }
+}
+
+/// `cargo xtask stress [SECS]`: the nested-writer stress of oskit-ring-buffer (signal handlers
+/// as interrupt and NMI writers, both modes, with and without a consumer), SECS seconds per
+/// configuration (60 by default; `cargo xtask test` runs it for under a second each).
+pub fn stress(args: &[String]) -> Result<(), String> {
+    let secs = match args {
+        [] => "60".to_string(),
+        [s] if s.parse::<f64>().is_ok_and(|v| v > 0.0) => s.clone(),
+        _ => return Err("usage: cargo xtask stress [SECS]".into()),
+    };
+    cmd::run(
+        cargo(&[
+            "test",
+            "--release",
+            "-p",
+            "oskit-ring-buffer",
+            "--test",
+            "nested_stress",
+            "--",
+            "--nocapture",
+        ])
+        .env("OSKIT_STRESS_SECS", secs),
+    )
 }

@@ -52,6 +52,13 @@ pub struct CpuEvents {
     pub lost: u64,
     /// Entries minus overrun, as the kernel reported them.
     pub expected: u64,
+    /// `(index of the event, lost count)` for every event that came with lost events.
+    pub lost_at: Vec<(usize, u64)>,
+    /// The reader sub-buffers the events came from, in order, each as last seen (whole
+    /// `subbuf_size` bytes): the CPU's data of a `trace.dat`.
+    pub subbufs: Vec<u8>,
+    /// Sub-buffer size, header included.
+    pub subbuf_size: usize,
 }
 
 fn hex(s: &str) -> Result<Vec<u8>, String> {
@@ -211,14 +218,28 @@ fn replay(c: &CpuDump) -> Result<CpuEvents, String> {
     let mut reader =
         MappedReader::new(&image, get_reader).map_err(|e| err(format!("meta page: {e}")))?;
     let mut buf = vec![0u8; subbuf_size];
-    let (mut events, mut lost) = (Vec::new(), 0);
+    let (mut events, mut lost, mut lost_at) = (Vec::new(), 0, Vec::new());
+    // The reader sub-buffer being read (ID and its bytes as last seen), and those done.
+    let (mut current, mut subbufs): (Option<(u32, Vec<u8>)>, Vec<u8>) = (None, Vec::new());
     loop {
         match reader.next_event(&mut buf) {
             Ok(Some(ev)) => {
                 let text = &buf[..ev.len];
                 let end = text.iter().rposition(|&b| b != 0).map_or(0, |p| p + 1);
+                if ev.lost > 0 {
+                    lost_at.push((events.len(), ev.lost));
+                }
                 events.push((ev.ts, String::from_utf8_lossy(&text[..end]).into_owned()));
                 lost += ev.lost;
+                let id = reader.reader_id();
+                if current.as_ref().map(|c| Some(c.0)) != Some(id) {
+                    subbufs.extend(current.take().map(|c| c.1).unwrap_or_default());
+                }
+                let mut page = vec![0u8; subbuf_size];
+                reader
+                    .copy_subbuf(&mut page)
+                    .map_err(|e| err(format!("copying a sub-buffer: {e}")))?;
+                current = id.map(|id| (id, page));
             }
             Ok(None) => break,
             Err(Error::Os(-1)) => {
@@ -241,12 +262,139 @@ fn replay(c: &CpuDump) -> Result<CpuEvents, String> {
             events.len()
         )));
     }
+    subbufs.extend(current.map(|c| c.1).unwrap_or_default());
     Ok(CpuEvents {
         cpu,
         events,
         lost,
         expected,
+        lost_at,
+        subbufs,
+        subbuf_size,
     })
+}
+
+/// Writes the decoded CPUs' sub-buffers as a trace-cmd `trace.dat` at `path`.
+pub fn write_trace_dat(cpus: &[CpuEvents], path: &std::path::Path) -> Result<(), String> {
+    let n = cpus.iter().map(|c| c.cpu + 1).max().unwrap_or(0);
+    let subbuf_size = cpus.first().map_or(4096, |c| c.subbuf_size);
+    let mut data: Vec<&[u8]> = vec![&[]; n];
+    for c in cpus {
+        data[c.cpu] = &c.subbufs;
+    }
+    let file = std::fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    oskit_ring_buffer::tracedat::write_trace_dat(file, subbuf_size, &data)
+        .map_err(|e| format!("writing {}: {e}", path.display()))
+}
+
+/// One line of `trace-cmd report -t`: lost events on a CPU (the count when stored), or an
+/// event (CPU, time in ns, text).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Reported {
+    Lost(usize, Option<u64>),
+    Event(usize, u64, String),
+}
+
+fn parse_report(text: &str) -> Result<Vec<Reported>, String> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let bad = || format!("trace-cmd report: unexpected line `{line}`");
+        if let Some(rest) = line.strip_prefix("CPU:") {
+            // `CPU:0 [EVENTS DROPPED]` or `CPU:0 [12 EVENTS DROPPED]`
+            let (cpu, rest) = rest.split_once(' ').ok_or_else(bad)?;
+            let n = rest.trim_start_matches('[').split_whitespace().next();
+            out.push(Reported::Lost(
+                cpu.parse().map_err(|_| bad())?,
+                n.and_then(|n| n.parse().ok()),
+            ));
+            continue;
+        }
+        let (Some(open), Some(close)) = (line.find('['), line.find(']')) else {
+            continue; // the `cpus=N` header
+        };
+        let cpu = line[open + 1..close].parse().map_err(|_| bad())?;
+        let (ts, rest) = line[close + 1..]
+            .trim_start()
+            .split_once(": ")
+            .ok_or_else(bad)?;
+        let (secs, frac) = ts.split_once('.').ok_or_else(bad)?;
+        let ns = secs.parse::<u64>().map_err(|_| bad())? * 1_000_000_000
+            + frac.parse::<u64>().map_err(|_| bad())?;
+        let (_, text) = rest.split_once(':').ok_or_else(bad)?;
+        out.push(Reported::Event(cpu, ns, text.trim_start().to_string()));
+    }
+    Ok(out)
+}
+
+/// Writes the kernel's trace as `path` and checks that `trace-cmd report` lists, per CPU,
+/// every event the crate's reader decoded, with the same time stamp and text, and the lost
+/// events where the reader was told about them. Returns a one-line summary.
+pub fn check_with_trace_cmd(cpus: &[CpuEvents], path: &std::path::Path) -> Result<String, String> {
+    write_trace_dat(cpus, path)?;
+    let out = std::process::Command::new("trace-cmd")
+        .args(["report", "-t"])
+        .arg(path)
+        .output()
+        .map_err(|e| format!("trace-cmd: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "trace-cmd report {} failed: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let lines = parse_report(&String::from_utf8_lossy(&out.stdout))?;
+    let mut total = 0;
+    for c in cpus {
+        let mine: Vec<&Reported> = lines
+            .iter()
+            .filter(|l| matches!(l, Reported::Lost(cpu, _) | Reported::Event(cpu, _, _) if *cpu == c.cpu))
+            .collect();
+        let mut events = 0;
+        let mut pending_lost = None;
+        for l in mine {
+            match l {
+                Reported::Lost(_, n) => pending_lost = Some(*n),
+                Reported::Event(_, ts, text) => {
+                    let Some((want_ts, want_text)) = c.events.get(events) else {
+                        return Err(format!(
+                            "cpu {}: trace-cmd lists more events than the crate decoded",
+                            c.cpu
+                        ));
+                    };
+                    if (ts, text) != (want_ts, want_text) {
+                        return Err(format!(
+                            "cpu {} event {events}: trace-cmd `{ts} {text}`, the crate `{want_ts} {want_text}`",
+                            c.cpu
+                        ));
+                    }
+                    let want_lost = c.lost_at.iter().find(|l| l.0 == events).map(|l| l.1);
+                    match (pending_lost.take(), want_lost) {
+                        (None, None) | (Some(None), Some(_)) => {}
+                        (Some(Some(n)), Some(m)) if n == m => {}
+                        (got, want) => {
+                            return Err(format!(
+                                "cpu {} before event {events}: trace-cmd lost {got:?}, the crate {want:?}",
+                                c.cpu
+                            ));
+                        }
+                    }
+                    events += 1;
+                }
+            }
+        }
+        if events != c.events.len() {
+            return Err(format!(
+                "cpu {}: trace-cmd lists {events} events, the crate decoded {}",
+                c.cpu,
+                c.events.len()
+            ));
+        }
+        total += events;
+    }
+    Ok(format!(
+        "trace-cmd report lists all {total} events with the crate's time stamps and text"
+    ))
 }
 
 /// Decodes the trace dump of a serial log: `Ok(None)` when there is none.
@@ -401,6 +549,37 @@ mod tests {
                 assert!(overrun > 0, "the ring wrapped");
                 assert_eq!(c.events.last().unwrap().1, "step1: event 1999");
             }
+        }
+    }
+
+    /// The `trace.dat` of a dump, lost events included, reads back through the real
+    /// trace-cmd as the crate decoded it (skipped without trace-cmd).
+    #[test]
+    fn trace_cmd_reports_what_the_crate_decoded() {
+        if std::process::Command::new("trace-cmd").output().is_err() {
+            return println!("skipped: trace-cmd not installed");
+        }
+        for n in [5, 2000] {
+            let (log, _, overrun) = kernel_like_log(n);
+            let cpus = decode(&log).unwrap().expect("a dump");
+            assert_eq!(cpus[1].lost, overrun);
+            let dir = std::env::temp_dir().join(format!("oskit-xtask-dat-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let path = dir.join(format!("{n}.dat"));
+            let summary = check_with_trace_cmd(&cpus, &path);
+            let _ = std::fs::remove_dir_all(&dir);
+            let summary = summary.unwrap();
+            assert!(summary.contains(&format!("all {} events", cpus[1].events.len())));
+            // A trace with a changed event does not pass.
+            let mut wrong = cpus.clone();
+            if let Some(e) = wrong[1].events.last_mut() {
+                e.1.push('!');
+            }
+            let path =
+                std::env::temp_dir().join(format!("oskit-xtask-bad-{}.dat", std::process::id()));
+            let res = check_with_trace_cmd(&wrong, &path);
+            let _ = std::fs::remove_file(&path);
+            assert!(res.is_err());
         }
     }
 

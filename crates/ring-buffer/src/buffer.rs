@@ -7,7 +7,7 @@ use crate::{
     error::Error,
     format::{self, MAX_SUBBUF_ORDER, PAGE_SIZE},
     hal::{Clock, LocalCpu, NoWaiter, PageAlloc, Waiter},
-    mem::{PageArray, SubbufMem},
+    mem::{PageArray, SubbufMem, order_for},
     reader::Reader,
     sync::{AtomicU32, AtomicU64, Ordering},
 };
@@ -58,6 +58,19 @@ impl Config {
         self.mode = mode;
         self
     }
+
+    /// The 4 KiB pages [`RingBuffer::new`] takes from its [`PageAlloc`] for this
+    /// configuration, all allocations rounded up to their power-of-two order as the
+    /// allocator sees them: per CPU `subbufs_per_cpu + 1` sub-buffers and their bookkeeping
+    /// array, plus the per-CPU array. Size a `sim::PagePool` with it (add one page per CPU
+    /// you will map, and one sub-buffer per `read_page` spare). Const: usable in a `static`'s
+    /// type.
+    pub const fn pages_needed(&self) -> usize {
+        let subbufs = self.subbufs_per_cpu + 1;
+        let per_cpu = (subbufs << self.subbuf_order)
+            + (1 << order_for(subbufs * core::mem::size_of::<PageDesc>()));
+        (1 << order_for(self.cpus * core::mem::size_of::<CpuBuffer>())) + self.cpus * per_cpu
+    }
 }
 
 /// Counters of one CPU buffer (Linux's `per_cpu/cpuN/stats`).
@@ -68,7 +81,7 @@ pub struct Stats {
     /// Events lost because the writer overwrote their sub-buffer.
     pub overrun: u64,
     /// Events the writer dropped (producer/consumer mode full, or a nested writer that found
-    /// the ring wrapped onto uncommitted data or the head being moved).
+    /// the ring wrapped onto uncommitted data).
     pub dropped: u64,
     /// Events consumed by readers.
     pub read: u64,
@@ -100,6 +113,8 @@ pub struct RingBuffer<A: PageAlloc, C: Clock, W: Waiter = NoWaiter> {
 
 impl<A: PageAlloc, C: Clock> RingBuffer<A, C, NoWaiter> {
     /// Allocates every sub-buffer from `alloc`.
+    ///
+    /// Context: Task context at set-up; allocates `config.pages_needed()` pages from `alloc`; no spinning.
     pub fn new(config: Config, alloc: A, clock: C) -> Result<Self, Error> {
         Self::with_waiter(config, alloc, clock, NoWaiter)
     }
@@ -108,6 +123,8 @@ impl<A: PageAlloc, C: Clock> RingBuffer<A, C, NoWaiter> {
 impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
     /// Like [`RingBuffer::new`], with a [`Waiter`] woken at the `buffer_percent` fill level
     /// (50% by default, Linux's default).
+    ///
+    /// Context: Task context at set-up; allocates like [`RingBuffer::new`]; no spinning.
     pub fn with_waiter(config: Config, alloc: A, clock: C, waiter: W) -> Result<Self, Error> {
         if config.cpus == 0
             || config.subbufs_per_cpu < 2
@@ -175,6 +192,8 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
     }
 
     /// Switches between overwrite and producer/consumer mode (Linux's `options/overwrite`).
+    ///
+    /// Context: Any context; no allocation, no spinning.
     pub fn set_mode(&self, mode: Mode) {
         for cb in self.cpus.iter() {
             cb.overwrite
@@ -187,8 +206,11 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
     ///
     /// Errors: [`Error::EventTooLarge`] above [`RingBuffer::max_payload`], [`Error::Disabled`],
     /// [`Error::Full`] (producer/consumer mode, or the ring wrapped onto data an interrupted
-    /// writer has not committed), [`Error::Busy`] (a nested writer found the interrupted one
-    /// moving the head). Full and Busy count the event as dropped.
+    /// writer has not committed: counted as dropped), `InvalidArgument` for a CPU the buffer
+    /// does not have.
+    ///
+    /// Context: the CPU `cpu` names, any context (task, softirq, irq, NMI), nested to any
+    /// depth. Lockless, never waits, never allocates.
     #[inline(always)]
     pub fn reserve(&self, cpu: LocalCpu, len: usize) -> Result<Reservation<'_>, Error> {
         let cb = self.cpu(cpu.id())?;
@@ -214,7 +236,7 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
     }
 
     /// Writes one event (reserve, copy, commit), without a [`Reservation`] in between.
-    /// Errors as [`RingBuffer::reserve`].
+    /// Errors and context as [`RingBuffer::reserve`].
     #[inline]
     pub fn write(&self, cpu: LocalCpu, data: &[u8]) -> Result<(), Error> {
         let cb = self.cpu(cpu.id())?;
@@ -230,12 +252,30 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
         Ok(())
     }
 
+    /// Writes `value`'s bytes as one event ([`RingBuffer::write`] of
+    /// `value.as_bytes()`): a typed event, read back with [`Event::read_as`]. Errors and
+    /// context as [`RingBuffer::write`].
+    ///
+    /// [`Event::read_as`]: crate::Event::read_as
+    #[inline]
+    pub fn write_value<T: zerocopy::IntoBytes + zerocopy::Immutable + ?Sized>(
+        &self,
+        cpu: LocalCpu,
+        value: &T,
+    ) -> Result<(), Error> {
+        self.write(cpu, value.as_bytes())
+    }
+
     /// Stops recording on every CPU (nests: each call needs an [`RingBuffer::record_enable`]).
+    ///
+    /// Context: Any context, NMI included; no allocation, no spinning.
     pub fn record_disable(&self) {
         self.record_disabled.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Undoes one [`RingBuffer::record_disable`].
+    ///
+    /// Context: Any context, NMI included; no allocation, no spinning.
     pub fn record_enable(&self) {
         let _ = self
             .record_disabled
@@ -243,12 +283,16 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
     }
 
     /// Stops recording on one CPU.
+    ///
+    /// Context: Any context, NMI included; no allocation, no spinning.
     pub fn record_disable_cpu(&self, cpu: usize) -> Result<(), Error> {
         self.cpu(cpu)?.disabled.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
 
     /// Undoes one [`RingBuffer::record_disable_cpu`].
+    ///
+    /// Context: Any context, NMI included; no allocation, no spinning.
     pub fn record_enable_cpu(&self, cpu: usize) -> Result<(), Error> {
         let _ = self
             .cpu(cpu)?
@@ -258,12 +302,19 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
     }
 
     /// Whether recording is on for `cpu`.
+    ///
+    /// Context: Any context, NMI included.
     pub fn is_recording(&self, cpu: usize) -> Result<bool, Error> {
         Ok(self.record_disabled.load(Ordering::Relaxed) == 0
             && self.cpu(cpu)?.disabled.load(Ordering::Relaxed) == 0)
     }
 
     /// The consuming reader of `cpu` (takes that CPU's reader lock).
+    ///
+    /// Context: any CPU, any context that cannot interrupt a holder of the same reader lock
+    /// on its own CPU (it spins until the lock is free: from an interrupt or NMI handler, or
+    /// a panic path, use [`RingBuffer::try_reader`]). Does not allocate. `InvalidArgument`
+    /// for a CPU the buffer does not have.
     pub fn reader(&self, cpu: usize) -> Result<Reader<'_>, Error> {
         let cb = self.cpu(cpu)?;
         Ok(Reader {
@@ -272,7 +323,22 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
         })
     }
 
+    /// The consuming reader of `cpu` if its reader lock is free now, else `Busy`: never
+    /// waits, so a dump from a panic handler, an interrupt or an NMI cannot deadlock on a
+    /// reader it interrupted. `InvalidArgument` for a CPU the buffer does not have.
+    ///
+    /// Context: any, NMI included. Does not allocate.
+    pub fn try_reader(&self, cpu: usize) -> Result<Reader<'_>, Error> {
+        let cb = self.cpu(cpu)?;
+        Ok(Reader {
+            cpu: cb,
+            st: cb.reader.try_lock().ok_or(Error::Busy)?,
+        })
+    }
+
     /// The counters of `cpu`.
+    ///
+    /// Context: Any context, NMI included (loads only; exact once the CPU's writers are quiet).
     pub fn stats(&self, cpu: usize) -> Result<Stats, Error> {
         let cb = self.cpu(cpu)?;
         Ok(Stats {
@@ -285,6 +351,8 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
 
     /// Sets the fill level (percent of a CPU's ring) at which the waiter is woken; 0 wakes on
     /// every commit. Values above 100 are `InvalidArgument`.
+    ///
+    /// Context: Any context; no allocation.
     pub fn set_buffer_percent(&self, percent: u32) -> Result<(), Error> {
         if percent > 100 {
             return Err(Error::InvalidArgument);
@@ -294,6 +362,8 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
     }
 
     /// Re-arms the wake-up of `cpu` (a reader about to sleep calls this; each wake-up disarms).
+    ///
+    /// Context: Any context; no allocation, no spinning.
     pub fn arm_waiter(&self, cpu: usize) -> Result<(), Error> {
         self.cpu(cpu)?.wake_armed.store(true, Ordering::SeqCst);
         Ok(())
@@ -310,6 +380,8 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
     /// No writer of `cpu` runs on either buffer during the call (as for
     /// [`RingBuffer::reset_quiesced`]), and both buffers allocate from the same memory (the
     /// same [`PageAlloc`]), since they keep each other's sub-buffers afterwards.
+    ///
+    /// Context: Task context with both CPUs' writers quiesced (see Safety); takes both reader locks; no allocation.
     pub unsafe fn swap_cpu<C2: Clock, W2: Waiter>(
         &self,
         other: &RingBuffer<A, C2, W2>,
@@ -385,7 +457,7 @@ pub(crate) fn new_page_desc(mem: NonNull<u8>) -> PageDesc {
     PageDesc {
         mem: SubbufMem::new(mem),
         link: AtomicU32::new(0),
-        entries: crate::sync::Local::<AtomicU32>::new(0),
+        entries: crate::sync::Local::<AtomicU64>::new(crate::cpu::ENTRIES_CLEAN),
         end: AtomicU32::new(0),
         real_end: AtomicU32::new(0),
         commit: AtomicU64::new(0),

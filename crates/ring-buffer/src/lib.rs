@@ -19,6 +19,8 @@ pub mod reset;
 pub mod resize;
 pub mod sim;
 mod sync;
+#[cfg(feature = "std")]
+pub mod tracedat;
 #[cfg(all(feature = "std", target_os = "linux"))]
 pub mod tracefs;
 #[cfg(all(feature = "x86", target_arch = "x86_64"))]

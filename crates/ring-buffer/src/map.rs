@@ -187,6 +187,8 @@ pub(crate) fn update_meta(cb: &CpuBuffer, st: &ReaderState) {
 impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
     /// Maps `cpu`'s buffer: the first call numbers the sub-buffers and allocates the meta page;
     /// later calls only count (`Busy` when the count would overflow).
+    ///
+    /// Context: Task context (the `mmap` handler); the first map of a CPU allocates its meta page and takes the reader lock.
     pub fn map(&self, cpu: usize) -> Result<(), Error> {
         let cb = self.cpu(cpu)?;
         let mut st = cb.reader.lock();
@@ -209,6 +211,8 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
 
     /// Undoes one [`RingBuffer::map`]; the last one frees the meta page. `NotMapped` if not
     /// mapped.
+    ///
+    /// Context: Task context; the last unmap frees the meta page; takes the reader lock.
     pub fn unmap(&self, cpu: usize) -> Result<(), Error> {
         let cb = self.cpu(cpu)?;
         let mut st = cb.reader.lock();
@@ -231,6 +235,8 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
     }
 
     /// How many times `cpu` is mapped.
+    ///
+    /// Context: Any context that may take the reader lock (spins on it).
     pub fn map_count(&self, cpu: usize) -> Result<u32, Error> {
         Ok(self.cpu(cpu)?.reader.lock().map_count)
     }
@@ -238,6 +244,8 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
     /// The layout of `cpu`'s mapping: which pages an mmap request of it covers.
     ///
     /// Errors: `InvalidArgument` for a CPU the buffer does not have.
+    ///
+    /// Context: Task context (the `mmap` handler); no allocation.
     pub fn map_layout(&self, cpu: usize) -> Result<MapLayout, Error> {
         Ok(self.layout_of(self.cpu(cpu)?))
     }
@@ -249,6 +257,8 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
 
     /// The kernel address of one page of `cpu`'s mapping (to build the user mapping from);
     /// `None` for [`MapPage::Zero`] (map the zero page).
+    ///
+    /// Context: Task context (the `mmap` or fault handler); no allocation.
     pub fn map_page(&self, cpu: usize, page: MapPage) -> Result<Option<NonNull<u8>>, Error> {
         let cb = self.cpu(cpu)?;
         let st = cb.reader.lock();
@@ -275,6 +285,8 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
     /// is accounted as read (the consumer reads it from the mapping); otherwise a new one is
     /// swapped in. Lost events are flagged (and stored when room) in the new sub-buffer's
     /// `commit`, as Linux does. The meta page is refreshed.
+    ///
+    /// Context: Task context (the ioctl); takes the reader lock (spins), never allocates.
     pub fn map_get_reader(&self, cpu: usize) -> Result<(), Error> {
         let cb = self.cpu(cpu)?;
         let mut st = cb.reader.lock();
@@ -305,9 +317,13 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
             if !cb.swap_reader(&mut st) {
                 break;
             }
+            // Linux 6.10 hands the losses over in the sub-buffer's commit flags and stored
+            // count, and zeroes the meta page's `reader.lost_events`; we put them there only
+            // when the sub-buffer cannot carry the count (no room after the events, or the
+            // writer is still on it), so a reader that reads both counts them once.
             st.meta_lost = st.lost;
-            if st.lost > 0 {
-                mark_missed(cb, &st);
+            if st.lost > 0 && mark_missed(cb, &st) {
+                st.meta_lost = 0;
             }
         }
         update_meta(cb, &st);
@@ -316,6 +332,8 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
 
     /// A [`MapRegion`] over `cpu`'s mapping as user space would see it, read through the
     /// kernel addresses (for tests, examples and in-kernel consumers).
+    ///
+    /// Context: Task context; no allocation.
     pub fn mapped_view(&self, cpu: usize) -> Result<MappedView<'_, A, C, W>, Error> {
         if self.map_count(cpu)? == 0 {
             return Err(Error::NotMapped);
@@ -324,26 +342,33 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
     }
 }
 
-/// Flags lost events in the new reader sub-buffer once the writer has left it.
-fn mark_missed(cb: &CpuBuffer, st: &ReaderState) {
+/// Flags lost events in the new reader sub-buffer once the writer has left it, storing their
+/// number after the events when 8 bytes are free and zeroing the rest of the data area, as
+/// Linux 6.10 does. Returns whether the count is stored.
+fn mark_missed(cb: &CpuBuffer, st: &ReaderState) -> bool {
     let pd = &cb.pages()[st.reader_page as usize];
     if st.reader_page == cb.commit_page.load(Ordering::Acquire) {
-        return;
+        return false;
     }
     // The real end of data, so the count can go in the end padding.
     let size = pd.data_end();
-    let commit = format::missed_commit(size, cb.data_size());
-    if commit & RB_MISSED_STORED != 0 {
-        // SAFETY: `size + 8` is inside the data area, past the events, on a page the writer
-        // has left; we hold the reader lock.
-        unsafe {
+    let data_size = cb.data_size();
+    let commit = format::missed_commit(size, data_size);
+    let stored = commit & RB_MISSED_STORED != 0;
+    let count_end = if stored { size + 8 } else { size };
+    // SAFETY: `size <= count_end <= data_size`: inside the data area, past the events, on a
+    // page the writer has left; we hold the reader lock.
+    unsafe {
+        if stored {
             pd.data()
                 .add(size)
                 .cast::<u64>()
-                .write_unaligned(st.meta_lost.to_le())
-        };
+                .write_unaligned(st.meta_lost.to_le());
+        }
+        core::ptr::write_bytes(pd.data().add(count_end), 0, data_size - count_end);
     }
     pd.set_commit(commit);
+    stored
 }
 
 /// A mapping read through kernel addresses, page by page.

@@ -6,7 +6,8 @@
 use crate::{
     error::Error,
     format::{
-        self, COMMIT_MASK, MAX_SUBBUF_ORDER, PAGE_SIZE, Record, SUBBUF_HEADER_SIZE, TraceBufferMeta,
+        self, COMMIT_MASK, MAX_SUBBUF_ORDER, PAGE_SIZE, RB_MISSED_EVENTS, RB_MISSED_STORED, Record,
+        SUBBUF_HEADER_SIZE, TraceBufferMeta,
     },
 };
 
@@ -105,8 +106,13 @@ pub struct MappedEvent {
     pub ts: u64,
     /// Stored payload length (padded to 4 bytes), copied to the front of the caller's buffer.
     pub len: usize,
-    /// Events lost just before this one (from the meta page at the reader swap).
+    /// Events lost just before this one (from the reader sub-buffer's commit flags and stored
+    /// count, or the meta page, when it was handed out).
     pub lost: u64,
+    /// Events were lost just before this one: whenever `lost > 0`, and also when the producer
+    /// flagged losses it could not count (`RB_MISSED_EVENTS` without `RB_MISSED_STORED` on a
+    /// full sub-buffer, and no count on the meta page: then `lost` is 0).
+    pub missed: bool,
 }
 
 /// Reads events out of a mapped CPU buffer.
@@ -120,15 +126,19 @@ pub struct MappedReader<R: MapRegion, G: GetReader> {
     skip: usize,
     ts: u64,
     lost: u64,
+    /// Losses flagged before the next event (counted in `lost` or not).
+    missed: bool,
 }
 
 impl<R: MapRegion, G: GetReader> MappedReader<R, G> {
     /// A reader over `region` (the whole mapping, meta page first). It starts with the reader
     /// sub-buffer the meta page names, after the `reader.read` bytes already consumed, with
-    /// `reader.lost_events` as the losses before it. Use one `MappedReader` per mapping.
+    /// the losses before it (see [`MappedReader::get_reader`]) when none of it was consumed.
+    /// Use one `MappedReader` per mapping. `Corrupt` for a meta page or lost count that does
+    /// not fit the region.
     pub fn new(region: R, get: G) -> Result<Self, Error> {
         let meta = read_meta(&region)?;
-        Ok(Self {
+        let mut reader = Self {
             region,
             get,
             meta,
@@ -136,9 +146,15 @@ impl<R: MapRegion, G: GetReader> MappedReader<R, G> {
             pos: 0,
             skip: meta.reader.read as usize,
             ts: 0,
-            // Losses not delivered yet come with the reader sub-buffer we start on.
             lost: meta.reader.lost_events,
-        })
+            missed: meta.reader.lost_events > 0,
+        };
+        // Losses not delivered yet come with the reader sub-buffer we start on, unless a
+        // consumer before us read some of it (and took them).
+        if reader.skip == 0 {
+            (reader.lost, reader.missed) = reader.losses_before(meta.reader.id, &meta)?;
+        }
+        Ok(reader)
     }
 
     /// The meta page as last read (validated).
@@ -162,7 +178,10 @@ impl<R: MapRegion, G: GetReader> MappedReader<R, G> {
     }
 
     /// Asks for a reader sub-buffer and rereads the meta page. Returns whether a different
-    /// sub-buffer than before is now the reader.
+    /// sub-buffer than before is now the reader. The events lost before a new one come with
+    /// its first event: the count stored after its events when its commit word has
+    /// `RB_MISSED_STORED` (Linux 6.10 and later), else the meta page's `reader.lost_events`
+    /// (never both).
     pub fn get_reader(&mut self) -> Result<bool, Error> {
         self.get.get_reader()?;
         let meta = read_meta(&self.region)?;
@@ -183,9 +202,31 @@ impl<R: MapRegion, G: GetReader> MappedReader<R, G> {
             self.skip = 0;
             // The producer's count covers everything lost since events were last delivered,
             // including a count we got at start and had no event to deliver with.
-            self.lost = meta.reader.lost_events;
+            (self.lost, self.missed) = self.losses_before(meta.reader.id, &meta)?;
         }
         Ok(fresh)
+    }
+
+    /// Events lost before reader sub-buffer `id`, as Linux 6.10 hands them over: the count
+    /// stored after the events when the commit word says `RB_MISSED_STORED`; otherwise the
+    /// meta page's `reader.lost_events` (which Linux 6.10 leaves at 0, and which a producer
+    /// sets only for a count the sub-buffer does not carry). Never both: they would count
+    /// the same events twice. A count that would lie outside the sub-buffer is `Corrupt`.
+    /// Also says whether losses were flagged at all (a flag without a count on a full
+    /// sub-buffer, on Linux).
+    fn losses_before(&self, id: u32, meta: &TraceBufferMeta) -> Result<(u64, bool), Error> {
+        let base = self.subbuf_offset(id);
+        let commit = self.read_u64(base + 8)?;
+        let flagged = commit & RB_MISSED_EVENTS != 0;
+        if !flagged || commit & RB_MISSED_STORED == 0 {
+            let n = meta.reader.lost_events;
+            return Ok((n, flagged || n > 0));
+        }
+        let size = (commit & COMMIT_MASK) as usize;
+        if size + 8 > self.subbuf_size() - SUBBUF_HEADER_SIZE {
+            return Err(Error::Corrupt);
+        }
+        Ok((self.read_u64(base + SUBBUF_HEADER_SIZE + size)?, true))
     }
 
     fn read_u64(&self, offset: usize) -> Result<u64, Error> {
@@ -254,10 +295,12 @@ impl<R: MapRegion, G: GetReader> MappedReader<R, G> {
                         .read(data + offset, dst)
                         .map_err(|_| Error::Corrupt)?;
                     let lost = core::mem::take(&mut self.lost);
+                    let missed = core::mem::take(&mut self.missed);
                     return Ok(Some(MappedEvent {
                         ts: self.ts,
                         len,
                         lost,
+                        missed,
                     }));
                 }
                 Record::TimeExtend(d) => self.ts = self.ts.wrapping_add(d),

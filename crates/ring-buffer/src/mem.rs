@@ -6,8 +6,9 @@ use core::{cell::UnsafeCell, mem, ptr::NonNull};
 use crate::{error::Error, format::PAGE_SIZE, hal::PageAlloc};
 
 /// Smallest order whose pages hold `bytes`.
-pub(crate) fn order_for(bytes: usize) -> u32 {
-    let pages = bytes.div_ceil(PAGE_SIZE).max(1);
+pub(crate) const fn order_for(bytes: usize) -> u32 {
+    let pages = bytes.div_ceil(PAGE_SIZE);
+    let pages = if pages == 0 { 1 } else { pages };
     pages.next_power_of_two().trailing_zeros()
 }
 

@@ -129,6 +129,8 @@ impl CpuBuffer {
 impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
     /// A spare page for [`RingBuffer::read_page`], of the current sub-buffer size (Linux's
     /// `ring_buffer_alloc_read_page`).
+    ///
+    /// Context: Task context; allocates one sub-buffer.
     pub fn alloc_read_page(&self) -> Result<DataPage, Error> {
         let mem = self
             .alloc
@@ -142,6 +144,8 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
 
     /// Gives a page from [`RingBuffer::alloc_read_page`] (or one `read_page` handed over) back
     /// to the allocator.
+    ///
+    /// Context: Task context; frees the page.
     pub fn free_read_page(&self, page: DataPage) {
         // SAFETY: by `DataPage`'s contract the page came from this allocator with its order
         // and is not used any more (we own it).
@@ -162,6 +166,8 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
     /// example one allocated before [`RingBuffer::set_subbuf_order`]).
     ///
     /// Takes `cpu`'s reader lock, like [`RingBuffer::reader`].
+    ///
+    /// Context: Task context, or interrupts off (the `read`/`splice` path); takes the reader lock (spins), never allocates.
     pub fn read_page(
         &self,
         cpu: usize,
@@ -184,7 +190,7 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
         let swapped = st.read == 0 && !on_commit && st.map_count == 0;
         let (len, events) = if swapped {
             let pd = &cb.pages()[st.reader_page as usize];
-            let events = u64::from(pd.entries.load(Ordering::Relaxed));
+            let events = pd.events();
             // The end of the last event, so the lost count can go where the end padding was.
             let len = pd.data_end();
             // SAFETY: reader lock held, the writer left the page (not the commit page), and

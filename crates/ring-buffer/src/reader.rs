@@ -4,7 +4,9 @@
 use core::ops::Range;
 
 use crate::{
-    cpu::{CpuBuffer, LINK_HEAD, LINK_UPDATE, ReaderState, link, link_flag, link_next},
+    cpu::{
+        CpuBuffer, LINK_HEAD, LINK_UPDATE, ReaderState, link, link_cleared, link_flag, link_next,
+    },
     format::{self, Record},
     sync::{Ordering, SpinGuard, spin_hint},
 };
@@ -24,6 +26,17 @@ pub struct Event<'a> {
     pub payload: &'a [u8],
     /// Events lost (overwritten) just before this one.
     pub lost: u64,
+}
+
+impl Event<'_> {
+    /// The payload read as a `T` (an event written with [`RingBuffer::write_value`]): its
+    /// first `size_of::<T>()` bytes, copied (no alignment needed). `None` when the payload is
+    /// shorter than a `T`.
+    ///
+    /// [`RingBuffer::write_value`]: crate::RingBuffer::write_value
+    pub fn read_as<T: zerocopy::FromBytes>(&self) -> Option<T> {
+        T::read_from_prefix(self.payload).ok().map(|(v, _)| v)
+    }
 }
 
 impl CpuBuffer {
@@ -56,6 +69,10 @@ impl CpuBuffer {
     /// (a writer kept it busy).
     pub(crate) fn swap_reader(&self, st: &mut ReaderState) -> bool {
         let rp = st.reader_page;
+        // The reader page goes back into the ring, where the tail may enter it without a head
+        // push (which is what empties a page it overwrites): empty it now, while it is ours.
+        // Whoever calls this has read it up to its commit and the writer has left it.
+        self.pages()[rp as usize].clear();
         for _ in 0..HEAD_SPINS {
             let Some((prev, head)) = self.find_head(st) else {
                 return false;
@@ -64,14 +81,13 @@ impl CpuBuffer {
             self.pages()[rp as usize]
                 .link
                 .store(link(hn, LINK_HEAD), Ordering::Relaxed);
+            let l = self.pages()[prev as usize].link.load(Ordering::Acquire);
+            if link_flag(l) != LINK_HEAD || link_next(l) != head {
+                continue;
+            }
             if self.pages()[prev as usize]
                 .link
-                .compare_exchange(
-                    link(head, LINK_HEAD),
-                    link(rp, 0),
-                    Ordering::AcqRel,
-                    Ordering::Relaxed,
-                )
+                .compare_exchange(l, link_cleared(l, rp), Ordering::AcqRel, Ordering::Relaxed)
                 .is_ok()
             {
                 // Exact lost count: the CAS read the link state that made `head` the head.

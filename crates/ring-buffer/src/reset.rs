@@ -120,6 +120,10 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
     /// Empties `cpu`'s buffer and zeroes its counters (Linux's `ring_buffer_reset_cpu`), from
     /// that CPU: `Busy` if this interrupted a writer of the CPU (an open reservation). Takes
     /// the CPU's reader lock; from another CPU use [`RingBuffer::reset_cpu`].
+    ///
+    /// Context: on the CPU `cpu` names, not inside one of its writer sections (that is
+    /// `Busy`); takes the reader lock (spins: not from an interrupt that may have interrupted
+    /// a reader of this CPU); no allocation.
     pub fn reset(&self, cpu: LocalCpu) -> Result<(), Error> {
         self.cpu(cpu.id())?.reset_here(false)
     }
@@ -127,6 +131,8 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
     /// [`RingBuffer::reset`] from any CPU, through a cross-CPU call (an IPI) that runs it on
     /// `cpu`. A call that lands inside a writer of `cpu`, or while the reader lock is held,
     /// gives up and is tried again (up to 4096 times, then `Busy`).
+    ///
+    /// Context: Task context on any CPU: waits for the cross-CPU call `via` to run the reset on `cpu` (retried while it lands inside a writer); no allocation.
     pub fn reset_cpu(&self, cpu: usize, via: &impl RunOn) -> Result<(), Error> {
         let cb = self.cpu(cpu)?;
         for _ in 0..RESET_TRIES {
@@ -148,6 +154,8 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
     /// e.g. recording on it was disabled ([`RingBuffer::record_disable_cpu`]) and every CPU
     /// has since passed a point where it was outside any writer (Linux waits for an RCU grace
     /// period), or the CPU is offline.
+    ///
+    /// Context: Task context, writers of `cpu` quiesced (see Safety); takes the reader lock; no allocation.
     pub unsafe fn reset_quiesced(&self, cpu: usize) -> Result<(), Error> {
         self.cpu(cpu)?.reset_here(false)
     }

@@ -192,7 +192,7 @@ unsafe fn install<A: PageAlloc>(
             }
         } else {
             if pos < plan.start {
-                dropped_events += u64::from(pd.entries.load(Ordering::Relaxed));
+                dropped_events += pd.events();
             }
             // SAFETY: a sub-buffer of this buffer (allocated with `order`) that leaves it
             // now; the new array does not hold it.
@@ -243,6 +243,8 @@ unsafe fn install<A: PageAlloc>(
 
 impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
     /// Number of sub-buffers in `cpu`'s ring (the reader sub-buffer not included).
+    ///
+    /// Context: Any context.
     pub fn nr_subbufs(&self, cpu: usize) -> Result<usize, Error> {
         Ok(self.cpu(cpu)?.ring_len as usize)
     }
@@ -252,12 +254,16 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
     ///
     /// Errors: `InvalidArgument` for fewer than 2 or more than 65 534 sub-buffers, `Busy` if
     /// any CPU is mapped (or a reservation was leaked), `NoMemory` (nothing changed).
+    ///
+    /// Context: Task context, the buffer to yourself (`&mut`); allocates the new sub-buffers and arrays first (all or nothing).
     pub fn resize(&mut self, subbufs: usize) -> Result<(), Error> {
         self.resize_cpus(0..self.cpus(), subbufs)
     }
 
     /// Gives `cpu` alone `subbufs` sub-buffers (Linux's `ring_buffer_resize` for one CPU).
     /// Errors as for [`RingBuffer::resize`], `Busy` only if `cpu` is mapped.
+    ///
+    /// Context: Task context, the buffer to yourself (`&mut`); allocates like [`RingBuffer::resize`].
     pub fn resize_cpu(&mut self, cpu: usize, subbufs: usize) -> Result<(), Error> {
         self.cpu(cpu)?;
         self.resize_cpus(cpu..cpu + 1, subbufs)
@@ -328,6 +334,8 @@ impl<A: PageAlloc, C: Clock, W: Waiter> RingBuffer<A, C, W> {
     /// Errors: `InvalidArgument` for an order above 8 (1 MiB) or when a CPU would need more
     /// than 65 534 sub-buffers, `Busy` if any CPU is mapped, `NoMemory` (nothing changed).
     /// Spare pages from [`RingBuffer::alloc_read_page`] keep their old size: free them.
+    ///
+    /// Context: Task context, the buffer to yourself (`&mut`); allocates every new sub-buffer first (all or nothing).
     pub fn set_subbuf_order(&mut self, order: u32) -> Result<(), Error> {
         if order > MAX_SUBBUF_ORDER {
             return Err(Error::InvalidArgument);

@@ -172,7 +172,6 @@ macro_rules! local_impl {
 }
 
 local_impl!(AtomicU64, u64, "qword", "r");
-local_impl!(AtomicU32, u32, "dword", "e");
 
 /// A place in the write path where an interrupt on the writer's CPU may run a nested writer.
 /// Nothing outside loom models; under loom, [`interrupts`] lets a test run a nested write

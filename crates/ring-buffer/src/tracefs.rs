@@ -99,6 +99,35 @@ impl TracefsMap {
         }
     }
 
+    /// Waits until the kernel says the buffer has data to read (`poll` for `POLLIN`: the
+    /// instance's `buffer_percent` decides how much; 0 wakes on any event), at most
+    /// `timeout`. Returns whether it has, `false` on timeout. Blocks the calling thread;
+    /// signals do not end the wait early.
+    pub fn wait(&self, timeout: std::time::Duration) -> Result<bool, Error> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let ms = left.as_millis().min(i32::MAX as u128) as i32;
+            let mut fd = libc::pollfd {
+                fd: self.file.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd for a file we hold open.
+            let r = unsafe { libc::poll(&mut fd, 1, ms) };
+            match r {
+                0 => return Ok(false),
+                r if r > 0 => return Ok(fd.revents & libc::POLLIN != 0),
+                _ => {
+                    let e = io::Error::last_os_error();
+                    if e.kind() != io::ErrorKind::Interrupted {
+                        return Err(e.into());
+                    }
+                }
+            }
+        }
+    }
+
     /// A [`MappedReader`] over the mapping.
     pub fn reader(
         &self,

@@ -1,4 +1,4 @@
-//! Real x86-64 backend: the time-stamp counter as the clock.
+//! Real x86-64 backend: the time-stamp counter as the clock (`core::arch`, no dependency).
 
 use crate::hal::Clock;
 
@@ -10,6 +10,6 @@ impl Clock for Tsc {
     fn now(&self) -> u64 {
         // SAFETY: RDTSC reads a counter and touches no memory. It faults only in ring 3 with
         // CR4.TSD set, which no kernel that hands this clock to its trace buffer does.
-        unsafe { ::x86::time::rdtsc() }
+        unsafe { core::arch::x86_64::_rdtsc() }
     }
 }

@@ -433,3 +433,82 @@ fn swap_cpu_exchanges_buffers() {
         "pages leaked or double-freed"
     );
 }
+
+#[test]
+fn pages_needed_is_what_new_takes() {
+    let configs: &[(usize, usize, u32)] = if cfg!(miri) {
+        &[(1, 2, 0), (3, 7, 1)]
+    } else {
+        &[(1, 2, 0), (2, 4, 0), (3, 7, 1), (4, 100, 0), (2, 300, 2)]
+    };
+    for &(cpus, subbufs, order) in configs {
+        let config = Config::new(cpus, subbufs).subbuf_order(order);
+        let alloc = HeapPages::default();
+        let rb = RingBuffer::new(config, &alloc, ManualClock::new(0)).unwrap();
+        assert_eq!(
+            alloc.outstanding.load(Ordering::Relaxed) as usize,
+            config.pages_needed(),
+            "{config:?}"
+        );
+        drop(rb);
+    }
+}
+
+#[test]
+fn a_page_pool_of_pages_needed_is_enough() {
+    const CONFIG: Config = Config::new(2, 6);
+    static POOL: PagePool<{ CONFIG.pages_needed() }> = PagePool::new();
+    static SMALL: PagePool<{ CONFIG.pages_needed() - 1 }> = PagePool::new();
+    assert!(RingBuffer::new(CONFIG, &POOL, ManualClock::new(0)).is_ok());
+    assert_eq!(
+        RingBuffer::new(CONFIG, &SMALL, ManualClock::new(0)).err(),
+        Some(Error::NoMemory)
+    );
+}
+
+#[test]
+fn try_reader_is_busy_while_the_reader_lock_is_held() {
+    let alloc = HeapPages::default();
+    let rb = RingBuffer::new(Config::new(2, 2), &alloc, ManualClock::new(0)).unwrap();
+    rb.write(cpu0(), b"x").unwrap();
+    let held = rb.reader(0).unwrap();
+    assert_eq!(rb.try_reader(0).err(), Some(Error::Busy));
+    assert!(rb.try_reader(1).is_ok(), "another CPU's lock is free");
+    drop(held);
+    let mut r = rb.try_reader(0).unwrap();
+    assert_eq!(r.next_event().unwrap().payload, b"x\0\0\0");
+    assert_eq!(rb.try_reader(2).err(), Some(Error::InvalidArgument));
+}
+
+#[test]
+fn typed_events_round_trip() {
+    #[derive(zerocopy::IntoBytes, zerocopy::FromBytes, zerocopy::Immutable, Debug, PartialEq)]
+    #[repr(C)]
+    struct Sched {
+        prev: u32,
+        next: u32,
+        at: u64,
+        state: u8,
+        _pad: [u8; 7],
+    }
+    let alloc = HeapPages::default();
+    let rb = RingBuffer::new(Config::new(1, 2), &alloc, ManualClock::new(0)).unwrap();
+    let ev = Sched {
+        prev: 7,
+        next: 9,
+        at: 0x1122_3344_5566_7788,
+        state: 2,
+        _pad: [0; 7],
+    };
+    rb.write_value(cpu0(), &ev).unwrap();
+    rb.write_value(cpu0(), &3u16).unwrap();
+    let mut r = rb.reader(0).unwrap();
+    assert_eq!(r.next_event().unwrap().read_as::<Sched>(), Some(ev));
+    let short = r.next_event().unwrap();
+    assert_eq!(short.read_as::<u16>(), Some(3));
+    assert_eq!(
+        short.read_as::<Sched>(),
+        None,
+        "payload shorter than the type"
+    );
+}
