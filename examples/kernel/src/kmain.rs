@@ -162,6 +162,10 @@ fn run_scenario(_: u64) -> i64 {
             name: "deliberate-failure",
             run: deliberate_failure,
         }]),
+        "apf-double-wake" => checks::run(&[Check {
+            name: "apf",
+            run: steps::apf::apf_double_wake,
+        }]),
         "panic" => panic!("deliberate panic requested by scenario=panic"),
         "stack-overflow" => {
             let depth = recurse(0);

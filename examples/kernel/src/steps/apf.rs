@@ -71,6 +71,17 @@ const EARLY: usize = 4;
 
 static BLOCKS: AtomicUsize = AtomicUsize::new(0);
 static UNBLOCKS: AtomicUsize = AtomicUsize::new(0);
+/// Per task slot (the low 16 bits of a pid): wakes the task received from the crate, and
+/// sleeps it ended in the #PF. Each sleep must end with exactly one wake.
+static WAKES_OF: [AtomicU32; sched::MAX_TASKS] = [const { AtomicU32::new(0) }; sched::MAX_TASKS];
+static SLEEPS_OF: [AtomicU32; sched::MAX_TASKS] = [const { AtomicU32::new(0) }; sched::MAX_TASKS];
+/// `scenario=apf-double-wake`: the scheduler glue wakes every task twice (a deliberate bug the
+/// check must catch).
+static DOUBLE_WAKE: AtomicBool = AtomicBool::new(false);
+
+fn slot_of(task: TaskId) -> usize {
+    (task.pid() & 0xffff) as usize
+}
 
 struct KSched;
 
@@ -91,7 +102,18 @@ impl Scheduler for KSched {
     }
     fn unblock(&self, task: TaskId) {
         UNBLOCKS.fetch_add(1, Ordering::Relaxed);
-        sched::unblock(task);
+        let times = if DOUBLE_WAKE.load(Ordering::Relaxed) {
+            2
+        } else {
+            1
+        };
+        for _ in 0..times {
+            if sched::unblock(task) {
+                if let Some(w) = WAKES_OF.get(slot_of(task)) {
+                    w.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
     }
     fn halt(&self) {
         // SAFETY: ring 0, called by the crate with interrupts off from a context that may take
@@ -138,6 +160,7 @@ static WAKE_ALLS: AtomicUsize = AtomicUsize::new(0);
 static WOKEN_BY_ALL: AtomicUsize = AtomicUsize::new(0);
 static DUMMIES_FREED: AtomicUsize = AtomicUsize::new(0);
 static UNEXPECTED: AtomicUsize = AtomicUsize::new(0);
+static RETURNED_EARLY: AtomicUsize = AtomicUsize::new(0);
 static READY_IRQS: AtomicUsize = AtomicUsize::new(0);
 static SPURIOUS: AtomicUsize = AtomicUsize::new(0);
 static ERRORS: AtomicUsize = AtomicUsize::new(0);
@@ -154,6 +177,11 @@ fn record(event: AsyncEvent, token: u32) {
     match event {
         AsyncEvent::Slept => {
             SLEPT.fetch_add(1, Ordering::Relaxed);
+            if let Some(task) = sched::current() {
+                if let Some(s) = SLEEPS_OF.get(slot_of(task)) {
+                    s.fetch_add(1, Ordering::Relaxed);
+                }
+            }
             crate::trace!(
                 "apf",
                 "token {token:#x}: slept in the #PF, woken, on cpu {cpu}"
@@ -183,6 +211,10 @@ fn record(event: AsyncEvent, token: u32) {
             WOKEN_BY_ALL.fetch_add(all.woken, Ordering::Relaxed);
             DUMMIES_FREED.fetch_add(all.dummies_freed, Ordering::Relaxed);
             crate::trace!("apf", "wake-all on cpu {cpu}: {all:?}");
+        }
+        AsyncEvent::ReturnedEarly => {
+            RETURNED_EARLY.fetch_add(1, Ordering::Relaxed);
+            crate::trace!("apf", "token {token:#x}: a wake was lost, returned early");
         }
         AsyncEvent::Unexpected(flags) => {
             UNEXPECTED.fetch_add(1, Ordering::Relaxed);
@@ -510,10 +542,10 @@ fn area_phys(cpu: usize) -> u64 {
 
 fn sim_config() -> Config {
     Config {
-        vector: Some(APF_VECTOR),
         allow_page_fault_protocol: false,
         // Kernel-mode faults may sleep here (the not presents hit kernel tasks).
         send_always: true,
+        ..Config::new(APF_VECTOR)
     }
 }
 
@@ -528,6 +560,10 @@ fn enable_sim(cpu: usize) {
         Ok(Protocol::Interrupt { .. }) => ENABLED.fetch_add(1, Ordering::Relaxed),
         _ => ENABLE_FAILED.fetch_add(1, Ordering::Relaxed),
     };
+    // Like KVM, the model answers the enable with a wake-all of the CPU.
+    if let Ok(Some(inject)) = HOST.deliver_queued(cpu, &APF_CPU[cpu]) {
+        raise_page_ready(cpu, inject);
+    }
 }
 
 fn disable_sim(cpu: usize) {
@@ -571,6 +607,7 @@ fn reset() {
         &WOKEN_BY_ALL,
         &DUMMIES_FREED,
         &UNEXPECTED,
+        &RETURNED_EARLY,
         &READY_IRQS,
         &SPURIOUS,
         &ERRORS,
@@ -582,6 +619,8 @@ fn reset() {
         c.store(0, Ordering::Relaxed);
     }
     RETURNS.iter().for_each(|r| r.store(0, Ordering::Relaxed));
+    WAKES_OF.iter().for_each(|w| w.store(0, Ordering::Relaxed));
+    SLEEPS_OF.iter().for_each(|s| s.store(0, Ordering::Relaxed));
     HOW.iter().for_each(|h| h.store(0, Ordering::Relaxed));
     let mut plan = PLAN.lock();
     plan.len = 0;
@@ -641,6 +680,29 @@ fn real_apf(features: KvmFeatures) -> Outcome {
         SLEPT.load(Ordering::Relaxed)
     ));
     Ok(())
+}
+
+/// Every task was woken exactly once per sleep in the #PF (a duplicate or a missing wake
+/// fails), counted by the task that received it, not by the calls the crate made.
+fn each_task_woken_once_per_sleep() -> Outcome {
+    for slot in 0..sched::MAX_TASKS {
+        let wakes = WAKES_OF[slot].load(Ordering::Relaxed);
+        let sleeps = SLEEPS_OF[slot].load(Ordering::Relaxed);
+        ensure!(
+            wakes == sleeps,
+            "task slot {slot} woken {wakes} times for {sleeps} sleeps in the #PF"
+        );
+    }
+    Ok(())
+}
+
+/// `scenario=apf-double-wake`: the `apf` check with scheduler glue that wakes every sleeper
+/// twice. It must fail (`cargo xtask test` checks that it turns the run red).
+pub fn apf_double_wake() -> Outcome {
+    DOUBLE_WAKE.store(true, Ordering::Relaxed);
+    let outcome = apf();
+    DOUBLE_WAKE.store(false, Ordering::Relaxed);
+    outcome
 }
 
 /// Waits until `done()` (at most [`PHASE_TICKS`]).
@@ -741,13 +803,15 @@ fn sim_phases(online: usize) -> Result<(usize, usize, usize, usize), checks::Fai
 /// Without KVM: the host model, from the timer interrupt.
 fn sim_apf() -> Outcome {
     let online = percpu::online_count();
+    // Before the enables: their wake-alls come at once.
+    MODE.store(SIM, Ordering::Release);
     smp::on_each_cpu(enable_sim);
     let enabled = ENABLED.load(Ordering::Relaxed);
     if enabled != online {
         smp::on_each_cpu(disable_sim);
+        MODE.store(OFF, Ordering::Release);
         fail!("enabled on {enabled} of {online} CPUs");
     }
-    MODE.store(SIM, Ordering::Release);
     fault::set_hook(Some(apf_hook));
     let workers = (online + 2).min(MAX_WORKERS);
     let mut tasks = [None; MAX_WORKERS];
@@ -800,6 +864,7 @@ fn sim_apf() -> Outcome {
     let wake_alls = WAKE_ALLS.load(Ordering::Relaxed);
     let unblocks = UNBLOCKS.load(Ordering::Relaxed);
     let len = PLAN.lock().len;
+    each_task_woken_once_per_sleep()?;
     ensure!(
         ERRORS.load(Ordering::Relaxed) == 0 && UNCLAIMED.load(Ordering::Relaxed) == 0,
         "{} host/handler errors, {} not-presents the hook did not claim",
