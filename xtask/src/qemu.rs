@@ -47,6 +47,8 @@ pub struct RunOptions {
     pub scenario: Option<String>,
     /// More QEMU arguments (e.g. a file-backed guest RAM for the real async-PF run).
     pub extra_args: Vec<String>,
+    /// Also sends every line the kernel prints here, as it arrives.
+    pub lines: Option<mpsc::Sender<String>>,
 }
 
 impl Default for RunOptions {
@@ -57,6 +59,7 @@ impl Default for RunOptions {
             timeout: Duration::from_secs(120),
             scenario: None,
             extra_args: Vec::new(),
+            lines: None,
         }
     }
 }
@@ -113,6 +116,26 @@ pub struct Boot {
 pub fn run(opts: &RunOptions) -> Result<(), String> {
     setup::setup()?;
     let kernel = build_kernel()?;
+    if opts.scenario.as_deref() == Some("apf-real") {
+        // Real async page faults need the host side: file-backed RAM, eviction, tracepoints.
+        crate::apfreal::available()?;
+        let report = crate::apfreal::run(&kernel)?;
+        for line in report
+            .log
+            .lines()
+            .filter(|l| !l.starts_with(tracedump::PREFIX))
+        {
+            println!("{line}");
+        }
+        report.lines.iter().for_each(|l| println!("{l}"));
+        return match report.failure {
+            None => {
+                println!("apf-real: PASS under KVM");
+                Ok(())
+            }
+            Some(why) => Err(format!("apf-real: FAIL: {why}")),
+        };
+    }
     let boot = boot(&kernel, opts, true)?;
     println!();
     if let Some(trace) = &boot.trace {
@@ -165,7 +188,9 @@ pub const KVM_CPU_MODELS: [&str; 3] = ["host", "host,arch-capabilities=off", "qe
 fn kvm_accepts(model: &str) -> Result<(), String> {
     use std::io::Write;
     let mut qemu = Command::new(setup::QEMU)
-        .args(["-accel", "kvm", "-cpu", model, "-machine", "q35", "-m", "64M"])
+        .args([
+            "-accel", "kvm", "-cpu", model, "-machine", "q35", "-m", "64M",
+        ])
         .args(["-nodefaults", "-display", "none", "-serial", "none", "-S"])
         .args(["-monitor", "stdio", "-no-reboot"])
         .stdin(Stdio::piped())
@@ -348,6 +373,9 @@ pub fn boot(kernel: &PathBuf, opts: &RunOptions, stream: bool) -> Result<Boot, S
                 // The trace dump is decoded after the run, not shown.
                 if stream && !line.starts_with(tracedump::PREFIX) {
                     println!("{line}");
+                }
+                if let Some(lines) = &opts.lines {
+                    let _ = lines.send(line.clone());
                 }
                 log.push_str(&line);
                 log.push('\n');

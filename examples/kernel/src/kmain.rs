@@ -163,6 +163,10 @@ fn run_scenario(_: u64) -> i64 {
             name: "deliberate-failure",
             run: deliberate_failure,
         }]),
+        "apf-real" => checks::run(&[Check {
+            name: "apf-real",
+            run: steps::apf::apf_real,
+        }]),
         "apf-double-wake" => checks::run(&[Check {
             name: "apf",
             run: steps::apf::apf_double_wake,
