@@ -437,8 +437,8 @@ fn a_wake_dropped_by_a_full_pool_never_leaves_its_wait_asleep() {
 fn a_modern_host_sends_a_wake_all_right_after_enable() {
     let host = SimHost::<1>::modern();
     let cpu = ApfCpu::new();
-    let apf: AsyncPf<SimVcpu<'_, 1>, &ThreadSched> =
-        AsyncPf::new(Box::leak(Box::new(ThreadSched::new(1))));
+    let sched = ThreadSched::new(1);
+    let apf: AsyncPf<SimVcpu<'_, 1>, &ThreadSched> = AsyncPf::new(&sched);
     // SAFETY: `cpu` outlives every use of the host in this test; sim addresses are virtual.
     unsafe {
         apf.enable_cpu(
