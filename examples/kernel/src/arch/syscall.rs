@@ -179,7 +179,13 @@ pub static VIA_GP: AtomicU64 = AtomicU64::new(0);
 /// other #GP is left to the usual handling. On TCG and hardware KVM it never fires.
 pub fn on_general_protection(frame: &mut TrapFrame) -> crate::arch::trap::Handled {
     let entry = &raw const syscall_entry as u64;
-    if !frame.is_from_user() || frame.rip != entry || frame.error_code != 0 {
+    // Ring 3 may also jump to `syscall_entry` itself (kernel text is user-executable here) and
+    // fault on its SWAPGS with whatever RCX it likes: only a return into user space is served.
+    if !frame.is_from_user()
+        || frame.rip != entry
+        || frame.error_code != 0
+        || frame.rcx >= crate::mm::vm::USER_END
+    {
         return crate::arch::trap::Handled::No;
     }
     VIA_GP.fetch_add(1, Ordering::Relaxed);
