@@ -2,11 +2,12 @@
 
 use std::{
     cell::{Cell, RefCell},
+    collections::HashMap,
     pin::Pin,
 };
 
 use oskit_pv_apf::{
-    ApfCpu, AsyncPf, Config, KvmFeatures, PfEvent, Scheduler,
+    ApfCpu, AsyncEvent, AsyncPf, Config, KvmFeatures, PfEvent, Scheduler,
     sim::{Inject, SimHost, SimVcpu},
     table::{Enqueue, WaitNode, Waiter},
 };
@@ -46,11 +47,18 @@ impl Scheduler for Recorder {
 type Apf<'h> = AsyncPf<SimVcpu<'h, CPUS>, Recorder, DUMMIES>;
 type Node<'a> = Pin<Box<WaitNode<'a, usize, DUMMIES>>>;
 
+/// Page-ready wakes that came before their "not present" (token -> vCPU it came on), as the
+/// guest must remember them: a later wait for the token must not sleep. A wake-all of a vCPU
+/// forgets that vCPU's.
+type Early = HashMap<u32, usize>;
+
 /// A hostile host's event sequence (not present, page ready, wake-all, raw writes to the
 /// shared area, spurious interrupts) against two vCPUs with tasks that fault, sleep and get
 /// cancelled, and CPUs going offline. Never panics; every sleeper is unblocked exactly once
 /// and only when its node says woken; the table never holds more than its pool of dummies
-/// nor anything but the sleepers the harness queued.
+/// nor anything but the sleepers the harness queued. No wake is lost: a page ready for a
+/// token wakes its sleepers, and one that came first (even with the dummy pool full) makes
+/// the token's later wait return at once. No wake-all at the end papers over a lost wake.
 pub fn host_events(data: &[u8]) {
     let mut bytes = data.iter().copied();
     let mut next = move || bytes.next();
@@ -65,8 +73,10 @@ pub fn host_events(data: &[u8]) {
         cpu: Cell::new(0),
         unblocks: RefCell::new([0; TASKS]),
     });
-    let enable = |vcpu: usize| {
+    let mut early = Early::new();
+    let enable = |vcpu: usize, early: &mut Early| {
         let cpu = &cpus[vcpu];
+        apf.scheduler().cpu.set(vcpu as u32);
         // SAFETY: `cpus` is boxed and outlives every use of the host below; the sim's
         // physical addresses are virtual ones.
         unsafe {
@@ -78,9 +88,13 @@ pub fn host_events(data: &[u8]) {
             )
         }
         .expect("the sim host accepts the guest's choice");
+        // The wake-all the host queues on enable (interrupt protocol), delivered at once.
+        if let Ok(Some(Inject::Interrupt { .. })) = host.deliver_queued(vcpu, cpu) {
+            ready_interrupt(&apf, host, vcpu, cpu, &[], early);
+        }
     };
-    enable(0);
-    enable(1);
+    enable(0, &mut early);
+    enable(1, &mut early);
 
     let mut sleeping: Vec<(usize, usize, Node<'_>)> = Vec::new();
     let token_of = |b: u8| -> u32 {
@@ -96,11 +110,13 @@ pub fn host_events(data: &[u8]) {
         let cpu = &cpus[vcpu];
         apf.scheduler().cpu.set(vcpu as u32);
         let arg = next().unwrap_or(0);
-        let fault = |cr2: u64, sleeping: &mut Vec<_>| fault(&apf, cpu, vcpu, cr2, sleeping);
+        let fault = |cr2: u64, sleeping: &mut Vec<_>, early: &mut Early| {
+            fault(&apf, cpu, vcpu, cr2, sleeping, early)
+        };
         match op & 0x7 {
             0 => {
                 if let Ok(Inject::PageFault { cr2 }) = host.not_present(vcpu, cpu, token_of(arg)) {
-                    fault(cr2, &mut sleeping);
+                    fault(cr2, &mut sleeping, &mut early);
                 }
             }
             1 | 2 => {
@@ -119,9 +135,9 @@ pub fn host_events(data: &[u8]) {
                 };
                 let before = (token == u32::MAX).then(|| others(&sleeping));
                 match host.page_ready(vcpu, cpu, token) {
-                    Ok(Inject::PageFault { cr2 }) => fault(cr2, &mut sleeping),
+                    Ok(Inject::PageFault { cr2 }) => fault(cr2, &mut sleeping, &mut early),
                     Ok(Inject::Interrupt { .. }) => {
-                        let _ = apf.handle_ready_interrupt(&host.vcpu(vcpu), cpu);
+                        ready_interrupt(&apf, host, vcpu, cpu, &sleeping, &mut early)
                     }
                     Err(_) => {}
                 }
@@ -137,11 +153,15 @@ pub fn host_events(data: &[u8]) {
                 // Raw bytes in the area, then a #PF with an arbitrary CR2.
                 let token = u32::from_le_bytes([arg, next().unwrap_or(0), 0, 0]);
                 host.poke(cpu, u32::from(next().unwrap_or(0)), token_of(arg));
-                fault(u64::from(token) << 8 | u64::from(arg), &mut sleeping);
+                fault(
+                    u64::from(token) << 8 | u64::from(arg),
+                    &mut sleeping,
+                    &mut early,
+                );
             }
             4 => {
                 host.poke(cpu, u32::from(arg & 3), token_of(arg));
-                let _ = apf.handle_ready_interrupt(&host.vcpu(vcpu), cpu);
+                ready_interrupt(&apf, host, vcpu, cpu, &sleeping, &mut early);
             }
             5 => {
                 // A sleeping task is killed: its node leaves the table.
@@ -161,23 +181,64 @@ pub fn host_events(data: &[u8]) {
                     "offline CPU {vcpu} left a sleeper"
                 );
                 assert_eq!(apf.table().census(Some(vcpu as u32)), (0, 0));
-                enable(vcpu);
+                early.retain(|_, v| *v != vcpu);
+                enable(vcpu, &mut early);
             }
             _ => {
-                let _ = apf.wake(token_of(arg));
+                let token = token_of(arg);
+                let event = AsyncEvent::Woke(apf.wake(token));
+                record_ready(event, token, vcpu, &sleeping, &mut early);
             }
         }
         check(&apf, &mut sleeping);
     }
 
-    // The host says everything is in: nobody may still sleep.
-    for vcpu in 0..CPUS {
-        apf.wake_all_of(vcpu as u32);
-    }
+    // What still sleeps is waiting for a page ready that never came (checked at each one),
+    // so the sleepers are cancelled, not woken: a wake-all here would hide a lost wake.
+    sleeping.clear();
     check(&apf, &mut sleeping);
-    assert!(sleeping.is_empty(), "sleepers left after wake-all");
     for (vcpu, cpu) in cpus.iter().enumerate() {
         apf.disable_cpu(&host.vcpu(vcpu), cpu).unwrap();
+    }
+}
+
+/// The page-ready interrupt handler on `vcpu`, with the token it takes from the area fed to
+/// the model.
+fn ready_interrupt(
+    apf: &Apf<'_>,
+    host: &SimHost<CPUS>,
+    vcpu: usize,
+    cpu: &ApfCpu,
+    sleeping: &[(usize, usize, Node<'_>)],
+    early: &mut Early,
+) {
+    let token = cpu.area().token.load(std::sync::atomic::Ordering::Relaxed);
+    if let Ok(Some(event)) = apf.handle_ready_interrupt(&host.vcpu(vcpu), cpu) {
+        record_ready(event, token, vcpu, sleeping, early);
+    }
+}
+
+/// A page ready for `token` was handled on `vcpu`: its sleepers must all be woken now, and if
+/// nobody slept the guest must remember it (`early`). A wake-all forgets the vCPU's.
+fn record_ready(
+    event: AsyncEvent,
+    token: u32,
+    vcpu: usize,
+    sleeping: &[(usize, usize, Node<'_>)],
+    early: &mut Early,
+) {
+    match event {
+        AsyncEvent::Woke(_) => {
+            let asleep = sleeping
+                .iter()
+                .any(|(_, _, n)| n.token() == token && !n.is_woken());
+            assert!(!asleep, "page ready for {token:#x} left a sleeper asleep");
+            if !sleeping.iter().any(|(_, _, n)| n.token() == token) {
+                early.entry(token).or_insert(vcpu);
+            }
+        }
+        AsyncEvent::WokeAll(_) => early.retain(|_, v| *v != vcpu),
+        _ => {}
     }
 }
 
@@ -188,6 +249,7 @@ fn fault<'a>(
     vcpu: usize,
     cr2: u64,
     sleeping: &mut Vec<(usize, usize, Node<'a>)>,
+    early: &mut Early,
 ) {
     match cpu.take_pf_event(cr2) {
         None => {}
@@ -200,13 +262,26 @@ fn fault<'a>(
                     vcpu as u32,
                     Waiter::Task(task),
                 ));
-                if node.as_ref().enqueue() == Enqueue::Queued {
+                let enqueued = node.as_ref().enqueue();
+                if early.remove(&token).is_some() {
+                    assert_ne!(
+                        enqueued,
+                        Enqueue::Queued,
+                        "the wake of {token:#x} came first, yet its wait sleeps"
+                    );
+                }
+                if enqueued == Enqueue::Queued {
                     sleeping.push((task, vcpu, node));
                 }
             }
         }
         Some(event) => {
-            let _ = apf.dispatch(event);
+            let token = match event {
+                PfEvent::Ready(token) => token,
+                _ => u32::MAX,
+            };
+            let done = apf.dispatch(event);
+            record_ready(done, token, vcpu, sleeping, early);
         }
     }
 }

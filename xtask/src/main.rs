@@ -8,6 +8,7 @@
 // A binary has no public API: `pub` marks what the other modules use.
 #![allow(unreachable_pub)]
 
+mod apfreal;
 mod budgets;
 mod cmd;
 mod qemu;

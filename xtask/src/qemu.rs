@@ -45,6 +45,10 @@ pub struct RunOptions {
     pub timeout: Duration,
     /// `scenario=` on the kernel command line (`None`: everything).
     pub scenario: Option<String>,
+    /// More QEMU arguments (e.g. a file-backed guest RAM for the real async-PF run).
+    pub extra_args: Vec<String>,
+    /// Also sends every line the kernel prints here, as it arrives.
+    pub lines: Option<mpsc::Sender<String>>,
 }
 
 impl Default for RunOptions {
@@ -54,6 +58,8 @@ impl Default for RunOptions {
             smp: 2,
             timeout: Duration::from_secs(120),
             scenario: None,
+            extra_args: Vec::new(),
+            lines: None,
         }
     }
 }
@@ -110,6 +116,26 @@ pub struct Boot {
 pub fn run(opts: &RunOptions) -> Result<(), String> {
     setup::setup()?;
     let kernel = build_kernel()?;
+    if opts.scenario.as_deref() == Some("apf-real") {
+        // Real async page faults need the host side: file-backed RAM, eviction, tracepoints.
+        crate::apfreal::available()?;
+        let report = crate::apfreal::run(&kernel)?;
+        for line in report
+            .log
+            .lines()
+            .filter(|l| !l.starts_with(tracedump::PREFIX))
+        {
+            println!("{line}");
+        }
+        report.lines.iter().for_each(|l| println!("{l}"));
+        return match report.failure {
+            None => {
+                println!("apf-real: PASS under KVM");
+                Ok(())
+            }
+            Some(why) => Err(format!("apf-real: FAIL: {why}")),
+        };
+    }
     let boot = boot(&kernel, opts, true)?;
     println!();
     if let Some(trace) = &boot.trace {
@@ -158,40 +184,125 @@ pub fn build_kernel() -> Result<PathBuf, String> {
         .join("oskit-example-kernel"))
 }
 
-/// Whether KVM can run the kernel here, and if not, why.
-pub fn kvm_usable() -> Result<(), String> {
+/// The `-cpu` models tried under KVM, most faithful first; the first one QEMU can create and
+/// reset a vCPU with is used ([`kvm_cpu_model`]).
+///
+/// The rule: `host` passes the host CPU through as it is. Some KVMs refuse part of it: this
+/// machine's `kvm_pvm` (a paravirtual KVM) fails QEMU's write of IA32_ARCH_CAPABILITIES (MSR
+/// 0x10a; QEMU aborts with "failed to set MSR 0x10a"), so the next candidate is the same CPU
+/// without that MSR. `qemu64` is the last resort (a baseline x86-64 that every KVM takes).
+pub const KVM_CPU_MODELS: [&str; 3] = ["host", "host,arch-capabilities=off", "qemu64"];
+
+/// Why a `-cpu` model was refused, or `Ok` when QEMU created and reset a vCPU with it under
+/// KVM (started paused with `-S`, then told to quit through its monitor).
+fn kvm_accepts(model: &str) -> Result<(), String> {
+    use std::io::Write;
+    let mut qemu = Command::new(setup::QEMU)
+        .args([
+            "-accel", "kvm", "-cpu", model, "-machine", "q35", "-m", "64M",
+        ])
+        .args(["-nodefaults", "-display", "none", "-serial", "none", "-S"])
+        .args(["-monitor", "stdio", "-no-reboot"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", setup::QEMU))?;
+    if let Some(mut stdin) = qemu.stdin.take() {
+        // A QEMU that failed to start has closed its end already: the write error is moot.
+        let _ = stdin.write_all(b"quit\n");
+    }
+    let out = qemu
+        .wait_with_output()
+        .map_err(|e| format!("waiting for QEMU: {e}"))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let err = String::from_utf8_lossy(&out.stderr);
+    let why = err
+        .lines()
+        .find(|l| l.contains("error") || l.contains("failed"))
+        .unwrap_or_else(|| err.lines().next().unwrap_or("no message"));
+    Err(why.trim().to_string())
+}
+
+/// The KVM `-cpu` model for this machine: the first of [`KVM_CPU_MODELS`] that this KVM
+/// accepts, with the reasons the earlier ones were refused. Probed once per process.
+pub fn kvm_cpu_model() -> Result<(&'static str, Vec<String>), String> {
+    static PROBE: std::sync::OnceLock<Result<(&'static str, Vec<String>), String>> =
+        std::sync::OnceLock::new();
+    PROBE
+        .get_or_init(|| {
+            let mut refused = Vec::new();
+            for model in KVM_CPU_MODELS {
+                match kvm_accepts(model) {
+                    Ok(()) => return Ok((model, refused)),
+                    Err(why) => refused.push(format!("-cpu {model}: {why}")),
+                }
+            }
+            Err(format!(
+                "KVM accepts none of the CPU models: {}",
+                refused.join("; ")
+            ))
+        })
+        .clone()
+}
+
+/// Whether `/dev/kvm` can be opened (read-write), and if not, why.
+pub fn kvm_available() -> Result<(), String> {
     std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/kvm")
-        .map_err(|e| format!("/dev/kvm: {e}"))?;
-    // A hardware KVM module. Some sandboxes offer /dev/kvm through a software implementation
-    // (kvm_pvm) that takes many seconds per boot and cannot emulate a guest's INT3.
-    if ["kvm_intel", "kvm_amd"]
-        .iter()
-        .any(|m| std::path::Path::new("/sys/module").join(m).exists())
-    {
-        return Ok(());
+        .map(drop)
+        .map_err(|e| format!("/dev/kvm: {e}"))
+}
+
+/// Which KVM implementation backs `/dev/kvm` (for the report): `kvm_intel`, `kvm_amd`,
+/// `kvm_pvm` (a paravirtual KVM that runs the guest's ring 0 through KVM's instruction
+/// emulator), or `kvm`.
+pub fn kvm_flavour() -> &'static str {
+    ["kvm_intel", "kvm_amd", "kvm_pvm"]
+        .into_iter()
+        .find(|m| std::path::Path::new("/sys/module").join(m).exists())
+        .unwrap_or("kvm")
+}
+
+/// KVM when `/dev/kvm` opens and a CPU model works (returned with why it was chosen), or why
+/// not.
+pub fn kvm_usable() -> Result<(&'static str, String), String> {
+    kvm_available()?;
+    let (model, refused) = kvm_cpu_model()?;
+    let mut why = format!("/dev/kvm opens ({}), -cpu {model}", kvm_flavour());
+    if !refused.is_empty() {
+        why.push_str(&format!(" (refused: {})", refused.join("; ")));
     }
-    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
-        return Err(
-            "/dev/kvm is kvm_pvm, a paravirtual KVM that cannot emulate this guest's traps".into(),
-        );
-    }
-    Err("/dev/kvm is not backed by kvm_intel or kvm_amd".into())
+    Ok((model, why))
 }
 
 /// Boots `kernel` once; with `stream`, echoes the serial log as it arrives.
 pub fn boot(kernel: &PathBuf, opts: &RunOptions, stream: bool) -> Result<Boot, String> {
-    let accel = match opts.accel {
-        Some(accel) => accel,
+    let (accel, kvm_model) = match opts.accel {
+        Some(Accel::Tcg) => (Accel::Tcg, None),
+        Some(Accel::Kvm) => {
+            let (model, why) = kvm_usable()?;
+            if stream {
+                println!("run: KVM (--kvm; {why})");
+            }
+            (Accel::Kvm, Some(model))
+        }
         None => match kvm_usable() {
-            Ok(()) => Accel::Kvm,
+            Ok((model, why)) => {
+                if stream {
+                    println!("run: KVM ({why})");
+                }
+                (Accel::Kvm, Some(model))
+            }
             Err(why) => {
                 if stream {
                     println!("run: TCG ({why})");
                 }
-                Accel::Tcg
+                (Accel::Tcg, None)
             }
         },
     };
@@ -213,10 +324,11 @@ pub fn boot(kernel: &PathBuf, opts: &RunOptions, stream: bool) -> Result<Boot, S
             "-kernel",
         ])
         .arg(kernel);
-    match accel {
-        Accel::Kvm => qemu.args(["-accel", "kvm", "-cpu", "host"]),
-        Accel::Tcg => qemu.args(["-accel", "tcg", "-cpu", "max"]),
+    match kvm_model {
+        Some(model) => qemu.args(["-accel", "kvm", "-cpu", model]),
+        None => qemu.args(["-accel", "tcg", "-cpu", "max"]),
     };
+    qemu.args(&opts.extra_args);
     if let Some(scenario) = &opts.scenario {
         qemu.args(["-append", &format!("scenario={scenario}")]);
     }
@@ -256,20 +368,31 @@ pub fn boot(kernel: &PathBuf, opts: &RunOptions, stream: bool) -> Result<Boot, S
     drop(tx);
     let mut log = String::new();
     let deadline = start + opts.timeout;
+    let mut deadline = deadline;
     let mut timed_out = false;
+    let mut vm_dead = false;
     loop {
         match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
             Ok(line) => {
+                // QEMU prints the register dump and then waits forever: read the dump, then
+                // stop it instead of waiting for the timeout.
+                if line.contains("KVM internal error") && !vm_dead {
+                    vm_dead = true;
+                    deadline = Instant::now() + Duration::from_secs(2);
+                }
                 // The trace dump is decoded after the run, not shown.
                 if stream && !line.starts_with(tracedump::PREFIX) {
                     println!("{line}");
+                }
+                if let Some(lines) = &opts.lines {
+                    let _ = lines.send(line.clone());
                 }
                 log.push_str(&line);
                 log.push('\n');
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
             Err(mpsc::RecvTimeoutError::Timeout) => {
-                timed_out = true;
+                timed_out = !vm_dead;
                 let _ = child.kill();
                 break;
             }

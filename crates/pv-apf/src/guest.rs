@@ -20,22 +20,37 @@ use crate::{
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Config {
     /// The page-ready vector for the interrupt protocol (32..=255); `None` allows only the
-    /// legacy #PF protocol.
+    /// legacy #PF protocol, which only hosts without `ASYNC_PF_INT` (KVM before 5.8) speak.
     pub vector: Option<u8>,
-    /// Use the legacy #PF protocol when the host lacks `ASYNC_PF_INT`.
+    /// Use the legacy #PF protocol when the host lacks `ASYNC_PF_INT` (obsolete: only KVM
+    /// before 5.8 needs it).
     pub allow_page_fault_protocol: bool,
     /// `SEND_ALWAYS`: also get "not present" while in kernel mode (a preemptible kernel whose
-    /// kernel-mode faults can sleep). Without it KVM only sends them for user mode.
+    /// kernel-mode faults can sleep). Without it KVM only sends them for user mode. Obsolete
+    /// for Linux guests (which stopped asking for it in 5.8) but still honoured by KVM.
     pub send_always: bool,
+    /// Set `DELIVERY_AS_PF_VMEXIT` when the host offers `ASYNC_PF_VMEXIT` (the default).
+    ///
+    /// With it, a "not present" that arrives while this CPU runs a nested guest (this kernel
+    /// is itself a hypervisor) may reach the kernel as a #PF **VM exit** of that nested guest
+    /// instead of a #PF in the kernel. The duty it creates: the kernel's nested-#PF exit
+    /// handler must call [`AsyncPf::handle_page_fault`] with the exit's fault address before
+    /// reflecting the fault into the nested guest, exactly as its own #PF handler does. A
+    /// kernel that runs no nested guests can leave it on; one that runs them and does not
+    /// check its #PF exits sets it to `false` (KVM then does not send async PFs while a
+    /// nested guest runs).
+    pub pf_vmexit: bool,
 }
 
 impl Config {
-    /// Interrupt protocol on `vector`, falling back to the #PF protocol on old hosts.
+    /// Interrupt protocol on `vector`, falling back to the #PF protocol on old hosts;
+    /// `DELIVERY_AS_PF_VMEXIT` when offered.
     pub const fn new(vector: u8) -> Self {
         Self {
             vector: Some(vector),
             allow_page_fault_protocol: true,
             send_always: false,
+            pf_vmexit: true,
         }
     }
 }
@@ -64,6 +79,10 @@ pub enum AsyncEvent {
     Slept,
     /// "Not present" whose wake had already come: returned at once.
     WakeCameFirst,
+    /// "Not present" while a CPU has a dropped page-ready wake on record (full dummy pool, see
+    /// [`Wake::Dropped`]): returned at once without sleeping, since the dropped wake may have
+    /// been this one's. The access re-executes and at worst faults again.
+    ReturnedEarly,
     /// "Page ready" for one token.
     Woke(Wake),
     /// "Page ready" for every token of this CPU.
@@ -149,6 +168,9 @@ impl<H: ApfHardware, S: Scheduler, const D: usize, const B: usize> AsyncPf<H, S,
                 }
                 Protocol::Interrupt { vector }
             }
+            // A host that offers ASYNC_PF_INT (KVM >= 5.8) accepts ENABLED without
+            // DELIVERY_AS_INT and then sends nothing at all: never report that as enabled.
+            None if features.has(KvmFeatures::ASYNC_PF_INT) => return Err(Error::Unsupported),
             _ if config.allow_page_fault_protocol && features.has(KvmFeatures::ASYNC_PF) => {
                 Protocol::PageFault
             }
@@ -158,7 +180,7 @@ impl<H: ApfHardware, S: Scheduler, const D: usize, const B: usize> AsyncPf<H, S,
         if config.send_always {
             en |= EN_SEND_ALWAYS;
         }
-        if features.has(KvmFeatures::ASYNC_PF_VMEXIT) {
+        if config.pf_vmexit && features.has(KvmFeatures::ASYNC_PF_VMEXIT) {
             en |= EN_DELIVERY_AS_PF_VMEXIT;
         }
         if let Protocol::Interrupt { vector } = protocol {
@@ -181,7 +203,16 @@ impl<H: ApfHardware, S: Scheduler, const D: usize, const B: usize> AsyncPf<H, S,
     /// Disables async page faults on the current CPU (state `cpu`): the host stops writing to
     /// its area. Takes no lock, so it is fit for kexec, crash and reboot paths; waiters are not
     /// woken (see [`cpu_offline`](Self::cpu_offline)).
+    ///
+    /// On a CPU that never enabled async page faults (or already disabled them) it does
+    /// nothing, and in particular writes no MSR: `MSR_KVM_ASYNC_PF_EN` does not exist on bare
+    /// metal or under another hypervisor (#GP).
+    ///
+    /// Context: any, interrupts on or off; no lock, no allocation, never spins.
     pub fn disable_cpu(&self, hw: &H, cpu: &ApfCpu) -> Result<(), Error<H::Error>> {
+        if cpu.protocol().is_none() {
+            return Ok(());
+        }
         // SAFETY: writing 0 clears ENABLED: it gives the host no memory.
         unsafe { hw.write_enable(0) }.map_err(Error::Hardware)?;
         cpu.set_protocol(None);
@@ -190,7 +221,11 @@ impl<H: ApfHardware, S: Scheduler, const D: usize, const B: usize> AsyncPf<H, S,
     }
 
     /// The current CPU (state `cpu`, number `cpu_id`) is going offline: disables async page
-    /// faults there and wakes every task that was waiting on it, since its wakes will not come.
+    /// faults there (no MSR write if they were never enabled, as for
+    /// [`disable_cpu`](Self::disable_cpu)) and wakes every task that was waiting on it, since
+    /// its wakes will not come.
+    ///
+    /// Context: the CPU going down, interrupts off; takes each bucket lock in turn (spins).
     pub fn cpu_offline(
         &self,
         hw: &H,
@@ -239,6 +274,7 @@ impl<H: ApfHardware, S: Scheduler, const D: usize, const B: usize> AsyncPf<H, S,
         match event {
             PfEvent::NotPresent(token) => match self.wait(token) {
                 Enqueue::Ready => AsyncEvent::WakeCameFirst,
+                Enqueue::WakeLost => AsyncEvent::ReturnedEarly,
                 Enqueue::Queued => AsyncEvent::Slept,
             },
             PfEvent::Ready(token) => AsyncEvent::Woke(self.wake(token)),

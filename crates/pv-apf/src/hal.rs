@@ -3,10 +3,15 @@
 
 use core::convert::Infallible;
 
-/// CPUID leaf of the hypervisor signature.
+/// CPUID leaf of the hypervisor signature (the first base [`find_kvm`] tries).
 pub const KVM_CPUID_SIGNATURE: u32 = 0x4000_0000;
-/// CPUID leaf of the KVM paravirtual features.
+/// CPUID leaf of the KVM paravirtual features, when KVM sits at the first base (otherwise it
+/// is the base KVM was found at, plus 1).
 pub const KVM_CPUID_FEATURES: u32 = 0x4000_0001;
+/// One past the last hypervisor CPUID base [`find_kvm`] tries.
+pub const HYPERVISOR_CPUID_END: u32 = 0x4001_0000;
+/// The distance between two hypervisor CPUID bases.
+pub const HYPERVISOR_CPUID_STEP: u32 = 0x100;
 /// KVM's signature in EBX, ECX, EDX of [`KVM_CPUID_SIGNATURE`].
 pub const KVM_SIGNATURE: [u8; 12] = *b"KVMKVMKVM\0\0\0";
 
@@ -35,6 +40,28 @@ pub fn signature(ebx: u32, ecx: u32, edx: u32) -> [u8; 12] {
     sig[4..8].copy_from_slice(&ecx.to_le_bytes());
     sig[8..12].copy_from_slice(&edx.to_le_bytes());
     sig
+}
+
+/// Finds KVM among the hypervisor CPUID leaves the way Linux does (`cpuid.rst`): tries the
+/// bases 0x40000000, 0x40000100, ... up to 0x4000ff00 for the signature `KVMKVMKVM\0\0\0` (a
+/// hypervisor that emulates another one's interface, say Hyper-V, puts KVM's at a later
+/// base), and returns the features of `base + 1`. The base's EAX is the highest leaf of the
+/// range; old hosts leave it 0, which means `base + 1`.
+///
+/// `cpuid(leaf)` returns EAX, EBX, ECX, EDX of that leaf. Call this only when CPUID.1:ECX bit
+/// 31 says a hypervisor is present (`x86::probe` does): these leaves mean nothing
+/// on bare metal. Pure: no allocation, no side effect beyond the `cpuid` calls.
+pub fn find_kvm(mut cpuid: impl FnMut(u32) -> [u32; 4]) -> Option<KvmFeatures> {
+    (KVM_CPUID_SIGNATURE..HYPERVISOR_CPUID_END)
+        .step_by(HYPERVISOR_CPUID_STEP as usize)
+        .find_map(|base| {
+            let [eax, ebx, ecx, edx] = cpuid(base);
+            if signature(ebx, ecx, edx) != KVM_SIGNATURE {
+                return None;
+            }
+            let max = if eax == 0 { base + 1 } else { eax };
+            (max > base).then(|| KvmFeatures(cpuid(base + 1)[0]))
+        })
 }
 
 /// The KVM async-page-fault interface of the CPU the caller runs on.

@@ -7,10 +7,15 @@
 //! page-fault handler with a CR2, or its page-ready interrupt handler. [`SimHost::poke`]
 //! writes arbitrary bytes into the shared area, as a hostile host could.
 //!
+//! It behaves as KVM documents (`msr.rst`): a host offering `ASYNC_PF_INT` (KVM >= 5.8)
+//! accepts an enable without `DELIVERY_AS_INT` and then delivers nothing; an enable with it
+//! queues a page-ready "wake all" (token `0xffffffff`), which [`SimHost::deliver_queued`]
+//! delivers and which goes before any later page ready of that vCPU.
+//!
 //! Physical addresses are the guest's virtual ones here: enable with
 //! `cpu.area_addr() as u64`. `no_std`, no allocation: fit for a `static`.
 
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::{
     abi::{
@@ -26,8 +31,7 @@ use crate::{
 pub enum SimError {
     /// An MSR access where the MSR does not exist (bare metal, or no async PF): #GP.
     GeneralProtection,
-    /// The enable value sets reserved bits, or asks for #PF page-ready delivery from a host
-    /// that only supports interrupt delivery: KVM fails the WRMSR (#GP).
+    /// The enable value sets reserved bits: KVM fails the WRMSR (#GP).
     Rejected,
     /// The vCPU index is out of range.
     NoSuchVcpu,
@@ -35,8 +39,9 @@ pub enum SimError {
     NotEnabled,
     /// The guest registered another area than the one given for injection.
     WrongArea,
-    /// Page ready (interrupt protocol) while the previous token is still in the area: KVM
-    /// waits for the guest to clear it and write ACK.
+    /// Page ready (interrupt protocol) while the previous token is still in the area, or while
+    /// the wake-all queued by the enable is not delivered yet: KVM waits for the guest to
+    /// clear the token and write ACK, and delivers in order.
     SlotBusy,
 }
 
@@ -73,6 +78,10 @@ struct Vcpu {
     en: AtomicU64,
     vector: AtomicU64,
     acks: AtomicU64,
+    /// Writes of `MSR_KVM_ASYNC_PF_EN` the host accepted.
+    en_writes: AtomicU64,
+    /// The wake-all the last enable queued, not delivered yet.
+    wake_all_queued: AtomicBool,
 }
 
 impl Vcpu {
@@ -81,6 +90,8 @@ impl Vcpu {
             en: AtomicU64::new(0),
             vector: AtomicU64::new(0),
             acks: AtomicU64::new(0),
+            en_writes: AtomicU64::new(0),
+            wake_all_queued: AtomicBool::new(false),
         }
     }
 }
@@ -129,15 +140,61 @@ impl<const CPUS: usize> SimHost<CPUS> {
         Ok(self.regs(vcpu)?.en.load(Ordering::Relaxed))
     }
 
+    /// How many writes of `MSR_KVM_ASYNC_PF_EN` on `vcpu` the host accepted.
+    pub fn enable_writes(&self, vcpu: usize) -> Result<u64, SimError> {
+        Ok(self.regs(vcpu)?.en_writes.load(Ordering::Relaxed))
+    }
+
+    /// Whether async page faults are live on `vcpu`: enabled, and on a host offering
+    /// `ASYNC_PF_INT` with `DELIVERY_AS_INT` too (without it such a host sends nothing).
+    pub fn delivers(&self, vcpu: usize) -> Result<bool, SimError> {
+        let en = self.enable_value(vcpu)?;
+        let needs_int = self.has(KvmFeatures::ASYNC_PF_INT);
+        Ok(en & EN_ENABLED != 0 && (!needs_int || en & EN_DELIVERY_AS_INT != 0))
+    }
+
+    fn has(&self, feature: u32) -> bool {
+        self.features.is_some_and(|f| f.has(feature))
+    }
+
+    /// Delivers what the host queued for `vcpu` by itself: the wake-all of the last enable
+    /// (interrupt protocol, token `0xffffffff` in the area). `Ok(None)`: nothing queued.
+    /// Fails with `SlotBusy` while the guest has not consumed the previous token.
+    pub fn deliver_queued(&self, vcpu: usize, cpu: &ApfCpu) -> Result<Option<Inject>, SimError> {
+        self.registered(vcpu, cpu)?;
+        let regs = self.regs(vcpu)?;
+        if !regs.wake_all_queued.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        let inject = self.put_token(vcpu, cpu, TOKEN_WAKE_ALL)?;
+        regs.wake_all_queued.store(false, Ordering::Relaxed);
+        Ok(Some(inject))
+    }
+
+    fn put_token(&self, vcpu: usize, cpu: &ApfCpu, token: u32) -> Result<Inject, SimError> {
+        if cpu
+            .area()
+            .token
+            .compare_exchange(0, token, Ordering::Relaxed, Ordering::Relaxed)
+            .is_err()
+        {
+            return Err(SimError::SlotBusy);
+        }
+        Ok(Inject::Interrupt {
+            vector: self.regs(vcpu)?.vector.load(Ordering::Relaxed) as u8,
+        })
+    }
+
     /// How many times the guest wrote `MSR_KVM_ASYNC_PF_ACK` on `vcpu`.
     pub fn acks(&self, vcpu: usize) -> Result<u64, SimError> {
         Ok(self.regs(vcpu)?.acks.load(Ordering::Relaxed))
     }
 
-    /// Checks that `vcpu` enabled async PF with `cpu`'s area; returns its enable value.
+    /// Checks that `vcpu` enabled async PF with `cpu`'s area, in a way this host delivers
+    /// for; returns its enable value.
     fn registered(&self, vcpu: usize, cpu: &ApfCpu) -> Result<u64, SimError> {
         let en = self.enable_value(vcpu)?;
-        if en & EN_ENABLED == 0 {
+        if !self.delivers(vcpu)? {
             return Err(SimError::NotEnabled);
         }
         if en & !EN_FLAGS_MASK != cpu.area_addr() as u64 {
@@ -164,17 +221,10 @@ impl<const CPUS: usize> SimHost<CPUS> {
     pub fn page_ready(&self, vcpu: usize, cpu: &ApfCpu, token: u32) -> Result<Inject, SimError> {
         let en = self.registered(vcpu, cpu)?;
         if en & EN_DELIVERY_AS_INT != 0 {
-            let area = cpu.area();
-            if area
-                .token
-                .compare_exchange(0, token, Ordering::Relaxed, Ordering::Relaxed)
-                .is_err()
-            {
+            if self.regs(vcpu)?.wake_all_queued.load(Ordering::Relaxed) {
                 return Err(SimError::SlotBusy);
             }
-            Ok(Inject::Interrupt {
-                vector: self.regs(vcpu)?.vector.load(Ordering::Relaxed) as u8,
-            })
+            self.put_token(vcpu, cpu, token)
         } else {
             cpu.area().flags.store(REASON_PAGE_READY, Ordering::Relaxed);
             Ok(Inject::PageFault {
@@ -244,17 +294,17 @@ impl<const CPUS: usize> ApfHardware for SimVcpu<'_, CPUS> {
 
     unsafe fn write_enable(&self, value: u64) -> Result<(), SimError> {
         let regs = self.regs()?;
-        let modern = self
-            .host
-            .features
-            .is_some_and(|f| f.has(KvmFeatures::ASYNC_PF_INT));
-        // Bits 4 and 5 are reserved; a modern KVM wants interrupt delivery.
-        if value & 0x30 != 0
-            || (modern && value & EN_ENABLED != 0 && value & EN_DELIVERY_AS_INT == 0)
-        {
+        // Bits 4 and 5 are reserved. A host with ASYNC_PF_INT accepts ENABLED without
+        // DELIVERY_AS_INT and then sends nothing (`delivers`), as KVM does.
+        if value & 0x30 != 0 {
             return Err(SimError::Rejected);
         }
         regs.en.store(value, Ordering::Relaxed);
+        regs.en_writes.fetch_add(1, Ordering::Relaxed);
+        // Enabling with interrupt delivery queues a wake-all; disabling drops the queue.
+        let live = value & (EN_ENABLED | EN_DELIVERY_AS_INT) == EN_ENABLED | EN_DELIVERY_AS_INT
+            && self.host.has(KvmFeatures::ASYNC_PF_INT);
+        regs.wake_all_queued.store(live, Ordering::Relaxed);
         Ok(())
     }
 

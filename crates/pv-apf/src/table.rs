@@ -6,8 +6,11 @@
 //! of `D` inside the table, so the memory the table uses never grows, whatever the host sends.
 //!
 //! Waking early is always harmless: a task that returns from its wait re-executes the faulting
-//! access, which at worst faults again. Losing a wake is what must never happen; the only
-//! case where the table drops one is a full dummy pool (see [`Wake::Dropped`]).
+//! access, which at worst faults again. Losing a wake is what must never happen. When the
+//! dummy pool is full the table cannot remember a wake's token (see [`Wake::Dropped`]); it
+//! remembers instead that the CPU lost one, and every later wait that finds no dummy returns
+//! at once ([`Enqueue::WakeLost`]) until a wake-all of that CPU: a spurious re-fault instead
+//! of a task that sleeps forever.
 
 use core::{cell::Cell, marker::PhantomPinned, pin::Pin, ptr};
 
@@ -42,6 +45,11 @@ pub enum Waiter<T> {
 pub enum Enqueue {
     /// The wake came first: its dummy was consumed and there is nothing to wait for.
     Ready,
+    /// No dummy, but a CPU dropped a wake since that CPU's last wake-all (the pool was full):
+    /// that wake may have been this one's, so the node was not queued and the wait ends at
+    /// once. The faulting access re-executes (and faults again if the page is still
+    /// out, which costs the host a synchronous fault, not a hang).
+    WakeLost,
     /// The node is in the table until a wake for its token (or a wake-all of its CPU).
     Queued,
 }
@@ -55,11 +63,12 @@ pub enum Wake {
     DummyAdded,
     /// Nobody waited and a dummy for the token was already pending (a duplicate wake).
     AlreadyPending,
-    /// Nobody waited and the dummy pool was empty: the wake is dropped and counted in
-    /// [`SleepTable::dropped_wakes`]. A later wait for the token sleeps until a wake-all of its
-    /// CPU. A correct host keeps at most a handful of wakes ahead of their faults, so this
-    /// means a broken or hostile host, which could hang that task anyway by never sending the
-    /// wake; what it cannot do is make the guest allocate memory.
+    /// Nobody waited and the dummy pool was empty: the token is not remembered (counted in
+    /// [`SleepTable::dropped_wakes`]); instead the CPU is marked, so that every later wait
+    /// that finds no dummy returns at once ([`Enqueue::WakeLost`]) until a wake-all of that
+    /// CPU. No wait sleeps forever for want of a dummy, and the guest never allocates,
+    /// whatever the host sends. A correct host keeps at most a handful of wakes ahead of their
+    /// faults, so this takes a broken or hostile host.
     Dropped,
 }
 
@@ -225,6 +234,13 @@ impl<const D: usize> Pool<D> {
     }
 }
 
+/// The lost-wake mark of CPU `cpu`: one bit per CPU below 63; CPUs from 63 up share bit 63
+/// (a wake lost on one of them makes unmatched waits on all of them return early: spurious
+/// re-faults, still bounded and never a hang).
+const fn lost_bit(cpu: u32) -> u64 {
+    1 << (if cpu < 63 { cpu } else { 63 })
+}
+
 /// Tasks sleeping on async-page-fault tokens, with room for `D` early wakes, in `B` buckets.
 ///
 /// `T` is the scheduler's task handle. All memory is inside the value: put it in a `static`.
@@ -232,6 +248,8 @@ pub struct SleepTable<T, const D: usize = DEFAULT_DUMMIES, const B: usize = DEFA
     buckets: [SpinLock<Bucket<T>>; B],
     pool: Pool<D>,
     dropped: AtomicU64,
+    /// CPUs that dropped a wake since their last wake-all ([`lost_bit`]).
+    lost: AtomicU64,
 }
 
 // SAFETY: the cells reachable from the table (dummy slots, and the `next` of waiters linked
@@ -255,6 +273,7 @@ impl<T: Copy, const D: usize, const B: usize> SleepTable<T, D, B> {
                 used: [const { AtomicBool::new(false) }; D],
             },
             dropped: AtomicU64::new(0),
+            lost: AtomicU64::new(0),
         }
     }
 
@@ -273,6 +292,7 @@ impl<T: Copy, const D: usize, const B: usize> SleepTable<T, D, B> {
                 used: core::array::from_fn(|_| AtomicBool::new(false)),
             },
             dropped: AtomicU64::new(0),
+            lost: AtomicU64::new(0),
         }
     }
 
@@ -302,6 +322,9 @@ impl<T: Copy, const D: usize, const B: usize> SleepTable<T, D, B> {
         }
         let Some(index) = self.pool.alloc() else {
             self.dropped.fetch_add(1, Ordering::Relaxed);
+            // Under the bucket lock: a wait for `token` (same bucket) that comes after this
+            // wake sees the mark (the lock orders them).
+            self.lost.fetch_or(lost_bit(cpu), Ordering::Relaxed);
             return Wake::Dropped;
         };
         let dummy = self.pool.slot(index);
@@ -317,6 +340,12 @@ impl<T: Copy, const D: usize, const B: usize> SleepTable<T, D, B> {
     /// is going offline). Other CPUs' entries are left alone.
     pub fn wake_all(&self, cpu: u32, mut resume: impl FnMut(Waiter<T>)) -> WakeAll {
         let mut done = WakeAll::default();
+        // Nothing is pending for the CPU any more, so no wake of it can be lost: waits that
+        // find no dummy sleep again. (CPUs from 63 up share a mark: only CPU 63's wake-all
+        // would clear it for all, so leave it for them: they keep returning early.)
+        if cpu < 63 {
+            self.lost.fetch_and(!lost_bit(cpu), Ordering::Relaxed);
+        }
         for bucket in &self.buckets {
             let mut bucket = bucket.lock();
             while let Some(node) = bucket.find(|n| n.cpu == cpu) {
@@ -344,6 +373,12 @@ impl<T: Copy, const D: usize, const B: usize> SleepTable<T, D, B> {
     /// Wakes dropped so far because the dummy pool was empty (see [`Wake::Dropped`]).
     pub fn dropped_wakes(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Whether CPU `cpu` dropped a wake since its last wake-all; while any CPU has, waits that
+    /// find no dummy return at once ([`Enqueue::WakeLost`]).
+    pub fn wake_lost(&self, cpu: u32) -> bool {
+        self.lost.load(Ordering::Relaxed) & lost_bit(cpu) != 0
     }
 
     /// Counts the entries of CPU `cpu` (`None`: of every CPU) as `(waiters, dummies)`. Takes
@@ -423,8 +458,9 @@ impl<'t, T: Copy, const D: usize, const B: usize> WaitNode<'t, T, D, B> {
         self.node.token
     }
 
-    /// Consumes the token's dummy if its wake came first, or links the node into the table.
-    /// A second call changes nothing and reports `Ready` once the node was woken.
+    /// Consumes the token's dummy if its wake came first, or links the node into the table
+    /// (unless its CPU lost a wake: [`Enqueue::WakeLost`], not linked). A second call changes
+    /// nothing and reports `Ready` once the node was woken (or was never linked).
     pub fn enqueue(self: Pin<&Self>) -> Enqueue {
         let this = self.get_ref();
         if this.enqueued.replace(true) {
@@ -440,6 +476,11 @@ impl<'t, T: Copy, const D: usize, const B: usize> WaitNode<'t, T, D, B> {
         if let Some(found) = pool.find(&bucket, |d| d.token.get() == token) {
             pool.remove(&mut bucket, found);
             return Enqueue::Ready;
+        }
+        // KVM pairs a token's not present and page ready on one vCPU, but a host that does
+        // not could have dropped this token's wake on another CPU: any mark counts.
+        if this.table.lost.load(Ordering::Relaxed) != 0 {
+            return Enqueue::WakeLost;
         }
         // The node is pinned (we are behind `Pin`), and `Drop` unlinks it before its memory
         // goes, so the list never holds a dangling pointer.

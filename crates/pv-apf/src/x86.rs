@@ -5,21 +5,17 @@ use crate::{
     hal::{self, ApfHardware, KvmFeatures},
 };
 
-/// Finds KVM and its features with CPUID (unprivileged, so safe anywhere).
+/// Finds KVM and its features with CPUID (unprivileged, so safe anywhere): the hypervisor bit,
+/// then [`hal::find_kvm`]'s scan of the hypervisor leaves.
 pub fn probe() -> Option<KvmFeatures> {
     // CPUID.1:ECX bit 31: a hypervisor is present; leaves 0x4000_0000+ mean nothing otherwise.
     if ::x86::cpuid::cpuid!(1).ecx & (1 << 31) == 0 {
         return None;
     }
-    let sig = ::x86::cpuid::cpuid!(hal::KVM_CPUID_SIGNATURE);
-    if hal::signature(sig.ebx, sig.ecx, sig.edx) != hal::KVM_SIGNATURE
-        || sig.eax < hal::KVM_CPUID_FEATURES
-    {
-        return None;
-    }
-    Some(KvmFeatures(
-        ::x86::cpuid::cpuid!(hal::KVM_CPUID_FEATURES).eax,
-    ))
+    hal::find_kvm(|leaf| {
+        let r = ::x86::cpuid::cpuid!(leaf);
+        [r.eax, r.ebx, r.ecx, r.edx]
+    })
 }
 
 /// The CPU this code runs on, in ring 0 of a kernel.

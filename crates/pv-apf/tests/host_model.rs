@@ -64,6 +64,15 @@ fn guest(host: SimHost<CPUS>, tasks: usize, legacy_only: bool) -> Arc<Guest> {
         // SAFETY: the area is leaked (static) and the sim's physical addresses are virtual.
         unsafe { apf.enable_cpu(&host.vcpu(i), cpu, cpu.area_addr() as u64, config) }
             .expect("enable");
+        // Like KVM, the host sends a wake-all right after an enable (interrupt protocol).
+        if let Some(Inject::Interrupt { .. }) = host.deliver_queued(i, cpu).expect("queue") {
+            ThreadSched::on_cpu(i as u32);
+            let event = apf.handle_ready_interrupt(&host.vcpu(i), cpu).expect("ack");
+            assert_eq!(
+                event,
+                Some(AsyncEvent::WokeAll(oskit_pv_apf::WakeAll::default()))
+            );
+        }
     }
     Arc::new(Guest {
         host,
@@ -226,9 +235,9 @@ fn random_orders(legacy: bool) {
         assert_eq!(g.apf.table().census(None), (0, 0), "entries left behind");
         assert_eq!(g.apf.table().dummies_in_use(), 0);
         if !legacy {
-            // One ACK per page-ready interrupt.
+            // One ACK per page-ready interrupt (and one per CPU for the enable's wake-all).
             let acks: u64 = (0..CPUS).map(|i| g.host.acks(i).unwrap()).sum();
-            assert_eq!(acks, TASKS as u64);
+            assert_eq!(acks, (TASKS + CPUS) as u64);
         }
     }
 }
@@ -369,8 +378,10 @@ fn cpu_offline_disables_and_wakes_its_waiters() {
         .map(|n| spawn_task(&g, n, 0x500 + n as u32, &done_tx))
         .collect();
     wait_until_waiting(&g, None, 2);
+    let writes = g.host.enable_writes(1).unwrap();
     let all = g.apf.cpu_offline(&g.host.vcpu(1), &g.cpus[1], 1).unwrap();
     assert_eq!(all.woken, 1);
+    assert_eq!(g.host.enable_writes(1).unwrap(), writes + 1);
     assert_eq!(g.host.enable_value(1).unwrap(), 0);
     assert_eq!(g.cpus[1].protocol(), None);
     assert_eq!(await_all(&done_rx, 1)[0].0, 1);
@@ -384,6 +395,74 @@ fn cpu_offline_disables_and_wakes_its_waiters() {
         g.apf.handle_page_fault(&g.cpus[1], 3),
         PfOutcome::NotAsyncPf
     );
+    // Offline again (already disabled): no MSR write; nobody of CPU 1 is left to wake.
+    let again = g.apf.cpu_offline(&g.host.vcpu(1), &g.cpus[1], 1).unwrap();
+    assert_eq!((again.woken, again.dummies_freed), (0, 0));
+    assert_eq!(g.host.enable_writes(1).unwrap(), writes + 1);
+}
+
+#[test]
+fn a_wake_dropped_by_a_full_pool_never_leaves_its_wait_asleep() {
+    // The pool (8 dummies) fills with wakes for faults still to come, then the wake of
+    // token 100 finds no room. Its fault must not sleep forever.
+    let g = guest(SimHost::modern(), 3, false);
+    for token in 1..=8 {
+        assert_eq!(g.ready(0, token), AsyncEvent::Woke(Wake::DummyAdded));
+    }
+    assert_eq!(g.ready(0, 100), AsyncEvent::Woke(Wake::Dropped));
+    assert!(g.apf.table().wake_lost(0) && !g.apf.table().wake_lost(1));
+    // Sleeping would wait for an unblock that never comes; the wait returns at once instead.
+    let (done_tx, done_rx) = mpsc::channel();
+    let h = spawn_task(&g, 0, 100, &done_tx);
+    assert_eq!(await_all(&done_rx, 1)[0].1, AsyncEvent::ReturnedEarly);
+    h.join().unwrap();
+    // Dummies are still consumed as before.
+    g.sched.enter(0, true);
+    assert_eq!(g.fault(0, 3), AsyncEvent::WakeCameFirst);
+    // A wake-all of CPU 0 ends the mark (and reclaims its dummies)...
+    let AsyncEvent::WokeAll(all) = g.ready(0, TOKEN_WAKE_ALL) else {
+        panic!("wake-all")
+    };
+    assert_eq!(all.dummies_freed, 7);
+    assert!(!g.apf.table().wake_lost(0));
+    // ...and faults sleep until their page ready again.
+    let h = spawn_task(&g, 1, 0x900, &done_tx);
+    wait_until_waiting(&g, Some(1), 1);
+    assert_eq!(g.ready(1, 0x900), AsyncEvent::Woke(Wake::Woke(1)));
+    assert_eq!(await_all(&done_rx, 1)[0].1, AsyncEvent::Slept);
+    h.join().unwrap();
+}
+
+#[test]
+fn a_modern_host_sends_a_wake_all_right_after_enable() {
+    let host = SimHost::<1>::modern();
+    let cpu = ApfCpu::new();
+    let sched = ThreadSched::new(1);
+    let apf: AsyncPf<SimVcpu<'_, 1>, &ThreadSched> = AsyncPf::new(&sched);
+    // SAFETY: `cpu` outlives every use of the host in this test; sim addresses are virtual.
+    unsafe {
+        apf.enable_cpu(
+            &host.vcpu(0),
+            &cpu,
+            cpu.area_addr() as u64,
+            Config::new(VECTOR),
+        )
+    }
+    .unwrap();
+    // Queued before anything else: a page ready has to wait for it.
+    assert_eq!(
+        host.page_ready(0, &cpu, 5),
+        Err(oskit_pv_apf::sim::SimError::SlotBusy)
+    );
+    assert_eq!(
+        host.deliver_queued(0, &cpu),
+        Ok(Some(Inject::Interrupt { vector: VECTOR }))
+    );
+    ThreadSched::on_cpu(0);
+    let event = apf.handle_ready_interrupt(&host.vcpu(0), &cpu).unwrap();
+    assert!(matches!(event, Some(AsyncEvent::WokeAll(_))), "{event:?}");
+    assert_eq!(host.deliver_queued(0, &cpu), Ok(None));
+    assert!(host.page_ready(0, &cpu, 5).is_ok());
 }
 
 #[test]
@@ -408,8 +487,10 @@ fn enable_programs_vector_then_area() {
 fn interrupt_protocol_acks_even_a_spurious_interrupt_and_keeps_the_slot_rule() {
     let g = guest(SimHost::modern(), 1, false);
     let hw = g.host.vcpu(0);
-    assert_eq!(g.apf.handle_ready_interrupt(&hw, &g.cpus[0]), Ok(None));
+    // (The first ACK was the enable's wake-all.)
     assert_eq!(g.host.acks(0).unwrap(), 1);
+    assert_eq!(g.apf.handle_ready_interrupt(&hw, &g.cpus[0]), Ok(None));
+    assert_eq!(g.host.acks(0).unwrap(), 2);
     // The host may not overwrite a token the guest has not consumed.
     g.host.page_ready(0, &g.cpus[0], 5).unwrap();
     assert_eq!(

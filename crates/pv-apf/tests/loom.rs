@@ -66,6 +66,7 @@ fn wait_and_wake_in_either_order() {
                 assert_eq!(woke, Wake::Woke(1));
                 assert_eq!(unblocks[0].load(Ordering::SeqCst), 1);
             }
+            Enqueue::WakeLost => panic!("no wake can be dropped: the pool is never full here"),
         }
         assert_eq!(table.census(None), (0, 0));
         assert_eq!(table.dummies_in_use(), 0);
@@ -138,6 +139,7 @@ fn two_tokens_in_one_bucket() {
             match how {
                 Enqueue::Ready => assert_eq!((wake, n), (Wake::DummyAdded, 0)),
                 Enqueue::Queued => assert_eq!((wake, n), (Wake::Woke(1), 1)),
+                Enqueue::WakeLost => panic!("no wake can be dropped: the pool is never full here"),
             }
         }
         assert_eq!(table.census(None), (0, 0));

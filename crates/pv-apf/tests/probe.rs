@@ -103,17 +103,160 @@ fn enable_refuses_what_cannot_work() {
 }
 
 #[test]
-fn the_sim_host_rejects_pf_delivery_on_a_modern_kvm() {
+fn a_modern_kvm_is_never_reported_enabled_in_the_legacy_protocol() {
     let host = SimHost::<1>::modern();
     let cpu = ApfCpu::new();
     let legacy_only = Config {
         vector: None,
         ..Config::new(0)
     };
-    // The guest tries the #PF protocol; the modern host fails the WRMSR and the guest stays off.
+    // KVM >= 5.8 would accept ENABLED without DELIVERY_AS_INT and then send nothing, so the
+    // guest refuses before writing anything.
     let e = try_enable(&host, &cpu, cpu.area_addr() as u64, legacy_only);
-    assert_eq!(e, Err(Error::Hardware(SimError::Rejected)));
+    assert_eq!(e, Err(Error::Unsupported));
+    assert_eq!(e.unwrap_err().errno(), 95);
     assert_eq!(cpu.protocol(), None);
+    assert_eq!(host.enable_writes(0), Ok(0));
+    // An old host (no ASYNC_PF_INT) still gets the legacy protocol.
+    let old = SimHost::<1>::kvm(KvmFeatures::ASYNC_PF);
+    assert_eq!(
+        try_enable(&old, &cpu, cpu.area_addr() as u64, legacy_only),
+        Ok(())
+    );
+    assert_eq!(cpu.protocol(), Some(oskit_pv_apf::Protocol::PageFault));
+}
+
+#[test]
+fn the_sim_host_accepts_and_ignores_pf_delivery_on_a_modern_kvm() {
+    use oskit_pv_apf::abi::EN_ENABLED;
+    let host = SimHost::<1>::modern();
+    let cpu = ApfCpu::new();
+    // What real KVM >= 5.8 does with ENABLED alone: the WRMSR succeeds...
+    let hw = host.vcpu(0);
+    // SAFETY: `cpu` outlives every use of the host here; sim addresses are virtual.
+    let accepted = unsafe { hw.write_enable(cpu.area_addr() as u64 | EN_ENABLED) };
+    assert_eq!(accepted, Ok(()));
+    // ...and no event ever comes: no queued wake-all, no not present, no page ready.
+    assert_eq!(host.delivers(0), Ok(false));
+    assert_eq!(host.deliver_queued(0, &cpu), Err(SimError::NotEnabled));
+    assert_eq!(host.not_present(0, &cpu, 1), Err(SimError::NotEnabled));
+    assert_eq!(host.page_ready(0, &cpu, 1), Err(SimError::NotEnabled));
+    // Reserved bits are still refused.
+    // SAFETY: as above.
+    let reserved = unsafe { hw.write_enable(cpu.area_addr() as u64 | EN_ENABLED | 0x10) };
+    assert_eq!(reserved, Err(SimError::Rejected));
+}
+
+#[test]
+fn disable_on_a_cpu_that_never_enabled_writes_no_msr() {
+    let apf: AsyncPf<SimVcpu<'_, 1>, NoSched> = AsyncPf::new(NoSched);
+    let cpu = ApfCpu::new();
+    // Bare metal: the MSR does not exist (a #GP) and must not be touched.
+    let bare = SimHost::<1>::bare_metal();
+    assert_eq!(apf.disable_cpu(&bare.vcpu(0), &cpu), Ok(()));
+    let all = apf.cpu_offline(&bare.vcpu(0), &cpu, 0).unwrap();
+    assert_eq!((all.woken, all.dummies_freed), (0, 0));
+    // KVM where this CPU never enabled: no write either.
+    let kvm = SimHost::<1>::modern();
+    assert_eq!(apf.disable_cpu(&kvm.vcpu(0), &cpu), Ok(()));
+    assert!(apf.cpu_offline(&kvm.vcpu(0), &cpu, 0).is_ok());
+    assert_eq!(kvm.enable_writes(0), Ok(0));
+    // Once enabled, disabling writes 0 once; a second disable writes nothing.
+    assert_eq!(
+        try_enable(&kvm, &cpu, cpu.area_addr() as u64, Config::new(0xec)),
+        Ok(())
+    );
+    assert_eq!(apf.disable_cpu(&kvm.vcpu(0), &cpu), Ok(()));
+    assert_eq!(apf.disable_cpu(&kvm.vcpu(0), &cpu), Ok(()));
+    assert_eq!((kvm.enable_writes(0), kvm.enable_value(0)), (Ok(2), Ok(0)));
+}
+
+#[test]
+fn pf_vmexit_delivery_is_asked_for_when_offered_unless_opted_out() {
+    use oskit_pv_apf::abi::EN_DELIVERY_AS_PF_VMEXIT;
+    let features = KvmFeatures::ASYNC_PF | KvmFeatures::ASYNC_PF_INT | KvmFeatures::ASYNC_PF_VMEXIT;
+    for (opt_in, expected) in [(true, EN_DELIVERY_AS_PF_VMEXIT), (false, 0)] {
+        let host = SimHost::<1>::kvm(features);
+        let cpu = ApfCpu::new();
+        let config = Config {
+            pf_vmexit: opt_in,
+            ..Config::new(0xec)
+        };
+        assert_eq!(
+            try_enable(&host, &cpu, cpu.area_addr() as u64, config),
+            Ok(())
+        );
+        assert_eq!(
+            host.enable_value(0).unwrap() & EN_DELIVERY_AS_PF_VMEXIT,
+            expected
+        );
+    }
+    // Not offered: never set.
+    let host = SimHost::<1>::modern();
+    let cpu = ApfCpu::new();
+    assert_eq!(
+        try_enable(&host, &cpu, cpu.area_addr() as u64, Config::new(0xec)),
+        Ok(())
+    );
+    assert_eq!(host.enable_value(0).unwrap() & EN_DELIVERY_AS_PF_VMEXIT, 0);
+}
+
+/// CPUID leaves of a made-up machine: `(leaf, [eax, ebx, ecx, edx])`; others read as 0.
+fn fake_cpuid(leaves: &[(u32, [u32; 4])]) -> impl FnMut(u32) -> [u32; 4] + '_ {
+    move |leaf| {
+        leaves
+            .iter()
+            .find(|(l, _)| *l == leaf)
+            .map_or([0; 4], |(_, r)| *r)
+    }
+}
+
+const KVM_SIG: [u32; 3] = [0x4b4d_564b, 0x564b_4d56, 0x0000_004d];
+
+#[test]
+fn kvm_is_found_at_any_hypervisor_base_like_linux() {
+    let f = KvmFeatures::ASYNC_PF | KvmFeatures::ASYNC_PF_INT;
+    // KVM behind another hypervisor's interface (Hyper-V's "Microsoft Hv" at 0x40000000).
+    let hv = [0x4000_0006, 0x7263_694d, 0x666f_736f, 0x7648_2074];
+    let leaves = [
+        (0x4000_0000, hv),
+        (
+            0x4000_0100,
+            [0x4000_0101, KVM_SIG[0], KVM_SIG[1], KVM_SIG[2]],
+        ),
+        (0x4000_0101, [f, 0, 0, 0]),
+    ];
+    assert_eq!(hal::find_kvm(fake_cpuid(&leaves)), Some(KvmFeatures(f)));
+    // An old host leaves the base's EAX 0: it means base + 1.
+    let leaves = [
+        (0x4000_0000, [0, KVM_SIG[0], KVM_SIG[1], KVM_SIG[2]]),
+        (0x4000_0001, [KvmFeatures::ASYNC_PF, 0, 0, 0]),
+    ];
+    assert_eq!(
+        hal::find_kvm(fake_cpuid(&leaves)),
+        Some(KvmFeatures(KvmFeatures::ASYNC_PF))
+    );
+    // The last base tried is 0x4000ff00; nothing beyond, and no signature means no KVM.
+    let last = [
+        (
+            0x4000_ff00,
+            [0x4000_ff01, KVM_SIG[0], KVM_SIG[1], KVM_SIG[2]],
+        ),
+        (0x4000_ff01, [f, 0, 0, 0]),
+    ];
+    assert_eq!(hal::find_kvm(fake_cpuid(&last)), Some(KvmFeatures(f)));
+    let beyond = [(
+        0x4001_0000,
+        [0x4001_0001, KVM_SIG[0], KVM_SIG[1], KVM_SIG[2]],
+    )];
+    assert_eq!(hal::find_kvm(fake_cpuid(&beyond)), None);
+    assert_eq!(hal::find_kvm(fake_cpuid(&[(0x4000_0000, hv)])), None);
+    // A KVM range without its features leaf.
+    let short = [(
+        0x4000_0000,
+        [0x4000_0000, KVM_SIG[0], KVM_SIG[1], KVM_SIG[2]],
+    )];
+    assert_eq!(hal::find_kvm(fake_cpuid(&short)), None);
 }
 
 #[test]

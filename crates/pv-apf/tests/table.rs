@@ -33,6 +33,37 @@ fn a_table_with_pending_dummies_can_move() {
 }
 
 #[test]
+fn a_wake_the_full_pool_drops_makes_unmatched_waits_on_its_cpu_return_at_once() {
+    let table = SleepTable::<u32, 1, 4>::new();
+    assert_eq!(table.wake(1, 0, |_| {}), Wake::DummyAdded);
+    // No room for token 2's early wake.
+    assert_eq!(table.wake(2, 0, |_| {}), Wake::Dropped);
+    assert_eq!(table.dropped_wakes(), 1);
+    assert!(table.wake_lost(0) && !table.wake_lost(1));
+    // Its wait must not sleep (nobody would ever wake it): not queued, ends at once.
+    let node = pin!(WaitNode::new(&table, 2, 0, Waiter::Task(7)));
+    assert_eq!(node.as_ref().enqueue(), Enqueue::WakeLost);
+    assert!(node.is_woken());
+    assert_eq!(table.census(None), (0, 1));
+    // Nor does a wait on another CPU (a host need not pair a token with one vCPU).
+    let other = pin!(WaitNode::new(&table, 2, 1, Waiter::Task(8)));
+    assert_eq!(other.as_ref().enqueue(), Enqueue::WakeLost);
+    // Dummies are still consumed first.
+    let first = pin!(WaitNode::new(&table, 1, 0, Waiter::Task(6)));
+    assert_eq!(first.as_ref().enqueue(), Enqueue::Ready);
+    // A wake-all of CPU 0 clears the mark: waits sleep again.
+    table.wake_all(0, |_| {});
+    assert!(!table.wake_lost(0));
+    let later = pin!(WaitNode::new(&table, 4, 1, Waiter::Task(9)));
+    assert_eq!(later.as_ref().enqueue(), Enqueue::Queued);
+    assert_eq!(table.wake(4, 1, |_| {}), Wake::Woke(1));
+    // CPUs from 63 up share one mark, which no single wake-all below 63 clears.
+    let big = SleepTable::<u32, 0, 1>::new();
+    assert_eq!(big.wake(9, 64, |_| {}), Wake::Dropped);
+    assert!(big.wake_lost(63) && big.wake_lost(100) && !big.wake_lost(62));
+}
+
+#[test]
 fn colliding_tokens_are_told_apart() {
     let a = 3u32;
     let b = (4..)

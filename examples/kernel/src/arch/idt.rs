@@ -62,11 +62,8 @@ pub fn init() {
     }
 }
 
-/// Lets ring 3 raise `vector` with `int` (a system-call gate). Call it before user mode starts.
-#[expect(
-    dead_code,
-    reason = "for user mode, which the composition issue brings"
-)]
+/// Lets ring 3 raise `vector` with `int` (a system-call gate, as #BP's is for `int3`). Call it
+/// before ring 3 can raise the vector.
 pub fn allow_from_user(vector: u8) {
     let stubs = addr_of!(trap::trap_stubs) as u64;
     IDT.lock()[usize::from(vector)] = gate(stubs + 16 * u64::from(vector), 0, 3);

@@ -167,3 +167,32 @@ pub unsafe fn init_this_cpu() {
         x86::msr::wrmsr(IA32_FMASK, fmask);
     }
 }
+
+/// System calls served through [`on_general_protection`] (kvm_pvm's way of reporting them).
+pub static VIA_GP: AtomicU64 = AtomicU64::new(0);
+
+/// A #GP whose frame says "ring 3, at `syscall_entry`" is how kvm_pvm (the paravirtual KVM of
+/// this project's CI machine) reports the SYSCALL of a guest that does not speak its own
+/// event-delivery ABI: the frame then holds what SYSCALL itself leaves, RCX = the user's
+/// return RIP and R11 = its RFLAGS, with RAX and the arguments as the task set them
+/// (measured). This handler serves it as the system call it is and returns with IRETQ; any
+/// other #GP is left to the usual handling. On TCG and hardware KVM it never fires.
+pub fn on_general_protection(frame: &mut TrapFrame) -> crate::arch::trap::Handled {
+    let entry = &raw const syscall_entry as u64;
+    // Ring 3 may also jump to `syscall_entry` itself (kernel text is user-executable here) and
+    // fault on its SWAPGS with whatever RCX it likes: only a return into user space is served.
+    if !frame.is_from_user()
+        || frame.rip != entry
+        || frame.error_code != 0
+        || frame.rcx >= crate::mm::vm::USER_END
+    {
+        return crate::arch::trap::Handled::No;
+    }
+    VIA_GP.fetch_add(1, Ordering::Relaxed);
+    // Where SYSRET would return: the instruction after the SYSCALL, with the task's flags
+    // (forced to user-legal ones: IF on, IOPL 0, as SYSRET leaves them).
+    frame.rip = frame.rcx;
+    frame.rflags = (frame.r11 | 0x200) & !0x3000;
+    syscall_dispatch(frame);
+    crate::arch::trap::Handled::Yes
+}
