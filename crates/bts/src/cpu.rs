@@ -211,16 +211,37 @@ fn handle_threshold<T: TaskRef, M>(
     Some(report)
 }
 
-/// Writes a SCHED record into `c`'s buffer if it asks for them.
+/// Writes a SCHED record into `c`'s buffer if it asks for them. Returns `false` only when the
+/// record was refused because the buffer is full (then the caller handles the overflow, which
+/// in interrupt mode drains it, and writes the record again).
 #[inline(always)]
-fn sched_record<T, M>(c: &mut Inner<T, M>, record: Record) {
+fn sched_record<T, M>(c: &mut Inner<T, M>, record: Record) -> bool {
     if !c.tracer || !c.flags.contains(Flags::SCHED) {
-        return;
+        return true;
     }
     let circular = c.flags.circular();
-    if let Some(b) = c.buffer.as_mut() {
-        b.push(record.encode(), circular);
+    c.buffer
+        .as_mut()
+        .is_none_or(|b| b.push(record.encode(), circular))
+}
+
+/// Writes a SCHED record, then handles an overflow it (or the branches before it) reached. A
+/// record that met a full buffer is written again after the overflow is handled: an interrupt
+/// mode drain has made room for it (in signal mode the buffer stays full until the tracer
+/// drains, and the record is lost, as the report's `full` says).
+#[inline(always)]
+fn sched_record_and_overflow<T: TaskRef, M>(
+    c: &mut Inner<T, M>,
+    record: Record,
+    sink: &mut impl RecordSink,
+    signaller: &mut impl Signaller<T>,
+) -> Option<Overflow> {
+    let stored = sched_record(c, record);
+    let report = handle_overflow(c, sink, signaller);
+    if !stored {
+        sched_record(c, record);
     }
+    report
 }
 
 impl<T, M, A, W, const N: usize> Bts<T, M, A, W, N>
@@ -281,10 +302,16 @@ where
                 // (perhaps not taken yet: interrupts are off) and the LVT is masked.
                 let signalled =
                     armed && !c.paused && c.buffer.as_ref().is_some_and(|b| b.reached_threshold());
-                if let Some(pid) = c.task.as_ref().map(T::pid) {
-                    sched_record(c, Record::TaskDeparts { timestamp, pid });
-                }
-                (handle_overflow(c, sink, signaller), signalled)
+                let report = match c.task.as_ref().map(T::pid) {
+                    Some(pid) => sched_record_and_overflow(
+                        c,
+                        Record::TaskDeparts { timestamp, pid },
+                        sink,
+                        signaller,
+                    ),
+                    None => handle_overflow(c, sink, signaller),
+                };
+                (report, signalled)
             })
         };
         if signalled {
@@ -338,8 +365,8 @@ where
         let (report, load) = unsafe {
             self.slots[i].inner.with_mut(|c| {
                 let pid = next.pid();
-                sched_record(c, Record::TaskArrives { timestamp, pid });
-                let report = handle_overflow(c, sink, signaller);
+                let record = Record::TaskArrives { timestamp, pid };
+                let report = sched_record_and_overflow(c, record, sink, signaller);
                 let bits = c.debugctl_bits();
                 let sched = c.flags.contains(Flags::SCHED);
                 let load = c

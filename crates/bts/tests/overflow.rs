@@ -343,3 +343,48 @@ fn the_pmi_at_every_point_of_a_switch_sequence_loses_nothing() {
         }
     }
 }
+
+/// A SCHED record that meets a full buffer (the threshold interrupt came late) is written
+/// after the switch hook's drain made room, not lost: the departure of a task whose branches
+/// filled the buffer is in the trace, after those branches.
+#[test]
+fn a_sched_record_meeting_a_full_buffer_is_written_after_the_drain() {
+    let (bts, _, _) = tracer::<4>();
+    let (t, mm) = (Task::new(7), Space::new(100));
+    let mut cpu = BtsCpu::new(user_cpu());
+    bts.config(
+        &t,
+        &mm,
+        cfg(8, Flags::TRACE | Flags::SCHED | Flags::INTERRUPT),
+    )
+    .unwrap();
+    let (mut sink, mut sig) = (Sink::default(), Signals::default());
+    bts.switch_in(&mut cpu, &t, 1, &mut sink, &mut sig).unwrap();
+    // Interrupts stay off: the PMI is not taken, and the branches fill the buffer.
+    let mut refused = 0;
+    for k in 0..10 {
+        if let Store::Full = cpu.hw_mut().branch(0x1000 + k, 0x2000, false) {
+            refused += 1;
+        }
+    }
+    assert!(refused > 0, "the buffer never filled");
+    let report = bts
+        .switch_out(&mut cpu, 2, &mut sink, &mut sig)
+        .unwrap()
+        .expect("the switch-out handles the overflow");
+    assert!(report.full);
+    let mut rest = [Record::Invalid; 8];
+    let n = bts.drain(&t, &mut rest).unwrap();
+    assert_eq!(
+        rest[..n],
+        [Record::TaskDeparts {
+            timestamp: 2,
+            pid: 7
+        }],
+        "the departure record after the drained branches"
+    );
+    assert!(matches!(
+        sink.0.first(),
+        Some((7, Record::TaskArrives { timestamp: 1, .. }))
+    ));
+}
