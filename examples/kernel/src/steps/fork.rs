@@ -669,15 +669,17 @@ pub fn fork() -> Outcome {
     );
     probe?;
     println!("  TLB probe: {PROBE_ROUNDS} forks, no parent write reached a child");
+    let [small, large] = super::fork_scale::both()?;
     crate::trace!(
         "fork",
         "done: fork {ptes} PTEs/{batches} batches/{flushes} TLB flushes, COW {copies} copies + \
          {reuses} reuses, zap {zapped} PTEs/{zap_batches} batches/{zap_flushes} TLB flushes"
     );
     checks::figures(format_args!(
-        "fork {ptes} PTEs/{batches} batches/{flushes} TLB flushes ({issued} issued); COW \
-         {copies} copies+{reuses} reuses; zap {zapped} PTEs/{zap_batches} batches/{zap_flushes} \
-         flushes"
+        "fork {ptes}/{batches} batches; COW {copies}+{reuses}; 64 MiB batched/per-PTE: \
+         {}; {}",
+        super::fork_scale::Figure(&small),
+        super::fork_scale::Figure(&large)
     ));
     Ok(())
 }
