@@ -365,3 +365,129 @@ fn batch_scan_reads_a_folded_block_once() {
         9
     );
 }
+
+/// Folio boundaries as a backend sees them: a 64 KiB folio at `PFN`, order-0 folios after it.
+fn folio_of(pfn: u64) -> Option<oskit_pte_batch::Folio> {
+    let (start, nr) = if (PFN..PFN + 16).contains(&pfn) {
+        (PFN, 16)
+    } else {
+        (pfn, 1)
+    };
+    Some(oskit_pte_batch::Folio {
+        pfn: start,
+        nr_pages: nr,
+        anon: true,
+    })
+}
+
+#[test]
+fn per_pte_writes_completing_a_block_of_one_folio_fold_it() {
+    let mut mem = vec![0u64; 64];
+    let mut t = ContSpace::with_folios(BASE, &mut mem, &folio_of);
+    // Entries 0..15 one by one, accessed/dirty differing: nothing folds before the last.
+    for k in 0..16u64 {
+        let pte = Arm64Pte::with_pfn(RW, PFN + k);
+        let pte = if k == 3 {
+            Arm64Pte::clear_soft_dirty(Arm64Pte::mkdirty(pte))
+        } else {
+            Arm64Pte::mkold(pte)
+        };
+        t.set(a(k as usize), pte);
+        assert_eq!(t.stats().folds, u64::from(k == 15), "after entry {k}");
+    }
+    assert!(t.is_folded(a(0)) && t.is_folded(a(15)));
+    let s = t.stats();
+    // Break-before-make of the 16 valid entries, 16 rewritten; the block read once to decide.
+    assert_eq!(
+        (s.folds, s.unfolds, s.tlb_flushes, s.tlb_pages),
+        (1, 0, 1, 16)
+    );
+    assert_eq!(s.writes, 16 + 16 + 16);
+    assert_eq!(s.reads, 16);
+    for k in 0..16 {
+        let e = t.get(a(k));
+        assert_eq!(Arm64Pte::pfn(e), PFN + k as u64);
+        assert!(
+            Arm64Pte::is_dirty(e) && Arm64Pte::is_young(e),
+            "gathered into entry {k}"
+        );
+    }
+    // The batch scan now reads the block once.
+    t.reset_stats();
+    assert_eq!(t.get_run(a(0)).1, 16);
+    assert_eq!(t.stats().reads, 16);
+}
+
+#[test]
+fn per_pte_writes_fold_nothing_else() {
+    // 16 aligned consecutive frames of 16 order-0 folios; one frame off; one entry read-only;
+    // a partial block; and the same folio without the folio lookup.
+    let cases: [(&str, u64, Option<usize>, usize); 4] = [
+        ("order-0 folios", PFN + 16, None, 16),
+        ("read-only entry", PFN, Some(7), 16),
+        ("partial block", PFN, None, 15),
+        ("frame off", PFN, Some(16), 16),
+    ];
+    for (what, first, odd, n) in cases {
+        let mut mem = vec![0u64; 64];
+        let mut t = ContSpace::with_folios(BASE, &mut mem, &folio_of);
+        for k in 0..n {
+            let mut pte = Arm64Pte::with_pfn(RW, first + k as u64);
+            if odd == Some(k) {
+                pte = Arm64Pte::wrprotect(pte);
+            }
+            if odd == Some(16) && k == 9 {
+                pte = Arm64Pte::with_pfn(RW, first + 20);
+            }
+            t.set(a(k), pte);
+        }
+        assert_eq!(t.stats().folds, 0, "{what}");
+        assert!(!t.is_folded(a(0)), "{what}");
+    }
+    let mut mem = vec![0u64; 64];
+    let mut t = ContSpace::new(BASE, &mut mem);
+    for k in 0..16 {
+        t.set(a(k), Arm64Pte::with_pfn(RW, PFN + k as u64));
+    }
+    assert_eq!(
+        t.stats().folds,
+        0,
+        "no folio lookup: never folded by separate writes"
+    );
+}
+
+#[test]
+fn per_pte_fork_into_a_folding_child_folds_each_block() {
+    // The per-PTE reference writes the child's 32 entries one by one: with the folio lookup,
+    // the first block (one 64 KiB folio) folds after its 16th entry; the second (order-0
+    // folios) does not.
+    let mut pages = vec![SimPage::default(); 256];
+    let mut folios = SimFolios::new(PFN, &mut pages);
+    folios.add_folio(PFN, 4, true).unwrap();
+    for k in 16..32 {
+        folios.add_folio(PFN + k, 0, true).unwrap();
+    }
+    let (mut pm, mut cm) = (vec![0u64; 512], vec![0u64; 512]);
+    let mut parent = ContSpace::new(BASE, &mut pm);
+    let mut child = ContSpace::with_folios(BASE, &mut cm, &folio_of);
+    for k in 0..32 {
+        parent.set(a(k), Arm64Pte::with_pfn(RW, PFN + k as u64));
+        folios.account_mapping(PFN + k as u64);
+    }
+    let mut rss = oskit_pte_batch::Rss::default();
+    oskit_pte_batch::reference::copy_range(
+        &mut child,
+        &mut parent,
+        &mut folios,
+        cow(),
+        cow(),
+        a(0),
+        a(32),
+        &mut rss,
+    )
+    .unwrap();
+    assert_eq!(rss.anon, 32);
+    assert_eq!(child.stats().folds, 1);
+    assert!(child.is_folded(a(0)) && !child.is_folded(a(16)));
+    assert_eq!(folios.violations(), 0);
+}

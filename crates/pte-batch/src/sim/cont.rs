@@ -5,10 +5,16 @@
 //! with 16 frames aligned to 64 KiB (the caller guarantees they are one folio), and unfolds a
 //! folded block (break-before-make: clear, invalidate, rewrite) when a change covers only part
 //! of it. Write-protecting or clearing whole blocks keeps them folded.
+//!
+//! Built with [`ContSpace::with_folios`], it also folds a block that separate writes complete
+//! (Linux's `contpte_try_fold`): when `set` or a partial `set_ptes` writes a block's last entry
+//! and the 16 entries map consecutive frames from a 64 KiB-aligned one, alike up to
+//! accessed/dirty, of one folio (which the backend looks up itself, as arm64 Linux reads
+//! `struct page`), the block is rewritten folded (break-before-make), accessed/dirty gathered.
 
 use super::TableStats;
 use crate::format::Arm64Pte;
-use crate::hal::{PAGE_SIZE, PageTable, PteFormat};
+use crate::hal::{Folio, PAGE_SIZE, PageTable, PteFormat};
 
 const CONT: usize = Arm64Pte::CONT_PTES;
 
@@ -21,6 +27,18 @@ pub struct ContSpace<'a> {
     stats: TableStats,
     /// Raw entries read (counted behind `&self`).
     reads: core::cell::Cell<u64>,
+    /// The folio of a frame, for folding blocks completed by separate writes.
+    folio_of: Option<FolioOf<'a>>,
+}
+
+/// The backend's own view of folio boundaries: the folio holding a frame.
+#[derive(Clone, Copy)]
+struct FolioOf<'a>(&'a dyn Fn(u64) -> Option<Folio>);
+
+impl core::fmt::Debug for FolioOf<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("FolioOf(..)")
+    }
 }
 
 impl<'a> ContSpace<'a> {
@@ -31,6 +49,22 @@ impl<'a> ContSpace<'a> {
             entries,
             stats: TableStats::default(),
             reads: core::cell::Cell::new(0),
+            folio_of: None,
+        }
+    }
+
+    /// [`new`](Self::new), and folding of blocks that separate writes complete
+    /// (`contpte_try_fold`): `folio_of(pfn)` is the folio holding frame `pfn` (`None`: no
+    /// `struct page`, never folded). Allocates nothing; `folio_of` is called with `&self` only,
+    /// once per completed block.
+    pub fn with_folios(
+        base: u64,
+        entries: &'a mut [u64],
+        folio_of: &'a dyn Fn(u64) -> Option<Folio>,
+    ) -> Self {
+        Self {
+            folio_of: Some(FolioOf(folio_of)),
+            ..Self::new(base, entries)
         }
     }
 
@@ -152,6 +186,35 @@ impl<'a> ContSpace<'a> {
         }
         self.entries[i] = pte & !Arm64Pte::CONT;
         self.stats.writes += 1;
+        if i % CONT == CONT - 1 {
+            self.try_fold(i);
+        }
+    }
+
+    /// `contpte_try_fold` after entry `i`, a block's last, was written: folds the block when
+    /// its 16 entries map consecutive frames from a 64 KiB-aligned one, alike up to
+    /// accessed/dirty, inside one folio.
+    fn try_fold(&mut self, i: usize) {
+        let (Some(folio_of), Some(b)) = (self.folio_of, self.block(i)) else {
+            return;
+        };
+        let first = self.entries[b.start];
+        if !foldable(first) || !Arm64Pte::is_present(first) {
+            return;
+        }
+        let plain = |x: u64| Arm64Pte::mkold(Arm64Pte::mkclean(x));
+        self.count_reads(CONT);
+        let alike = self.entries[b.clone()]
+            .iter()
+            .enumerate()
+            .all(|(k, &x)| plain(x) == plain(Arm64Pte::advance_pfn(first, k as u64)));
+        let pfn = Arm64Pte::pfn(first);
+        let in_folio =
+            folio_of.0(pfn).is_some_and(|f| f.contains(pfn) && f.contains(pfn + CONT as u64 - 1));
+        if alike && in_folio {
+            let bits = self.gathered(b.clone());
+            self.fold_write(b.start, plain(first) | bits);
+        }
     }
 }
 

@@ -88,11 +88,25 @@ fn take_run(map: &mut Bitmap, count: usize, align: usize) -> Option<u64> {
                 map.free -= count;
                 return Some(start as u64 * FRAME_SIZE);
             }
-            // Skip to the next aligned start past the frame in use.
-            Some(used) => start = (used / align + 1) * align,
+            // Skip to the next aligned start at or past the first free frame after the one in
+            // use (whole words of used frames at once: every aligned start before it would
+            // begin with a used frame).
+            Some(used) => start = next_free(map, used + 1).div_ceil(align) * align,
         }
     }
     None
+}
+
+/// The first free frame at or after `frame` (`map.end` or more when there is none).
+fn next_free(map: &Bitmap, mut frame: usize) -> usize {
+    while frame < map.end {
+        let bits = map.free_bits[frame / 64] >> (frame % 64);
+        if bits != 0 {
+            return frame + bits.trailing_zeros() as usize;
+        }
+        frame = (frame / 64 + 1) * 64;
+    }
+    frame
 }
 
 /// Returns a block from [`alloc`].

@@ -4,7 +4,7 @@
 //! [`crate::mm::vm`] runs the crate's `Fork` and `Zap` over these for fork and teardown; the folio
 //! metadata side is [`crate::mm::framemeta::Folios`].
 
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use oskit_pte_batch::{
     Error, PageTable, PteFormat, X86Pte,
@@ -35,6 +35,20 @@ pub static SET_PTES_CALLS: AtomicU64 = AtomicU64::new(0);
 pub static CLEAR_PTES_CALLS: AtomicU64 = AtomicU64::new(0);
 /// Page-table frames allocated for children.
 pub static TABLES_ALLOCATED: AtomicU64 = AtomicU64::new(0);
+
+/// While set, [`Observed`] (and the COW fault) trace nothing per batch or folio: a run over
+/// thousands of folios would flood the trace ring and push every earlier step out.
+static QUIET: AtomicBool = AtomicBool::new(false);
+
+/// Turns the per-batch and per-folio `"fork"` trace events off (`true`) or back on.
+pub fn set_quiet(quiet: bool) {
+    QUIET.store(quiet, Ordering::Relaxed);
+}
+
+/// Whether per-batch and per-folio trace events are off ([`set_quiet`]).
+pub fn quiet() -> bool {
+    QUIET.load(Ordering::Relaxed)
+}
 
 /// Page-table frames from the frame allocator (the crate zeroes them).
 #[derive(Debug, Default)]
@@ -80,13 +94,30 @@ impl<P: PageTable> PageTable for Observed<P> {
     fn get(&self, addr: u64) -> u64 {
         self.0.get(addr)
     }
+    // The walker's fast paths, passed through (without them the crate falls back to one
+    // `get` per entry for the batch scan and one walk per entry).
+    fn get_many(&self, addr: u64, out: &mut [u64]) {
+        self.0.get_many(addr, out)
+    }
+    fn raw_entries(&self, addr: u64, nr: usize) -> Option<&[u64]> {
+        self.0.raw_entries(addr, nr)
+    }
+    fn atomic_entries(&self, addr: u64, nr: usize) -> Option<&[AtomicU64]> {
+        self.0.atomic_entries(addr, nr)
+    }
+    fn get_run(&self, addr: u64) -> (u64, usize) {
+        self.0.get_run(addr)
+    }
+    fn is_huge(&self, addr: u64) -> bool {
+        self.0.is_huge(addr)
+    }
     fn set(&mut self, addr: u64, pte: u64) {
         SET_PTES_CALLS.fetch_add(1, Ordering::Relaxed);
         self.0.set(addr, pte)
     }
     fn set_ptes(&mut self, addr: u64, pte: u64, nr: usize) {
         SET_PTES_CALLS.fetch_add(1, Ordering::Relaxed);
-        if nr > 1 {
+        if nr > 1 && !quiet() {
             crate::trace!(
                 "fork",
                 "copy batch {addr:#x}: {nr} PTEs -> frames {:#x}.., {}",
@@ -110,7 +141,7 @@ impl<P: PageTable> PageTable for Observed<P> {
     fn get_and_clear_ptes(&mut self, addr: u64, nr: usize) -> u64 {
         CLEAR_PTES_CALLS.fetch_add(1, Ordering::Relaxed);
         let first = self.0.get_and_clear_ptes(addr, nr);
-        if nr > 1 {
+        if nr > 1 && !quiet() {
             crate::trace!(
                 "fork",
                 "zap batch {addr:#x}: {nr} PTEs of frames {:#x}..",
@@ -144,7 +175,7 @@ pub type SpaceTables = Observed<X86PageTables<DirectMap, NoFrames, CountingTlb>>
 pub type ChildTables = Observed<X86PageTables<DirectMap, TableFrames, NoTlb>>;
 
 /// The identity map as the crate's window.
-fn window() -> DirectMap {
+pub fn window() -> DirectMap {
     // SAFETY: the boot page tables map physical [0, 4 GiB) at the same virtual addresses,
     // read/write for the kernel, forever (PML4 entry 0, shared by every address space).
     unsafe { DirectMap::new(0, IDENTITY_LIMIT) }

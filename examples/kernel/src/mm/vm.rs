@@ -319,10 +319,6 @@ pub fn create() -> Result<SpaceId, VmError> {
     Ok(SpaceId(slot))
 }
 
-#[expect(
-    dead_code,
-    reason = "for the composition steps (fork with oskit-pte-batch walks the real tables)"
-)]
 /// The physical address of `space`'s PML4 (for code that walks or edits its tables, which must
 /// hold no other mapping of them and flush what it changes).
 pub fn root(space: SpaceId) -> u64 {
@@ -447,6 +443,53 @@ pub fn map_folio(
     Ok(())
 }
 
+/// Maps the folio of 2^`order` frames at `head` at `start` inside an existing anonymous region
+/// of the space (from [`map_anonymous`]; `[start, start + 2^order pages)` must lie in it and be
+/// unmapped), every page present now, with the region's writability. References as in
+/// [`map_folio`]: the caller's goes to the space, which takes one per mapped page; on error the
+/// caller still owns its reference. For spaces of more folios than a space has regions.
+pub fn map_folio_into(space: SpaceId, start: u64, head: u64, order: u32) -> Result<(), VmError> {
+    let pages = 1u64 << order;
+    let end = start.saturating_add(pages * FRAME_SIZE);
+    let mut spaces = SPACES.lock();
+    let s = &mut spaces[space.0];
+    let Some(region) = s.regions.iter().flatten().find(|r| {
+        r.kind == Kind::Anonymous
+            && r.start <= start
+            && end <= r.end
+            && start.is_multiple_of(FRAME_SIZE)
+    }) else {
+        return Err(VmError::BadRange);
+    };
+    let writable = region.writable;
+    for i in 0..pages {
+        // SAFETY: the SPACES lock is held and `s.root` is this space's PML4.
+        let pte = unsafe { walk(s.root, start + i * FRAME_SIZE, false) };
+        if pte.is_some_and(|p| *p & PTE_P != 0) {
+            return Err(VmError::BadRange);
+        }
+    }
+    for i in 0..pages {
+        // SAFETY: the SPACES lock is held and `s.root` is this space's PML4.
+        let Some(pte) = (unsafe { walk(s.root, start + i * FRAME_SIZE, true) }) else {
+            if i > 0 {
+                // Page 0 took the caller's reference: give the caller one back.
+                framemeta::get_folio(head);
+            }
+            return Err(VmError::NoMemory);
+        };
+        let frame = head + i * FRAME_SIZE;
+        if i > 0 {
+            framemeta::get_folio(frame);
+        }
+        framemeta::get(frame).mapcount.store(1, Ordering::Relaxed);
+        *pte =
+            frame | PTE_P | PTE_U | NX.load(Ordering::Relaxed) | if writable { PTE_W } else { 0 };
+        s.rss += 1;
+    }
+    Ok(())
+}
+
 /// The PTE for `vaddr` in the tables under `root`, creating missing (user) tables if `create`.
 ///
 /// # Safety
@@ -532,7 +575,7 @@ pub fn handle_fault(space: SpaceId, vaddr: u64, error: u64) -> bool {
     let refs = framemeta::refcount(old);
     let order = framemeta::get(old).order.load(Ordering::Relaxed);
     // One event per folio broken (its first page), not per page: the trace is shared.
-    let traced = framemeta::folio_head(old) == old;
+    let traced = framemeta::folio_head(old) == old && !ptbatch::quiet();
     if refs == 1 {
         *pte = old | flags;
         COW_REUSES.fetch_add(1, Ordering::Relaxed);

@@ -17,6 +17,10 @@
 //! writes right after `fork()` returns and whose child then checks it still sees the old data;
 //! a missing flush fails a round unless every round is preempted at that point.
 //!
+//! Then the same at scale ([`super::fork_scale`]): 64 MiB of 64 KiB folios and 64 MiB of 2 MiB
+//! folios, forked and written by both sides, with the copy's work batched and per PTE
+//! ([`super::fork_measure`]).
+//!
 //! Ring 3 and the kernel talk through a control page (a fixed, writable mapping of a kernel
 //! frame, which the fork shares rather than copies): the tasks report their progress in it and
 //! wait for the kernel's go-ahead, so the kernel can look at both spaces between the steps.
@@ -669,15 +673,17 @@ pub fn fork() -> Outcome {
     );
     probe?;
     println!("  TLB probe: {PROBE_ROUNDS} forks, no parent write reached a child");
+    let [small, large] = super::fork_scale::both()?;
     crate::trace!(
         "fork",
         "done: fork {ptes} PTEs/{batches} batches/{flushes} TLB flushes, COW {copies} copies + \
          {reuses} reuses, zap {zapped} PTEs/{zap_batches} batches/{zap_flushes} TLB flushes"
     );
     checks::figures(format_args!(
-        "fork {ptes} PTEs/{batches} batches/{flushes} TLB flushes ({issued} issued); COW \
-         {copies} copies+{reuses} reuses; zap {zapped} PTEs/{zap_batches} batches/{zap_flushes} \
-         flushes"
+        "fork {ptes}/{batches} batches; COW {copies}+{reuses}; 64 MiB batched/per-PTE: \
+         {}; {}",
+        super::fork_scale::Figure(&small),
+        super::fork_scale::Figure(&large)
     ));
     Ok(())
 }

@@ -5,6 +5,8 @@
 pub mod apf;
 pub mod bts;
 pub mod fork;
+pub mod fork_measure;
+pub mod fork_scale;
 pub mod trace;
 pub mod trace_map;
 pub mod xen;
