@@ -400,7 +400,13 @@ fn boot_stages(suite: &mut Suite) {
             |log| match qemu::kvm_available() {
                 Err(why) => Outcome::Skipped(why),
                 Ok(()) => match boot(Accel::Kvm, smp, None, log) {
-                    Ok(b) if b.passed => Outcome::Passed,
+                    Ok(b) if b.passed => {
+                        for line in b.log.lines().filter(|l| l.contains(" ... skipped: ")) {
+                            let why = qemu::KVM_PVM_SKIPS.map_or("", |(_, why)| why);
+                            println!("      {line} ({why})");
+                        }
+                        Outcome::Passed
+                    }
                     Ok(b) => Outcome::Failed(b.failure.unwrap_or_default()),
                     Err(why) => Outcome::Failed(why),
                 },

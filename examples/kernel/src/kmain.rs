@@ -150,6 +150,7 @@ pub static CPUS_FOUND: AtomicUsize = AtomicUsize::new(1);
 /// The first task: runs the scenario named on the command line and ends the run.
 fn run_scenario(_: u64) -> i64 {
     let scenario = boot_info().arg("scenario").unwrap_or("all");
+    checks::set_skip(boot_info().arg("skip").unwrap_or(""));
     crate::trace!(
         "boot",
         "scenario {scenario} on {} CPU(s)",
@@ -202,7 +203,10 @@ fn run_scenario(_: u64) -> i64 {
             trace::missed()
         );
     }
-    println!("summary: {} passed, {} failed", tally.passed, tally.failed);
+    println!(
+        "summary: {} passed, {} failed, {} skipped",
+        tally.passed, tally.failed, tally.skipped
+    );
     if tally.failed == 0 && tally.passed > 0 {
         println!("oskit-kernel: PASS");
         qemu::exit(Exit::Success)
