@@ -25,7 +25,7 @@ const USAGE: &str = "\
 usage: cargo xtask <command> [options]
 
 commands:
-  run     [--tcg | --kvm] [--smp N] [--timeout SECS] [--scenario NAME]
+  run     [--tcg | --kvm] [--smp N] [--timeout SECS] [--scenario NAME] [--icount]
           build the example kernel, boot it under QEMU (2 vCPUs unless --smp), print its report
   test    the whole suite (what CI runs): host tests, loom, no_std builds,
           fuzz corpora, bench smoke, QEMU boots

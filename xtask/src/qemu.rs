@@ -65,7 +65,9 @@ impl Default for RunOptions {
 }
 
 impl RunOptions {
-    /// Parses `[--tcg | --kvm] [--smp N] [--timeout SECS] [--scenario NAME]`.
+    /// Parses `[--tcg | --kvm] [--smp N] [--timeout SECS] [--scenario NAME] [--icount]`.
+    /// `--icount` runs TCG with `-icount shift=0` (the guest's TSC then counts instructions:
+    /// the fork step reports instruction counts of its copies); it needs TCG and one vCPU.
     pub fn parse(args: &[String]) -> Result<Self, String> {
         let mut opts = Self::default();
         let mut args = args.iter();
@@ -88,8 +90,18 @@ impl RunOptions {
                     opts.timeout = Duration::from_secs(secs.max(1));
                 }
                 "--scenario" => opts.scenario = Some(value("--scenario")?),
+                "--icount" => opts.extra_args.extend(["-icount".into(), "shift=0".into()]),
                 other => return Err(format!("unknown option `{other}` for run")),
             }
+        }
+        if opts.extra_args.iter().any(|a| a == "-icount") {
+            if opts.accel == Some(Accel::Kvm) {
+                return Err("--icount counts instructions under TCG only".into());
+            }
+            if opts.smp != 1 {
+                return Err("--icount needs --smp 1 (icount runs one vCPU at a time)".into());
+            }
+            opts.accel = Some(Accel::Tcg);
         }
         Ok(opts)
     }
@@ -492,6 +504,15 @@ mod tests {
 
     fn args(s: &str) -> Vec<String> {
         s.split_whitespace().map(str::to_string).collect()
+    }
+
+    #[test]
+    fn icount_means_tcg_on_one_vcpu() {
+        let o = RunOptions::parse(&args("--smp 1 --icount")).unwrap();
+        assert_eq!(o.accel, Some(Accel::Tcg));
+        assert_eq!(o.extra_args, ["-icount", "shift=0"]);
+        assert!(RunOptions::parse(&args("--icount")).is_err(), "two vCPUs");
+        assert!(RunOptions::parse(&args("--kvm --smp 1 --icount")).is_err());
     }
 
     #[test]
