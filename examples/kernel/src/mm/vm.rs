@@ -422,25 +422,7 @@ pub fn map_folio(
             kind: Kind::Anonymous,
         },
     )?;
-    for i in 0..pages {
-        // SAFETY: the SPACES lock is held and `s.root` is this space's PML4.
-        let Some(pte) = (unsafe { walk(s.root, start + i * FRAME_SIZE, true) }) else {
-            if i > 0 {
-                // Page 0 took the caller's reference: give the caller one back.
-                framemeta::get_folio(head);
-            }
-            return Err(VmError::NoMemory);
-        };
-        let frame = head + i * FRAME_SIZE;
-        if i > 0 {
-            framemeta::get_folio(frame);
-        }
-        framemeta::get(frame).mapcount.store(1, Ordering::Relaxed);
-        *pte =
-            frame | PTE_P | PTE_U | NX.load(Ordering::Relaxed) | if writable { PTE_W } else { 0 };
-        s.rss += 1;
-    }
-    Ok(())
+    map_pages(s, start, head, pages, writable)
 }
 
 /// Maps the folio of 2^`order` frames at `head` at `start` inside an existing anonymous region
@@ -469,6 +451,19 @@ pub fn map_folio_into(space: SpaceId, start: u64, head: u64, order: u32) -> Resu
             return Err(VmError::BadRange);
         }
     }
+    map_pages(s, start, head, pages, writable)
+}
+
+/// Maps the `pages` frames from `head` at `start` in `s` (SPACES lock held): page 0 takes the
+/// caller's folio reference, every other page one of its own; each frame's mapcount is 1. On
+/// `NoMemory` (a page table could not be allocated) the caller gets its reference back.
+fn map_pages(
+    s: &mut Space,
+    start: u64,
+    head: u64,
+    pages: u64,
+    writable: bool,
+) -> Result<(), VmError> {
     for i in 0..pages {
         // SAFETY: the SPACES lock is held and `s.root` is this space's PML4.
         let Some(pte) = (unsafe { walk(s.root, start + i * FRAME_SIZE, true) }) else {
