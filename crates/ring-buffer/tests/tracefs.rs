@@ -103,11 +103,22 @@ fn parse_marker(payload: &[u8]) -> Option<(usize, usize)> {
 
 /// Writes markers `0..n` of writer `w` through the instance's `trace_marker`.
 fn write_markers(inst: &Instance, w: usize, n: usize) {
+    write_markers_then(inst, w, n, || {});
+}
+
+/// Writes markers `0..n` as writer `w`, calling `halfway` after the first half.
+fn write_markers_then(inst: &Instance, w: usize, n: usize, halfway: impl FnOnce()) {
     let mut f = fs::OpenOptions::new()
         .write(true)
         .open(inst.0.join("trace_marker"))
         .expect("trace_marker");
+    let mut halfway = Some(halfway);
     for i in 0..n {
+        if i == n / 2 {
+            if let Some(f) = halfway.take() {
+                f();
+            }
+        }
         f.write_all(marker(w, i).as_bytes()).expect("marker write");
     }
 }
@@ -223,14 +234,24 @@ fn peer_writers_on_every_cpu_while_reading() {
         Ok(m) => m,
         Err(reason) => return println!("skipped: {reason}"),
     };
+    // Reader rounds so far: each writer pauses halfway until the reader has made two, so the
+    // reading overlaps the writing however the two cores are shared with other work.
+    let rounds_done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let writers: Vec<_> = (0..n)
         .map(|cpu| {
-            let inst = inst.clone();
+            let (inst, rounds_done) = (inst.clone(), rounds_done.clone());
             std::thread::spawn(move || {
                 if !pin_to(cpu) {
                     return false;
                 }
-                write_markers(&inst, cpu, WRITTEN);
+                write_markers_then(&inst, cpu, WRITTEN, || {
+                    let start = Instant::now();
+                    while rounds_done.load(std::sync::atomic::Ordering::Acquire) < 2
+                        && start.elapsed() < Duration::from_secs(10)
+                    {
+                        std::thread::yield_now();
+                    }
+                });
                 true
             })
         })
@@ -246,6 +267,7 @@ fn peer_writers_on_every_cpu_while_reading() {
     while !writers.iter().all(|w| w.is_finished()) {
         drain_all(&mut seen, &mut lost);
         rounds += 1;
+        rounds_done.store(rounds, std::sync::atomic::Ordering::Release);
     }
     if !writers.into_iter().all(|w| w.join().unwrap()) {
         return println!("skipped: cannot pin a writer thread to its CPU");
