@@ -309,10 +309,21 @@ fn parse_report(text: &str) -> Result<Vec<Reported>, String> {
             ));
             continue;
         }
-        let (Some(open), Some(close)) = (line.find('['), line.find(']')) else {
-            continue; // the `cpus=N` header
+        // An event line: `COMM-PID [CPU] SECS.NANOS: SYSTEM/EVENT: text`.
+        let cpu_field = line.find('[').and_then(|open| {
+            let close = open + line[open..].find(']')?;
+            let cpu = line[open + 1..close].trim().parse::<usize>().ok()?;
+            line[..open].contains('-').then_some((cpu, close))
+        });
+        let Some((cpu, close)) = cpu_field else {
+            // The `cpus=N` header, or a further line of an event whose text holds newlines
+            // (trace-cmd prints the text as it is).
+            if let Some(Reported::Event(_, _, text)) = out.last_mut() {
+                text.push('\n');
+                text.push_str(line);
+            }
+            continue;
         };
-        let cpu = line[open + 1..close].parse().map_err(|_| bad())?;
         let (ts, rest) = line[close + 1..]
             .trim_start()
             .split_once(": ")
@@ -490,8 +501,15 @@ mod tests {
         // SAFETY: this test thread is the only writer of CPU 1.
         let cpu1 = unsafe { LocalCpu::new(1) };
         for i in 0..n {
-            rb.write(cpu1, format!("step{}: event {i}", i % 3).as_bytes())
-                .unwrap();
+            // Some texts span lines and hold brackets, as a `{:#x?}` of the kernel's does.
+            let text = match i % 5 {
+                2 => format!(
+                    "step{}: event {i} [\n    0x{i:x},\n] and 0x8000 [\n]",
+                    i % 3
+                ),
+                _ => format!("step{}: event {i}", i % 3),
+            };
+            rb.write(cpu1, text.as_bytes()).unwrap();
             clock.advance(7);
         }
         let stats = rb.stats(1).unwrap();
