@@ -270,17 +270,17 @@ pub fn kvm_available() -> Result<(), String> {
         .map_err(|e| format!("/dev/kvm: {e}"))
 }
 
-/// Checks the kernel skips under `kvm_pvm` (`skip=` on its command line), and why. Measured on
-/// this machine: kvm_pvm runs every ring-0 instruction through KVM's instruction emulator, and
-/// the fork step's kernel work (fork of its address spaces under the spaces lock, a COW fault
-/// per written page, the 64 MiB scaled forks and their batched/per-PTE measurements) did not
-/// finish in 7 minutes (the base step alone timed out its 60 s waits), where TCG takes seconds.
-/// Every other check runs under KVM.
-pub const KVM_PVM_SKIPS: Option<(&str, &str)> = Some((
-    "fork",
-    "kvm_pvm emulates ring 0 instruction by instruction; the fork step's kernel-mode copy and \
-     COW work did not finish in 7 minutes here (seconds under TCG, which runs it in full)",
-));
+/// Kernel arguments added under `kvm_pvm`, and why. Measured on this machine: kvm_pvm runs
+/// every ring-0 instruction through KVM's instruction emulator, so a COW fault costs about
+/// 3.5 ms there (about 30 s for the fork step's scaled part at 4 MiB, where 64 MiB means
+/// 65,536 COW faults, which did not finish in 7 minutes). The fork step's scaled forks then
+/// cover 4 MiB (two page tables, two 2 MiB folios, 64 of 64 KiB) instead of 64 MiB; every
+/// check runs, and TCG runs them at full size.
+pub const KVM_PVM_ARGS: (&str, &str) = (
+    "fork_mib=4",
+    "kvm_pvm emulates ring 0 instruction by instruction (a COW fault costs milliseconds): \
+     the fork step's scaled forks cover 4 MiB instead of 64 MiB",
+);
 
 /// Which KVM implementation backs `/dev/kvm` (for the report): `kvm_intel`, `kvm_amd`,
 /// `kvm_pvm` (a paravirtual KVM that runs the guest's ring 0 through KVM's instruction
@@ -358,14 +358,12 @@ pub fn boot(kernel: &PathBuf, opts: &RunOptions, stream: bool) -> Result<Boot, S
         .iter()
         .map(|s| format!("scenario={s}"))
         .collect();
-    // Only for the full scenario: a check asked for by name runs.
-    let full = matches!(opts.scenario.as_deref(), None | Some("all"));
-    let pvm = full && accel == Accel::Kvm && kvm_flavour() == "kvm_pvm";
-    if let Some((checks, why)) = KVM_PVM_SKIPS.filter(|_| pvm) {
+    if accel == Accel::Kvm && kvm_flavour() == "kvm_pvm" {
+        let (arg, why) = KVM_PVM_ARGS;
         if stream {
-            println!("run: skip={checks} under kvm_pvm: {why}");
+            println!("run: {arg} under kvm_pvm: {why}");
         }
-        append.push(format!("skip={checks}"));
+        append.push(arg.to_string());
     }
     if !append.is_empty() {
         qemu.args(["-append", &append.join(" ")]);

@@ -41,21 +41,6 @@ pub struct Tally {
     pub passed: usize,
     /// Checks that failed.
     pub failed: usize,
-    /// Checks not run because the command line named them in `skip=` (the runner says why).
-    pub skipped: usize,
-}
-
-/// Names of checks not to run (`skip=a,b` on the command line), set once before the run.
-static SKIP: crate::spin::SpinLock<&'static str> = crate::spin::SpinLock::new("");
-
-/// Names the checks to skip: a comma-separated list from the command line. Whoever boots the
-/// kernel with it must say why (xtask does: a check this accelerator cannot run in time).
-pub fn set_skip(names: &'static str) {
-    *SKIP.lock() = names;
-}
-
-fn skipped(name: &str) -> bool {
-    SKIP.lock().split(',').any(|n| n == name)
 }
 
 /// Most rows of the closing table.
@@ -103,14 +88,6 @@ pub fn run<'a>(checks: impl IntoIterator<Item = &'a Check>) -> Tally {
     let mut tally = Tally::default();
     for check in checks {
         TABLE.lock().current = None;
-        if skipped(check.name) {
-            crate::println!(
-                "check {} ... skipped: named in skip= on the command line",
-                check.name
-            );
-            tally.skipped += 1;
-            continue;
-        }
         let outcome = (check.run)();
         match &outcome {
             Ok(()) => {

@@ -477,7 +477,7 @@ fn map_pages(
         if i > 0 {
             framemeta::get_folio(frame);
         }
-        framemeta::get(frame).mapcount.store(1, Ordering::Relaxed);
+        framemeta::map_page(frame);
         *pte =
             frame | PTE_P | PTE_U | NX.load(Ordering::Relaxed) | if writable { PTE_W } else { 0 };
         s.rss += 1;
@@ -550,7 +550,7 @@ pub fn handle_fault(space: SpaceId, vaddr: u64, error: u64) -> bool {
         };
         // SAFETY: a frame we just allocated, identity-mapped.
         unsafe { core::ptr::write_bytes(frame as *mut u8, 0, FRAME_SIZE as usize) };
-        framemeta::get(frame).mapcount.store(1, Ordering::Relaxed);
+        framemeta::map_page(frame);
         *pte = frame
             | PTE_P
             | PTE_U
@@ -588,8 +588,8 @@ pub fn handle_fault(space: SpaceId, vaddr: u64, error: u64) -> bool {
         unsafe {
             core::ptr::copy_nonoverlapping(old as *const u8, new as *mut u8, FRAME_SIZE as usize)
         };
-        framemeta::get(new).mapcount.store(1, Ordering::Relaxed);
-        framemeta::get(old).mapcount.fetch_sub(1, Ordering::Relaxed);
+        framemeta::map_page(new);
+        framemeta::unmap_page(old);
         *pte = new | flags;
         framemeta::put_folio(old);
         COW_COPIES.fetch_add(1, Ordering::Relaxed);

@@ -38,6 +38,7 @@ use crate::{
     mm::ptbatch,
     mm::vm::{self, PTE_FIXED, PTE_P, PTE_W},
     println,
+    spin::SpinLock,
     task::sched,
     task::ulib,
     task::usermode::{self, DATA_START},
@@ -299,11 +300,12 @@ type Heads = [[u64; FOLIOS]; 2];
 const SNAP: usize = 4 * PAGES as usize;
 
 /// Frames of both spaces' pages of both sets, taken by the last inspection: entry
-/// `2 * (set * PAGES + page) + side` (side 0: parent, 1: child).
-static SNAP_FRAME: [AtomicU64; SNAP] = [const { AtomicU64::new(0) }; SNAP];
+/// `2 * (set * PAGES + page) + side` (side 0: parent, 1: child). [`check_counts`] sorts it;
+/// each inspection writes every entry again first.
+static SNAP_FRAME: SpinLock<[u64; SNAP]> = SpinLock::new([0; SNAP]);
 
 fn snap(set: usize, page: u64, side: usize, frame: u64) {
-    SNAP_FRAME[2 * (set * PAGES as usize + page as usize) + side].store(frame, Ordering::Relaxed);
+    SNAP_FRAME.lock()[2 * (set * PAGES as usize + page as usize) + side] = frame;
 }
 
 /// The mapping of page `page` of the set at `base` in `space`: (frame, entry).
@@ -335,30 +337,38 @@ fn folio_of(page: u64) -> (usize, u64) {
 
 /// Exact reference and map counts of every folio behind the snapshot: a folio's reference
 /// count is the number of PTEs (of both spaces) mapping its pages, each page's map count the
-/// PTEs mapping it (so refcount >= mapcount), and no other space maps them. Returns the number
-/// of distinct folios.
+/// PTEs mapping it (so refcount >= mapcount), the folio's map total their sum, and no other
+/// space maps them. Returns the number of distinct folios.
+///
+/// Sorted, the snapshot holds each folio's frames side by side (a folio is an aligned block),
+/// so the check is one pass over it and over each folio's pages: it runs in ring 0 with the
+/// snapshot locked (interrupts off), which kvm_pvm emulates instruction by instruction.
 fn check_counts(what: &str) -> Result<u64, checks::Failure> {
-    let frame = |i: usize| SNAP_FRAME[i].load(Ordering::Relaxed);
+    let mut snap = SNAP_FRAME.lock();
+    snap.sort_unstable();
     let mut folios = 0;
-    for i in 0..SNAP {
-        let head = framemeta::folio_head(frame(i));
-        if (0..i).any(|j| framemeta::folio_head(frame(j)) == head) {
-            continue;
-        }
-        folios += 1;
-        let ptes = (i..SNAP)
-            .filter(|&j| framemeta::folio_head(frame(j)) == head)
-            .count() as u64;
+    let mut rest = &snap[..];
+    while let Some(&first) = rest.first() {
+        let head = framemeta::folio_head(first);
         let meta = framemeta::get(head);
         let order = meta.order.load(Ordering::Relaxed);
+        let end = head + (PAGE << order);
+        let ptes = rest.iter().take_while(|&&f| f < end).count();
+        let (mine, next) = rest.split_at(ptes);
+        rest = next;
+        folios += 1;
         let refs = u64::from(meta.refcount.load(Ordering::Relaxed));
+        let total = u64::from(meta.folio_maps.load(Ordering::Relaxed));
+        let ptes = ptes as u64;
         let mut maps = 0;
+        let mut at = mine;
         for p in 0..1u64 << order {
             let f = head + p * PAGE;
             let m = u64::from(framemeta::get(f).mapcount.load(Ordering::Relaxed));
-            let want = (i..SNAP).filter(|&j| frame(j) == f).count() as u64;
+            let want = at.iter().take_while(|&&g| g == f).count();
+            at = &at[want..];
             ensure!(
-                m == want,
+                m == want as u64,
                 "{what}: frame {f:#x} has map count {m}, {want} PTEs map it"
             );
             ensure!(
@@ -368,8 +378,9 @@ fn check_counts(what: &str) -> Result<u64, checks::Failure> {
             maps += m;
         }
         ensure!(
-            refs == ptes && maps == ptes,
-            "{what}: order-{order} folio {head:#x}: {refs} refs, {maps} maps, {ptes} PTEs"
+            refs == ptes && maps == ptes && total == maps,
+            "{what}: order-{order} folio {head:#x}: {refs} refs, {maps} maps ({total} on the \
+             head), {ptes} PTEs"
         );
     }
     Ok(folios)
@@ -512,7 +523,7 @@ fn inspect_written(parent: vm::SpaceId, child: vm::SpaceId, heads: &Heads) -> Ou
 /// After teardown: no frame of the snapshot (the kept set's included) is referenced or
 /// mapped any more.
 fn inspect_freed() -> Outcome {
-    for f in SNAP_FRAME.iter().map(|f| f.load(Ordering::Relaxed)) {
+    for &f in SNAP_FRAME.lock().iter() {
         let meta = framemeta::get(f);
         let head = framemeta::get(framemeta::folio_head(f));
         let (refs, maps) = (
@@ -673,14 +684,15 @@ pub fn fork() -> Outcome {
     );
     probe?;
     println!("  TLB probe: {PROBE_ROUNDS} forks, no parent write reached a child");
-    let [small, large] = super::fork_scale::both()?;
+    let mib = super::fork_scale::region_mib()?;
+    let [small, large] = super::fork_scale::both(mib)?;
     crate::trace!(
         "fork",
         "done: fork {ptes} PTEs/{batches} batches/{flushes} TLB flushes, COW {copies} copies + \
          {reuses} reuses, zap {zapped} PTEs/{zap_batches} batches/{zap_flushes} TLB flushes"
     );
     checks::figures(format_args!(
-        "fork {ptes}/{batches} batches; COW {copies}+{reuses}; 64 MiB batched/per-PTE: \
+        "fork {ptes}/{batches} batches; COW {copies}+{reuses}; {mib} MiB batched/per-PTE: \
          {}; {}",
         super::fork_scale::Figure(&small),
         super::fork_scale::Figure(&large)

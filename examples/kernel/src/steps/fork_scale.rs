@@ -15,6 +15,9 @@
 //! over the same backend types the kernel's fork uses, and reports the work each did (entries
 //! read and written, backend calls, folio lookups and reference/rmap updates, TLB flushes): exact
 //! counts, the same under TCG and KVM ([`super::fork_measure`]).
+//!
+//! The region is smaller when the command line says so (`fork_mib=N`, [`region_mib`]): xtask
+//! asks for 4 MiB under kvm_pvm, whose emulated ring 0 makes each COW fault cost milliseconds.
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
@@ -33,12 +36,12 @@ use crate::{
 };
 
 const PAGE: u64 = 4096;
-/// The folio region: 64 MiB, 2 MiB aligned (32 page tables).
+/// The folio region: 2 MiB aligned, up to [`MAX_MIB`] (32 page tables).
 pub const BASE: u64 = DATA_START + (256 << 20);
-/// Its size.
-pub const SIZE: u64 = 64 << 20;
-/// Its pages.
-pub const PAGES: u64 = SIZE / PAGE;
+/// The largest region, in MiB, and the default: 16,384 pages (1,024 folios of 64 KiB).
+pub const MAX_MIB: u64 = 64;
+/// Folio heads the kernel remembers (64 MiB of 64 KiB folios).
+const MAX_FOLIOS: usize = 1024;
 /// The control page (fixed, writable, shared by parent and child).
 const CONTROL: u64 = DATA_START + (8 << 20);
 
@@ -84,9 +87,9 @@ fn ctl_set(word: u64, value: u64) {
     unsafe { ((CONTROL + word * 8) as *mut u64).write_volatile(value) }
 }
 
-/// Stamps every page of the region with `tag` (ring 3).
-fn u_write(tag: u64) {
-    for page in 0..PAGES {
+/// Stamps the region's `pages` pages with `tag` (ring 3).
+fn u_write(tag: u64, pages: u64) {
+    for page in 0..pages {
         for (w, at) in words(page).into_iter().enumerate() {
             // SAFETY: inside this task's folio region.
             unsafe { (at as *mut u64).write_volatile(stamp(tag, page, w as u64)) };
@@ -94,9 +97,9 @@ fn u_write(tag: u64) {
     }
 }
 
-/// Whether every page of the region holds `tag`'s stamps (ring 3).
-fn u_holds(tag: u64) -> bool {
-    (0..PAGES).all(|page| {
+/// Whether the region's `pages` pages hold `tag`'s stamps (ring 3).
+fn u_holds(tag: u64, pages: u64) -> bool {
+    (0..pages).all(|page| {
         words(page).into_iter().enumerate().all(|(w, at)| {
             // SAFETY: inside this task's folio region.
             unsafe { (at as *const u64).read_volatile() == stamp(tag, page, w as u64) }
@@ -120,43 +123,44 @@ fn u_state(who: u64, ok: bool, state: i64) -> bool {
     ok
 }
 
-fn u_child() -> ! {
-    if !u_state(CHILD, u_holds(TAG_OLD), FORKED) || !u_wait_phase(CHILD_WRITES) {
+fn u_child(pages: u64) -> ! {
+    if !u_state(CHILD, u_holds(TAG_OLD, pages), FORKED) || !u_wait_phase(CHILD_WRITES) {
         ulib::exit(1);
     }
     // The parent has written every page by now: none of it may show here.
-    if !u_holds(TAG_OLD) {
+    if !u_holds(TAG_OLD, pages) {
         u_state(CHILD, false, WROTE);
         ulib::exit(2);
     }
-    u_write(TAG_CHILD);
-    if !u_state(CHILD, u_holds(TAG_CHILD), WROTE) || !u_wait_phase(RECHECK) {
+    u_write(TAG_CHILD, pages);
+    if !u_state(CHILD, u_holds(TAG_CHILD, pages), WROTE) || !u_wait_phase(RECHECK) {
         ulib::exit(3);
     }
-    ulib::exit(if u_state(CHILD, u_holds(TAG_CHILD), DONE) {
+    ulib::exit(if u_state(CHILD, u_holds(TAG_CHILD, pages), DONE) {
         0
     } else {
         4
     })
 }
 
-fn u_scale_parent(_: u64) -> i64 {
-    u_write(TAG_OLD);
+/// The forking task (ring 3) over a region of `pages` pages.
+fn u_scale_parent(pages: u64) -> i64 {
+    u_write(TAG_OLD, pages);
     let pid = ulib::fork();
     if pid < 0 {
         return -100;
     }
     if pid == 0 {
-        u_child();
+        u_child(pages);
     }
-    if !u_state(PARENT, u_holds(TAG_OLD), FORKED) || !u_wait_phase(PARENT_WRITES) {
+    if !u_state(PARENT, u_holds(TAG_OLD, pages), FORKED) || !u_wait_phase(PARENT_WRITES) {
         ulib::wait(pid as u64);
         return 20;
     }
-    u_write(TAG_PARENT);
-    let mut ok = u_state(PARENT, u_holds(TAG_PARENT), WROTE) && u_wait_phase(RECHECK);
+    u_write(TAG_PARENT, pages);
+    let mut ok = u_state(PARENT, u_holds(TAG_PARENT, pages), WROTE) && u_wait_phase(RECHECK);
     // The child has written every page by now: none of it may show here.
-    ok = ok && u_state(PARENT, u_holds(TAG_PARENT), DONE);
+    ok = ok && u_state(PARENT, u_holds(TAG_PARENT, pages), DONE);
     let child = ulib::wait(pid as u64);
     match (ok, child) {
         (true, 0) => 42,
@@ -213,8 +217,8 @@ fn frame_holds(frame: u64, tag: u64, page: u64) -> bool {
         })
 }
 
-/// The folio heads of the layout (up to 1,024).
-static HEADS: [AtomicU64; 1024] = [const { AtomicU64::new(0) }; 1024];
+/// The folio heads of the layout.
+static HEADS: [AtomicU64; MAX_FOLIOS] = [const { AtomicU64::new(0) }; MAX_FOLIOS];
 
 fn head(k: u64) -> u64 {
     HEADS[k as usize].load(Ordering::Relaxed)
@@ -235,9 +239,14 @@ fn counts(frame: u64) -> (u32, u32) {
 
 /// Right after the fork: both spaces map every page to its original frame, read-only, with
 /// the pre-fork stamps; each folio has two references per page and each page two maps.
-fn inspect_forked(order: u32, parent: vm::SpaceId, child: vm::SpaceId) -> checks::Outcome {
+fn inspect_forked(
+    order: u32,
+    region: u64,
+    parent: vm::SpaceId,
+    child: vm::SpaceId,
+) -> checks::Outcome {
     let pages = 1u64 << order;
-    for page in 0..PAGES {
+    for page in 0..region {
         let want = original(order, page);
         for (side, space) in [parent, child].into_iter().enumerate() {
             let pte = vm::pte(space, BASE + page * PAGE);
@@ -262,12 +271,13 @@ fn inspect_forked(order: u32, parent: vm::SpaceId, child: vm::SpaceId) -> checks
 /// (the child's last page) and that page one map. Returns the child's reused pages.
 fn inspect_written(
     order: u32,
+    region: u64,
     parent: vm::SpaceId,
     child: vm::SpaceId,
 ) -> Result<u64, checks::Failure> {
     let pages = 1u64 << order;
     let mut reused = 0;
-    for page in 0..PAGES {
+    for page in 0..region {
         let want = original(order, page);
         let last = page % pages == pages - 1;
         let (pp, cp) = (
@@ -329,6 +339,8 @@ fn counters() -> [u64; 8] {
 pub struct Layout {
     /// Folio order.
     pub order: u32,
+    /// The region's size in MiB.
+    pub mib: u64,
     /// The region's copy at fork: PTEs, batches, parent TLB flushes.
     pub copy: (u64, u64, u64),
     /// COW copies and reuses during the run (the stacks' included).
@@ -339,9 +351,12 @@ pub struct Layout {
     pub measured: [Measured; 2],
 }
 
-/// One layout: 64 MiB of order-`order` folios, forked, written by both sides, torn down.
-pub fn run(order: u32) -> Result<Layout, checks::Failure> {
-    let folios = PAGES >> order;
+/// One layout: `mib` MiB (a multiple of 2, at most [`MAX_MIB`]) of order-`order` folios
+/// (4 or 9), forked, written by both sides, torn down.
+pub fn run(order: u32, mib: u64) -> Result<Layout, checks::Failure> {
+    let size = mib << 20;
+    let pages = size / PAGE;
+    let folios = pages >> order;
     let free = frames::free_count();
     let violations = framemeta::violations();
     let Some(control) = frames::alloc(0) else {
@@ -352,9 +367,9 @@ pub fn run(order: u32) -> Result<Layout, checks::Failure> {
     let c = Control(control);
     let mut parent = None;
     let mut measured = Ok([Measured::default(); 2]);
-    let task = usermode::spawn_with("fork-scale", u_scale_parent, 0, |space| {
+    let task = usermode::spawn_with("fork-scale", u_scale_parent, pages, |space| {
         parent = Some(space);
-        vm::map_anonymous(space, BASE, SIZE, true)?;
+        vm::map_anonymous(space, BASE, size, true)?;
         for k in 0..folios {
             let head = framemeta::alloc_folio(order).ok_or(vm::VmError::NoMemory)?;
             if let Err(e) = vm::map_folio_into(space, BASE + (k << order) * PAGE, head, order) {
@@ -364,7 +379,7 @@ pub fn run(order: u32) -> Result<Layout, checks::Failure> {
             HEADS[k as usize].store(head, Ordering::Relaxed);
         }
         vm::map_fixed(space, CONTROL, control, PAGE, true)?;
-        measured = fork_measure::measure(space, BASE, BASE + SIZE);
+        measured = fork_measure::measure(space, BASE, BASE + size);
         Ok(())
     });
     let (Ok(task), Some(parent)) = (task, parent) else {
@@ -375,7 +390,7 @@ pub fn run(order: u32) -> Result<Layout, checks::Failure> {
         )
     };
     let before = counters();
-    let phases = phases(&c, order, parent);
+    let phases = phases(&c, order, pages, parent);
     if phases.is_err() {
         c.set_phase(ABORT);
     }
@@ -413,20 +428,21 @@ pub fn run(order: u32) -> Result<Layout, checks::Failure> {
     // first writer and a reuse for the second).
     let (copies, reuses) = (d[3], d[4]);
     ensure!(
-        copies >= 2 * PAGES - folios && reuses >= folios,
+        copies >= 2 * pages - folios && reuses >= folios,
         "order {order}: {copies} COW copies and {reuses} reuses, want at least {} and {folios}",
-        2 * PAGES - folios
+        2 * pages - folios
     );
     // Teardown: each space's region pages are all private (one batch each).
     ensure!(
-        d[5] >= 2 * PAGES && d[6] >= 2 * PAGES,
+        d[5] >= 2 * pages && d[6] >= 2 * pages,
         "order {order}: teardown zapped {} PTEs in {} batches, want at least {} of one page",
         d[5],
         d[6],
-        2 * PAGES
+        2 * pages
     );
     Ok(Layout {
         order,
+        mib,
         copy,
         cow: (copies, reuses),
         zap: (d[5], d[6], d[7]),
@@ -438,9 +454,10 @@ pub fn run(order: u32) -> Result<Layout, checks::Failure> {
 fn phases(
     c: &Control,
     order: u32,
+    pages: u64,
     parent: vm::SpaceId,
 ) -> Result<(u64, u64, u64), checks::Failure> {
-    let folios = PAGES >> order;
+    let folios = pages >> order;
     wait_states(c, FORKED, FORKED, "fork")?;
     let Some((child, copied)) = vm::forked_child(parent) else {
         fail!("no (single) space forked from the parent's")
@@ -449,21 +466,21 @@ fn phases(
         fail!("no fork report for the folio region")
     };
     // One batch per folio, one parent flush per page table (2 MiB).
-    let tables = SIZE >> 21;
+    let tables = pages >> 9;
     ensure!(
-        r.ptes == PAGES && r.batches == folios && r.tlb_flushes == tables,
+        r.ptes == pages && r.batches == folios && r.tlb_flushes == tables,
         "order {order}: the fork copied {} PTEs in {} batches with {} TLB flushes, want \
-         {PAGES}, {folios}, {tables}",
+         {pages}, {folios}, {tables}",
         r.ptes,
         r.batches,
         r.tlb_flushes
     );
-    inspect_forked(order, parent, child)?;
+    inspect_forked(order, pages, parent, child)?;
     c.set_phase(PARENT_WRITES);
     wait_states(c, WROTE, FORKED, "the parent's writes")?;
     c.set_phase(CHILD_WRITES);
     wait_states(c, WROTE, WROTE, "the child's writes")?;
-    let reused = inspect_written(order, parent, child)?;
+    let reused = inspect_written(order, pages, parent, child)?;
     ensure!(
         reused == folios,
         "order {order}: the child reused {reused} original frames, want one per folio"
@@ -473,21 +490,38 @@ fn phases(
     Ok((r.ptes, r.batches, r.tlb_flushes))
 }
 
-/// Both layouts (64 KiB, then 2 MiB folios), with the per-batch trace events off; prints what
-/// each did and returns them.
-pub fn both() -> Result<[Layout; 2], checks::Failure> {
+/// The region's size in MiB: `fork_mib=N` on the kernel command line (N even, 2 to
+/// [`MAX_MIB`]), [`MAX_MIB`] without it.
+///
+/// `cargo xtask` asks for a smaller region under kvm_pvm, which emulates every ring-0
+/// instruction: a COW fault costs milliseconds there, and 64 MiB written by both sides is
+/// 32,768 of them per layout.
+pub fn region_mib() -> Result<u64, checks::Failure> {
+    let Some(arg) = crate::kmain::boot_arg("fork_mib") else {
+        return Ok(MAX_MIB);
+    };
+    match arg.parse::<u64>() {
+        Ok(mib) if mib % 2 == 0 && (2..=MAX_MIB).contains(&mib) => Ok(mib),
+        _ => fail!("fork_mib={arg}: want an even number of MiB from 2 to {MAX_MIB}"),
+    }
+}
+
+/// Both layouts (64 KiB, then 2 MiB folios) over `mib` MiB (see [`region_mib`]), with the
+/// per-batch trace events off; prints what each did and returns them.
+pub fn both(mib: u64) -> Result<[Layout; 2], checks::Failure> {
     ptbatch::set_quiet(true);
-    let small = run(4);
-    let large = small.is_ok().then(|| run(9));
+    let small = run(4, mib);
+    let large = small.is_ok().then(|| run(9, mib));
     ptbatch::set_quiet(false);
     let layouts = [small?, large.unwrap_or_else(|| Ok(Layout::default()))?];
     for l in &layouts {
         let kib = 4u64 << l.order;
         let (ptes, batches, flushes) = l.copy;
         crate::println!(
-            "  64 MiB of {kib} KiB folios: fork {ptes} PTEs in {batches} batches, {flushes} \
+            "  {} MiB of {kib} KiB folios: fork {ptes} PTEs in {batches} batches, {flushes} \
              parent TLB flushes; COW {} copies + {} reuses; teardown {} PTEs in {} batches, {} \
              flushes; every page private to its writer, all frames returned",
+            l.mib,
             l.cow.0,
             l.cow.1,
             l.zap.0,
@@ -510,8 +544,9 @@ pub fn both() -> Result<[Layout; 2], checks::Failure> {
         }
         crate::trace!(
             "fork",
-            "64 MiB of {kib} KiB folios: fork {ptes} PTEs/{batches} batches, COW {} copies + {} \
+            "{} MiB of {kib} KiB folios: fork {ptes} PTEs/{batches} batches, COW {} copies + {} \
              reuses, zap {} PTEs/{} batches",
+            l.mib,
             l.cow.0,
             l.cow.1,
             l.zap.0,
