@@ -21,12 +21,12 @@
 //! folios, forked and written by both sides, with the copy's work batched and per PTE
 //! ([`super::fork_measure`]).
 //!
-//! Ring 3 and the kernel talk through a control page (a fixed, writable mapping of a kernel
-//! frame, which the fork shares rather than copies): the tasks report their progress in it and
-//! wait for the kernel's go-ahead, so the kernel can look at both spaces between the steps.
-//! The `u_*` functions run in ring 3 (see [`crate::task::ulib`]).
+//! Ring 3 and the kernel talk through a control page ([`super::fork_control`]): the tasks
+//! report their progress in it and wait for the kernel's go-ahead, so the kernel can look at
+//! both spaces between the steps. The `u_*` functions run in ring 3 (see
+//! [`crate::task::ulib`]).
 
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::Ordering;
 
 use crate::{
     arch::apic,
@@ -39,6 +39,10 @@ use crate::{
     mm::vm::{self, PTE_FIXED, PTE_P, PTE_W},
     println,
     spin::SpinLock,
+    steps::fork_control::{
+        CHILD, CONTROL, Control, FIRST_FREE, PARENT, ctl_get, ctl_set, u_aborted, u_state,
+        u_wait_phase,
+    },
     task::sched,
     task::ulib,
     task::usermode::{self, DATA_START},
@@ -55,24 +59,16 @@ const FOLIO_BASE: u64 = DATA_START + (4 << 20);
 /// The second set (same layout), only read after the fork.
 const KEPT_BASE: u64 = DATA_START + (12 << 20);
 const BASES: [u64; 2] = [FOLIO_BASE, KEPT_BASE];
-/// The control page (fixed, writable, shared by parent and child).
-const CONTROL: u64 = DATA_START + (8 << 20);
-
-/// Control words: each side's state, the child's pid, and the kernel's phase.
-const PARENT: u64 = 0;
-const CHILD: u64 = 1;
-const CHILD_PID: u64 = 2;
-const PHASE: u64 = 3;
-/// The probe's control words: the round its parent has written, and its result.
-const PROBE_WRITTEN: u64 = 4;
-const PROBE_RESULT: u64 = 5;
+/// This step's control words (beside each side's state and the phase): the child's pid, the
+/// round the probe's parent has written, and the probe's result.
+const CHILD_PID: u64 = FIRST_FREE;
+const PROBE_WRITTEN: u64 = FIRST_FREE + 1;
+const PROBE_RESULT: u64 = FIRST_FREE + 2;
 /// Phases the kernel lets the tasks into (the parent writes right after the fork): the child
 /// checks it still sees the parent's pre-fork data, then writes; both check their data again,
 /// then exit.
 const CHILD_WRITES: u64 = 1;
 const RECHECK: u64 = 2;
-/// The kernel gave up: both exit.
-const ABORT: u64 = 100;
 /// States: the child saw the pre-fork data after the fork / it still saw it after the
 /// parent's writes / each wrote and saw its own data / both saw it again at the end. Negative
 /// values (as `i64`) are the failing step.
@@ -91,20 +87,6 @@ const TAG_KEPT: u64 = 0xd4;
 /// The word `w` of folio page `page` with data `tag`.
 const fn pattern(tag: u64, page: u64, w: u64) -> u64 {
     (tag << 56) ^ (page << 24) ^ w.wrapping_mul(0x9e37_79b9)
-}
-
-fn ctl(word: u64) -> *mut u64 {
-    (CONTROL + word * 8) as *mut u64
-}
-
-fn ctl_get(word: u64) -> u64 {
-    // SAFETY: ring 3 of this check's tasks, whose spaces map the control page (writable).
-    unsafe { ctl(word).read_volatile() }
-}
-
-fn ctl_set(word: u64, value: u64) {
-    // SAFETY: as in `ctl_get`.
-    unsafe { ctl(word).write_volatile(value) }
 }
 
 /// Writes `tag`'s data into every word of the first `pages` pages of the set at `set`
@@ -142,22 +124,6 @@ fn u_holds_n(set: u64, pages: u64, tag: u64) -> bool {
         }
     }
     true
-}
-
-/// Waits (yielding) for the kernel's phase `phase`; false if it aborted.
-fn u_wait_phase(phase: u64) -> bool {
-    loop {
-        match ctl_get(PHASE) {
-            ABORT => return false,
-            p if p >= phase => return true,
-            _ => ulib::yield_now(),
-        }
-    }
-}
-
-fn u_state(who: u64, ok: bool, state: i64) -> bool {
-    ctl_set(who, if ok { state } else { -state } as u64);
-    ok
 }
 
 /// Whether the written set holds `tag`'s data and the kept set its own.
@@ -237,7 +203,7 @@ fn u_probe_rounds() -> i64 {
         }
         if pid == 0 {
             while ctl_get(PROBE_WRITTEN) != round + 1 {
-                if ctl_get(PHASE) == ABORT {
+                if u_aborted() {
                     ulib::exit(9);
                 }
                 ulib::yield_now();
@@ -255,42 +221,6 @@ fn u_probe_rounds() -> i64 {
         }
     }
     42
-}
-
-/// The kernel's view of the control page (through the identity map).
-struct Control(u64);
-
-impl Control {
-    fn word(&self, word: u64) -> &AtomicU64 {
-        // SAFETY: a frame this check owns until every space mapping it is gone; u64-aligned.
-        unsafe { AtomicU64::from_ptr((self.0 + word * 8) as *mut u64) }
-    }
-    fn state(&self, who: u64) -> i64 {
-        self.word(who).load(Ordering::Acquire) as i64
-    }
-    fn set_phase(&self, phase: u64) {
-        self.word(PHASE).store(phase, Ordering::Release);
-    }
-}
-
-/// Waits until both sides reach at least the given states; fails early on a negative one.
-fn wait_states(c: &Control, parent: i64, child: i64, what: &str) -> Outcome {
-    let deadline = apic::now_us() + 60_000_000;
-    loop {
-        let (p, ch) = (c.state(PARENT), c.state(CHILD));
-        ensure!(
-            p >= 0 && ch >= 0,
-            "{what}: a task failed its data check (parent state {p}, child state {ch})"
-        );
-        if p >= parent && ch >= child {
-            return Ok(());
-        }
-        ensure!(
-            apic::now_us() < deadline,
-            "{what}: timed out (parent state {p}, child state {ch})"
-        );
-        sched::sleep_ticks(1);
-    }
 }
 
 /// The folio heads of each set (written, kept), in [`ORDERS`] order.
@@ -604,7 +534,7 @@ pub fn fork() -> Outcome {
     );
     let phases = run_phases(&c, parent, &heads);
     if phases.is_err() {
-        c.set_phase(ABORT);
+        c.abort();
     }
     let code = sched::join(task);
     // The child exits on its own (the parent waits for it unless it died): wait until every
@@ -729,7 +659,7 @@ fn tlb_probe(c: &Control, control: u64) -> Outcome {
     };
     let finished = poll(|| c.word(PROBE_RESULT).load(Ordering::Acquire) != 0);
     if !finished {
-        c.set_phase(ABORT);
+        c.abort();
     }
     let code = sched::join(task);
     let returned = poll(|| frames::free_count() == free);
@@ -753,7 +683,7 @@ fn tlb_probe(c: &Control, control: u64) -> Outcome {
 
 /// Drives the tasks through the phases, inspecting both spaces in between.
 fn run_phases(c: &Control, parent: vm::SpaceId, heads: &Heads) -> Outcome {
-    wait_states(c, WROTE, FORKED, "fork and the parent's writes")?;
+    c.wait_states(WROTE, FORKED, 60, "fork and the parent's writes")?;
     let Some((child, copied)) = vm::forked_child(parent) else {
         fail!("no (single) space forked from the parent's")
     };
@@ -783,12 +713,12 @@ fn run_phases(c: &Control, parent: vm::SpaceId, heads: &Heads) -> Outcome {
     }
     inspect_forked(parent, child, heads)?;
     c.set_phase(CHILD_WRITES);
-    wait_states(c, WROTE, WROTE, "child's writes")?;
+    c.wait_states(WROTE, WROTE, 60, "child's writes")?;
     inspect_written(parent, child, heads)?;
     crate::trace!(
         "fork",
         "both spaces private, kept set shared: data, counts and resident pages exact"
     );
     c.set_phase(RECHECK);
-    wait_states(c, DONE, DONE, "final check")
+    c.wait_states(DONE, DONE, 60, "final check")
 }

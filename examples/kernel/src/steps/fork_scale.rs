@@ -22,13 +22,13 @@
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use crate::{
-    arch::apic,
     checks::{self, sched::wait_for},
     ensure, fail,
     mm::framemeta,
     mm::frames,
     mm::ptbatch,
     mm::vm::{self, PTE_P, PTE_W},
+    steps::fork_control::{CHILD, CONTROL, Control, PARENT, u_state, u_wait_phase},
     steps::fork_measure::{self, Measured},
     task::sched,
     task::ulib,
@@ -42,19 +42,10 @@ pub const BASE: u64 = DATA_START + (256 << 20);
 pub const MAX_MIB: u64 = 64;
 /// Folio heads the kernel remembers (64 MiB of 64 KiB folios).
 const MAX_FOLIOS: usize = 1024;
-/// The control page (fixed, writable, shared by parent and child).
-const CONTROL: u64 = DATA_START + (8 << 20);
-
-/// Control words: each side's state and the kernel's phase.
-const PARENT: u64 = 0;
-const CHILD: u64 = 1;
-const PHASE: u64 = 2;
 /// Phases: the parent may write; the child may write; both check again and exit.
 const PARENT_WRITES: u64 = 1;
 const CHILD_WRITES: u64 = 2;
 const RECHECK: u64 = 3;
-/// The kernel gave up: both exit.
-const ABORT: u64 = 100;
 /// States: forked (the side saw the pre-fork stamps) / wrote its own and sees them / saw them
 /// again at the end. Negative values (as `i64`) are the failing step.
 const FORKED: i64 = 1;
@@ -77,16 +68,6 @@ const fn words(page: u64) -> [u64; 2] {
     [at, at + PAGE - 8]
 }
 
-fn ctl_get(word: u64) -> u64 {
-    // SAFETY: ring 3 of this check's tasks, whose spaces map the control page (writable).
-    unsafe { ((CONTROL + word * 8) as *const u64).read_volatile() }
-}
-
-fn ctl_set(word: u64, value: u64) {
-    // SAFETY: as in `ctl_get`.
-    unsafe { ((CONTROL + word * 8) as *mut u64).write_volatile(value) }
-}
-
 /// Stamps the region's `pages` pages with `tag` (ring 3).
 fn u_write(tag: u64, pages: u64) {
     for page in 0..pages {
@@ -105,22 +86,6 @@ fn u_holds(tag: u64, pages: u64) -> bool {
             unsafe { (at as *const u64).read_volatile() == stamp(tag, page, w as u64) }
         })
     })
-}
-
-/// Waits (yielding) for the kernel's phase `phase`; false if it aborted.
-fn u_wait_phase(phase: u64) -> bool {
-    loop {
-        match ctl_get(PHASE) {
-            ABORT => return false,
-            p if p >= phase => return true,
-            _ => ulib::yield_now(),
-        }
-    }
-}
-
-fn u_state(who: u64, ok: bool, state: i64) -> bool {
-    ctl_set(who, if ok { state } else { -state } as u64);
-    ok
 }
 
 fn u_child(pages: u64) -> ! {
@@ -166,42 +131,6 @@ fn u_scale_parent(pages: u64) -> i64 {
         (true, 0) => 42,
         (false, _) => 20,
         (true, c) => 10 + c,
-    }
-}
-
-/// The kernel's view of the control page (through the identity map).
-struct Control(u64);
-
-impl Control {
-    fn word(&self, word: u64) -> &AtomicU64 {
-        // SAFETY: a frame this check owns until every space mapping it is gone; u64-aligned.
-        unsafe { AtomicU64::from_ptr((self.0 + word * 8) as *mut u64) }
-    }
-    fn state(&self, who: u64) -> i64 {
-        self.word(who).load(Ordering::Acquire) as i64
-    }
-    fn set_phase(&self, phase: u64) {
-        self.word(PHASE).store(phase, Ordering::Release);
-    }
-}
-
-/// Waits until both sides reach at least the given states; fails early on a negative one.
-fn wait_states(c: &Control, parent: i64, child: i64, what: &str) -> checks::Outcome {
-    let deadline = apic::now_us() + 120_000_000;
-    loop {
-        let (p, ch) = (c.state(PARENT), c.state(CHILD));
-        ensure!(
-            p >= 0 && ch >= 0,
-            "{what}: a task failed its data check (parent state {p}, child state {ch})"
-        );
-        if p >= parent && ch >= child {
-            return Ok(());
-        }
-        ensure!(
-            apic::now_us() < deadline,
-            "{what}: timed out (parent state {p}, child state {ch})"
-        );
-        sched::sleep_ticks(1);
     }
 }
 
@@ -392,7 +321,7 @@ pub fn run(order: u32, mib: u64) -> Result<Layout, checks::Failure> {
     let before = counters();
     let phases = phases(&c, order, pages, parent);
     if phases.is_err() {
-        c.set_phase(ABORT);
+        c.abort();
     }
     let code = sched::join(task);
     let returned = wait_for(|| frames::free_count() + 1 == free);
@@ -458,7 +387,7 @@ fn phases(
     parent: vm::SpaceId,
 ) -> Result<(u64, u64, u64), checks::Failure> {
     let folios = pages >> order;
-    wait_states(c, FORKED, FORKED, "fork")?;
+    c.wait_states(FORKED, FORKED, 120, "fork")?;
     let Some((child, copied)) = vm::forked_child(parent) else {
         fail!("no (single) space forked from the parent's")
     };
@@ -477,16 +406,16 @@ fn phases(
     );
     inspect_forked(order, pages, parent, child)?;
     c.set_phase(PARENT_WRITES);
-    wait_states(c, WROTE, FORKED, "the parent's writes")?;
+    c.wait_states(WROTE, FORKED, 120, "the parent's writes")?;
     c.set_phase(CHILD_WRITES);
-    wait_states(c, WROTE, WROTE, "the child's writes")?;
+    c.wait_states(WROTE, WROTE, 120, "the child's writes")?;
     let reused = inspect_written(order, pages, parent, child)?;
     ensure!(
         reused == folios,
         "order {order}: the child reused {reused} original frames, want one per folio"
     );
     c.set_phase(RECHECK);
-    wait_states(c, DONE, DONE, "final check")?;
+    c.wait_states(DONE, DONE, 120, "final check")?;
     Ok((r.ptes, r.batches, r.tlb_flushes))
 }
 

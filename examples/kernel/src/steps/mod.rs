@@ -5,6 +5,7 @@
 pub mod apf;
 pub mod bts;
 pub mod fork;
+pub mod fork_control;
 pub mod fork_measure;
 pub mod fork_scale;
 pub mod trace;
