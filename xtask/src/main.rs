@@ -32,7 +32,8 @@ commands:
   setup   install QEMU, valgrind, trace-cmd, xenstore-utils and the x86_64-unknown-none target (never removes a package)
   fuzz    [TARGET] [--seconds N]   run cargo-fuzz targets (all, briefly, by default)
   bench   [CRATE] [--report]       run the criterion benches (all crates by default);
-                                   --report also writes BENCHMARKS.md
+                                   --report also rewrites those crates' sections of
+                                   BENCHMARKS.md (the others stay)
   budgets                          check the hot paths' instruction budgets (callgrind)
   miri    [CRATE]                  run the crates' tests under Miri (nightly)
   release                          the release checks of `test` alone: rustdoc, publish

@@ -167,19 +167,62 @@ fn machine() -> String {
     format!("- CPU: {cpu}, {cores} cores available\n- kernel: {kernel}\n- compiler: {rustc}\n")
 }
 
-/// Runs the benches of `crates` with criterion writing into a fresh directory, then writes
-/// BENCHMARKS.md at the workspace root.
+/// The opening of BENCHMARKS.md, before the machine and the crates' sections.
+const PREAMBLE: &str = "# Benchmarks\n\nWritten by `cargo xtask bench --report`, a section per crate, each from one run on\nthis machine (a run of some crates replaces only their sections). The ratios are the headline\n(oskit against the peer crate, reference or physical ceiling measured in the same group, in\nthe same run); absolute times hold for this machine only.\n\n";
+
+/// BENCHMARKS.md with the sections of `fresh` (`(package, body)`, body without its `## `
+/// heading) put in place of the same packages' sections of `old`; the other sections of `old`
+/// are kept as they are, in the order of `order` (packages), any others after them. The
+/// preamble and machine lines are `head`.
+fn splice(old: &str, fresh: &[(String, String)], head: &str, order: &[String]) -> String {
+    let mut sections: Vec<(String, String)> = Vec::new();
+    // `old`'s sections: from each line `## name` to the next one.
+    let mut current: Option<(String, String)> = None;
+    for line in old.lines() {
+        if let Some(name) = line.strip_prefix("## ") {
+            sections.extend(current.take());
+            current = Some((name.trim().to_string(), String::new()));
+        } else if let Some((_, body)) = current.as_mut() {
+            body.push_str(line);
+            body.push('\n');
+        }
+    }
+    sections.extend(current);
+    for (package, body) in fresh {
+        match sections.iter_mut().find(|(name, _)| name == package) {
+            Some(old) => old.1 = body.clone(),
+            None => sections.push((package.clone(), body.clone())),
+        }
+    }
+    let rank = |name: &str| order.iter().position(|p| p == name).unwrap_or(order.len());
+    sections.sort_by_key(|(name, _)| rank(name));
+    let mut doc = head.to_string();
+    for (name, body) in &sections {
+        doc += &format!("\n## {name}\n\n{}\n", body.trim());
+    }
+    doc
+}
+
+/// Today's date (UTC), for a section's first line.
+fn today() -> String {
+    Command::new("date")
+        .args(["-u", "+%Y-%m-%d"])
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .filter(|d| !d.is_empty())
+        .unwrap_or_else(|| "(date unknown)".into())
+}
+
+/// Runs the benches of `crates` with criterion writing into a fresh directory, then rewrites
+/// their sections of BENCHMARKS.md at the workspace root (the other crates' sections stay).
 pub fn bench_report(crates: &[&str]) -> Result<PathBuf, String> {
     let root = cmd::root();
-    let mut doc = String::from(
-        "# Benchmarks\n\nWritten by `cargo xtask bench --report` from one run on this machine. The ratios are the\nheadline (oskit against the peer crate, reference or physical ceiling measured in the same\ngroup, in the same run); absolute times hold for this machine only.\n\n",
-    );
-    doc += &machine();
+    let mut fresh = Vec::new();
     for krate in crates.iter().filter(|c| CRATES.contains(c)) {
         let package = format!("oskit-{krate}");
-        doc += &format!("\n## {package}\n\n");
         if !root.join("crates").join(krate).join("benches").exists() {
-            doc += "No benches.\n";
+            fresh.push((package, "No benches.\n".to_string()));
             continue;
         }
         let out_dir = root.join("target").join("bench-report").join(krate);
@@ -190,9 +233,17 @@ pub fn bench_report(crates: &[&str]) -> Result<PathBuf, String> {
             .args(crate::budgets::extra_features(krate))
             .env("CRITERION_HOME", &out_dir);
         cmd::run(&mut bench)?;
-        doc += &table(&collect(&out_dir));
+        let body = format!(
+            "Measured on {} (`cargo xtask bench {krate} --report`).\n\n{}",
+            today(),
+            table(&collect(&out_dir))
+        );
+        fresh.push((package, body));
     }
     let path = root.join("BENCHMARKS.md");
+    let old = fs::read_to_string(&path).unwrap_or_default();
+    let order: Vec<String> = CRATES.iter().map(|c| format!("oskit-{c}")).collect();
+    let doc = splice(&old, &fresh, &(PREAMBLE.to_string() + &machine()), &order);
     fs::write(&path, doc).map_err(|e| format!("{}: {e}", path.display()))?;
     Ok(path)
 }
@@ -200,6 +251,31 @@ pub fn bench_report(crates: &[&str]) -> Result<PathBuf, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_report_of_some_crates_replaces_only_their_sections() {
+        let order: Vec<String> = ["oskit-a", "oskit-b", "oskit-c"].map(String::from).into();
+        let old = "# Benchmarks\n\nold machine\n\n## oskit-a\n\nA notes\n| a | 1 |\n\n## oskit-c\n\nC table\n";
+        let fresh = [("oskit-b".to_string(), "B table\n".to_string())];
+        let doc = splice(old, &fresh, "HEAD\n", &order);
+        assert_eq!(
+            doc,
+            "HEAD\n\n## oskit-a\n\nA notes\n| a | 1 |\n\n## oskit-b\n\nB table\n\n## oskit-c\n\nC table\n"
+        );
+        let fresh = [("oskit-a".to_string(), "new A\n".to_string())];
+        let again = splice(&doc, &fresh, "HEAD\n", &order);
+        assert!(
+            again.contains("## oskit-a\n\nnew A\n\n## oskit-b"),
+            "{again}"
+        );
+        assert!(!again.contains("A notes"), "{again}");
+        assert!(again.contains("C table"), "{again}");
+        // An empty or missing file: only the fresh sections.
+        assert_eq!(
+            splice("", &fresh, "H\n", &order),
+            "H\n\n## oskit-a\n\nnew A\n"
+        );
+    }
 
     #[test]
     fn reads_criterion_json() {
