@@ -146,6 +146,7 @@ pub fn table(measurements: &[Measurement]) -> String {
     out
 }
 
+/// The machine lines of a section: CPU and cores, kernel, compiler.
 fn machine() -> String {
     let cpu = fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -168,12 +169,12 @@ fn machine() -> String {
 }
 
 /// The opening of BENCHMARKS.md, before the machine and the crates' sections.
-const PREAMBLE: &str = "# Benchmarks\n\nWritten by `cargo xtask bench --report`, a section per crate, each from one run on\nthis machine (a run of some crates replaces only their sections). The ratios are the headline\n(oskit against the peer crate, reference or physical ceiling measured in the same group, in\nthe same run); absolute times hold for this machine only.\n\n";
+const PREAMBLE: &str = "# Benchmarks\n\nWritten by `cargo xtask bench --report`, a section per crate, each from one run (its first\nline says when and on which machine; a run of some crates replaces only their sections). The\nratios are the headline (oskit against the peer crate, reference or physical ceiling measured\nin the same group, in the same run); absolute times hold for that machine only.\n";
 
 /// BENCHMARKS.md with the sections of `fresh` (`(package, body)`, body without its `## `
 /// heading) put in place of the same packages' sections of `old`; the other sections of `old`
-/// are kept as they are, in the order of `order` (packages), any others after them. The
-/// preamble and machine lines are `head`.
+/// are kept as they are, in the order of `order` (packages), any others after them. `head`
+/// replaces what comes before the first section.
 fn splice(old: &str, fresh: &[(String, String)], head: &str, order: &[String]) -> String {
     let mut sections: Vec<(String, String)> = Vec::new();
     // `old`'s sections: from each line `## name` to the next one.
@@ -234,8 +235,9 @@ pub fn bench_report(crates: &[&str]) -> Result<PathBuf, String> {
             .env("CRITERION_HOME", &out_dir);
         cmd::run(&mut bench)?;
         let body = format!(
-            "Measured on {} (`cargo xtask bench {krate} --report`).\n\n{}",
+            "Measured on {} (`cargo xtask bench {krate} --report`) on:\n\n{}\n{}",
             today(),
+            machine(),
             table(&collect(&out_dir))
         );
         fresh.push((package, body));
@@ -243,7 +245,7 @@ pub fn bench_report(crates: &[&str]) -> Result<PathBuf, String> {
     let path = root.join("BENCHMARKS.md");
     let old = fs::read_to_string(&path).unwrap_or_default();
     let order: Vec<String> = CRATES.iter().map(|c| format!("oskit-{c}")).collect();
-    let doc = splice(&old, &fresh, &(PREAMBLE.to_string() + &machine()), &order);
+    let doc = splice(&old, &fresh, PREAMBLE, &order);
     fs::write(&path, doc).map_err(|e| format!("{}: {e}", path.display()))?;
     Ok(path)
 }
