@@ -340,7 +340,7 @@ fn boot_stages(suite: &mut Suite) {
             smp,
             scenario: scenario.map(str::to_string),
             // kvm_pvm runs the guest's ring 0 through KVM's instruction emulator: the full
-            // scenario takes about 90 s there (measured, quiet machine; 15 s on TCG), and a
+            // scenario takes 45-90 s there (measured, quiet machine; under 10 s on TCG), and a
             // loaded CI host can stretch that several times.
             timeout: if accel == Accel::Kvm {
                 std::time::Duration::from_secs(1200)
