@@ -5,21 +5,12 @@ mod common;
 
 use std::num::NonZeroU32;
 
-use common::{Ignore, Space, Task, tracer, user_cpu};
+use common::{Ignore, Space, Task, cfg, tracer, user_cpu};
 use oskit_bts::{
-    BtsCpu, Config, CpuCell, Error, Flags, Pmi, Record,
-    format::RECORD_SIZE,
+    BtsCpu, CpuCell, Error, Flags, Pmi, Record,
     hal::{BtsHardware, DebugCtl, RecordSink, Signaller},
     sim::{SoftCpu, Store},
 };
-
-fn cfg(records: usize, flags: Flags) -> Config {
-    Config {
-        size: records * RECORD_SIZE,
-        flags: flags | Flags::ALLOC,
-        signal: 0,
-    }
-}
 
 /// The measured soundness hole, run under Miri too: `bts2.switch_out(&mut cpu1)` with a CPU
 /// loaded by `bts1` used to clear HELD on bts2's slot 0, whose task runs on `cpu2`; `config`

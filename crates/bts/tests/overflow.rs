@@ -5,49 +5,11 @@
 
 mod common;
 
-use std::num::NonZeroU32;
-
-use common::{Space, Task, Tracer, tracer, user_cpu};
+use common::{Signals, Sink, Space, Task, Tracer, br, cfg, tracer, user_cpu};
 use oskit_bts::{
     BtsCpu, Config, Flags, Pmi, Record,
-    format::RECORD_SIZE,
-    hal::{RecordSink, Signaller},
     sim::{SoftCpu, Store},
 };
-
-fn cfg(records: usize, flags: Flags) -> Config {
-    Config {
-        size: records * RECORD_SIZE,
-        flags: flags | Flags::ALLOC,
-        signal: 0,
-    }
-}
-
-/// Every record drained, with the pid it came from.
-#[derive(Default)]
-struct Sink(Vec<(u32, Record)>);
-impl RecordSink for Sink {
-    fn push(&mut self, pid: u32, record: Record) -> bool {
-        self.0.push((pid, record));
-        true
-    }
-}
-
-#[derive(Default)]
-struct Signals(Vec<(u32, u32)>);
-impl Signaller<Task> for Signals {
-    fn signal(&mut self, task: &Task, signal: NonZeroU32) {
-        self.0.push((task.pid, signal.get()));
-    }
-}
-
-fn br(i: u64) -> Record {
-    Record::Branch {
-        from: i,
-        to: 0x9000,
-        predicted: false,
-    }
-}
 
 /// Runs branches `from..` of the task loaded on `cpu` until the CPU raises the PMI; returns
 /// the next branch number.

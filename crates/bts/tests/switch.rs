@@ -5,21 +5,12 @@ mod common;
 
 use std::num::NonZeroU32;
 
-use common::{Ignore, Space, Task, tracer, user_cpu};
+use common::{Ignore, Signals, Space, Task, br, cfg, tracer, user_cpu};
 use oskit_bts::{
     BtsCpu, Config, Flags, Overflow, Pmi, Record,
-    format::RECORD_SIZE,
-    hal::{BtsHardware, DebugCtl, RecordSink, Signaller},
+    hal::{BtsHardware, DebugCtl, RecordSink},
     sim::Store,
 };
-
-fn cfg(records: usize, flags: Flags) -> Config {
-    Config {
-        size: records * RECORD_SIZE,
-        flags: flags | Flags::ALLOC,
-        signal: 0,
-    }
-}
 
 #[derive(Default)]
 struct Sink {
@@ -33,22 +24,6 @@ impl RecordSink for Sink {
         }
         self.got.push((pid, record));
         true
-    }
-}
-
-#[derive(Default)]
-struct Signals(Vec<(u32, u32)>);
-impl Signaller<Task> for Signals {
-    fn signal(&mut self, task: &Task, signal: NonZeroU32) {
-        self.0.push((task.pid, signal.get()));
-    }
-}
-
-fn br(i: u64) -> Record {
-    Record::Branch {
-        from: i,
-        to: 0x9000,
-        predicted: false,
     }
 }
 

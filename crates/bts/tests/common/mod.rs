@@ -1,9 +1,11 @@
 //! Test doubles for the tracer's traits: counted task and address-space handles, a counting
-//! page allocator with failure injection, and a counting work queue.
+//! page allocator with failure injection, a counting work queue, and a record sink and a
+//! signaller that keep what they get.
 #![allow(dead_code, unreachable_pub)]
 
 use std::{
     alloc::Layout,
+    num::NonZeroU32,
     ptr::NonNull,
     sync::{
         Arc,
@@ -12,8 +14,9 @@ use std::{
 };
 
 use oskit_bts::{
-    Bts,
-    hal::{AddressSpace, DeferredWork, LockedAlloc, PAGE_SIZE, TaskRef},
+    Bts, Config, Flags, Record,
+    format::RECORD_SIZE,
+    hal::{AddressSpace, DeferredWork, LockedAlloc, PAGE_SIZE, RecordSink, Signaller, TaskRef},
 };
 
 /// A task handle; `refs` counts live handles (the test's own included).
@@ -222,4 +225,43 @@ pub fn user_cpu() -> oskit_bts::sim::SoftCpu {
     let mut cpu = oskit_bts::sim::SoftCpu::default();
     cpu.set_cpl(3);
     cpu
+}
+
+/// A configuration of `records` records with `flags` (and `ALLOC`), no signal.
+pub fn cfg(records: usize, flags: Flags) -> Config {
+    Config {
+        size: records * RECORD_SIZE,
+        flags: flags | Flags::ALLOC,
+        signal: 0,
+    }
+}
+
+/// Every record drained, with the pid it came from (never full).
+#[derive(Default)]
+pub struct Sink(pub Vec<(u32, Record)>);
+
+impl RecordSink for Sink {
+    fn push(&mut self, pid: u32, record: Record) -> bool {
+        self.0.push((pid, record));
+        true
+    }
+}
+
+/// Every signal sent: (pid, signal).
+#[derive(Default)]
+pub struct Signals(pub Vec<(u32, u32)>);
+
+impl Signaller<Task> for Signals {
+    fn signal(&mut self, task: &Task, signal: NonZeroU32) {
+        self.0.push((task.pid, signal.get()));
+    }
+}
+
+/// Branch record number `i` (from `i` to 0x9000).
+pub fn br(i: u64) -> Record {
+    Record::Branch {
+        from: i,
+        to: 0x9000,
+        predicted: false,
+    }
 }
