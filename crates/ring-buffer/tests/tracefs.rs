@@ -59,6 +59,24 @@ fn map(inst: &Instance, cpu: usize) -> Result<TracefsMap, String> {
         .map_err(|e| format!("kernel cannot mmap trace_pipe_raw (Linux >= 6.10): {e}"))
 }
 
+/// An instance's CPU 0 buffer, mapped (fields drop in order: the mapping goes before the
+/// instance).
+struct Mapped {
+    map: TracefsMap,
+    inst: Instance,
+}
+
+/// A fresh instance of `kb` KiB per CPU with CPU 0's buffer mapped, this thread pinned to
+/// CPU 0; or why not (the test then says skipped).
+fn mapped_on_cpu0(tag: &str, kb: usize) -> Result<Mapped, String> {
+    let inst = instance(tag, kb)?;
+    let map = map(&inst, 0)?;
+    if !pin_to(0) {
+        return Err("cannot pin the test thread to CPU 0".into());
+    }
+    Ok(Mapped { map, inst })
+}
+
 fn pin_to(cpu: usize) -> bool {
     // SAFETY: `set` is a plain bitmask we own; sched_setaffinity only reads it.
     unsafe {
@@ -160,17 +178,10 @@ const WRITTEN: usize = 5000;
 #[test]
 #[cfg_attr(miri, ignore = "mmap, ioctl and sched_setaffinity of a real kernel")]
 fn peer_overwritten_instance_read_through_the_mapping() {
-    let inst = match instance("map", 16) {
-        Ok(i) => i,
-        Err(reason) => return println!("skipped: {reason}"),
-    };
-    let map = match map(&inst, 0) {
+    let Mapped { map, inst } = match mapped_on_cpu0("map", 16) {
         Ok(m) => m,
         Err(reason) => return println!("skipped: {reason}"),
     };
-    if !pin_to(0) {
-        return println!("skipped: cannot pin the test thread to CPU 0");
-    }
     write_markers(&inst, 0, WRITTEN);
     let overrun = stat(&inst, 0, "overrun");
     let mut seen = Vec::new();
@@ -300,17 +311,10 @@ fn peer_writers_on_every_cpu_while_reading() {
 #[test]
 #[cfg_attr(miri, ignore = "poll of a real kernel's trace_pipe_raw")]
 fn peer_wait_times_out_then_wakes_on_data() {
-    let inst = match instance("wait", 16) {
-        Ok(i) => i,
-        Err(reason) => return println!("skipped: {reason}"),
-    };
-    let map = match map(&inst, 0) {
+    let Mapped { map, inst } = match mapped_on_cpu0("wait", 16) {
         Ok(m) => m,
         Err(reason) => return println!("skipped: {reason}"),
     };
-    if !pin_to(0) {
-        return println!("skipped: cannot pin the test thread to CPU 0");
-    }
     // Wake on any data, not at half full.
     fs::write(inst.0.join("buffer_percent"), "0").unwrap();
     let start = Instant::now();
