@@ -14,7 +14,11 @@ use core::{
     sync::atomic::{AtomicU64, AtomicUsize, Ordering},
 };
 
-use crate::{arch::gdt, arch::percpu, arch::trap::TrapFrame};
+use crate::{
+    arch::gdt,
+    arch::percpu,
+    arch::trap::{TrapFrame, pop_gprs, push_gprs},
+};
 
 /// System-call numbers.
 pub mod nr {
@@ -69,40 +73,16 @@ syscall_entry:
     pushq %rcx
     pushq $0
     pushq $0x100
-    pushq %rax
-    pushq %rbx
-    pushq %rcx
-    pushq %rdx
-    pushq %rsi
-    pushq %rdi
-    pushq %rbp
-    pushq %r8
-    pushq %r9
-    pushq %r10
-    pushq %r11
-    pushq %r12
-    pushq %r13
-    pushq %r14
-    pushq %r15
+"#,
+    push_gprs!(),
+    r#"
     movq %rsp, %rdi
     cld
     call syscall_dispatch
     cli
-    popq %r15
-    popq %r14
-    popq %r13
-    popq %r12
-    popq %r11
-    popq %r10
-    popq %r9
-    popq %r8
-    popq %rbp
-    popq %rdi
-    popq %rsi
-    popq %rdx
-    popq %rcx
-    popq %rbx
-    popq %rax
+"#,
+    pop_gprs!(),
+    r#"
     addq $16, %rsp
     popq %rcx
     addq $8, %rsp

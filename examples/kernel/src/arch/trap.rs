@@ -18,6 +18,56 @@ use core::{
 
 use crate::arch::qemu::{self, Exit};
 
+/// Pushes the general registers (RAX first, R15 last) so that the stack holds them in
+/// [`TrapFrame`] order; [`pop_gprs`] takes them back. The trap and system-call entries both
+/// build their frame with it.
+macro_rules! push_gprs {
+    () => {
+        "
+    pushq %rax
+    pushq %rbx
+    pushq %rcx
+    pushq %rdx
+    pushq %rsi
+    pushq %rdi
+    pushq %rbp
+    pushq %r8
+    pushq %r9
+    pushq %r10
+    pushq %r11
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+        "
+    };
+}
+
+/// Pops what [`push_gprs`] pushed (R15 first, RAX last).
+macro_rules! pop_gprs {
+    () => {
+        "
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %r11
+    popq %r10
+    popq %r9
+    popq %r8
+    popq %rbp
+    popq %rdi
+    popq %rsi
+    popq %rdx
+    popq %rcx
+    popq %rbx
+    popq %rax
+        "
+    };
+}
+
+pub(crate) use {pop_gprs, push_gprs};
+
 global_asm!(
     r#"
     .section .text
@@ -41,41 +91,17 @@ trap_common:
     jz 1f
     swapgs
 1:
-    pushq %rax
-    pushq %rbx
-    pushq %rcx
-    pushq %rdx
-    pushq %rsi
-    pushq %rdi
-    pushq %rbp
-    pushq %r8
-    pushq %r9
-    pushq %r10
-    pushq %r11
-    pushq %r12
-    pushq %r13
-    pushq %r14
-    pushq %r15
+"#,
+    push_gprs!(),
+    r#"
     movq %rsp, %rdi
     cld
     call trap_dispatch
     .global trap_return
 trap_return:
-    popq %r15
-    popq %r14
-    popq %r13
-    popq %r12
-    popq %r11
-    popq %r10
-    popq %r9
-    popq %r8
-    popq %rbp
-    popq %rdi
-    popq %rsi
-    popq %rdx
-    popq %rcx
-    popq %rbx
-    popq %rax
+"#,
+    pop_gprs!(),
+    r#"
     testb $3, 24(%rsp)
     jz 2f
     cli
