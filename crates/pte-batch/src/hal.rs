@@ -385,6 +385,17 @@ pub trait FolioOps {
     fn swap_free(&mut self, pte: u64) {
         let _ = pte;
     }
+    /// The swap entries `ptes` are being zapped: drop each one's reference on its slot
+    /// (`free_swap_and_cache_nr`). They are one run, as a swapped-out large folio leaves
+    /// them: the same swap device, consecutive slots from `ptes[0]`'s, the same flag bits
+    /// (at most [`SWAP_BATCH`](crate::zap::SWAP_BATCH) of them, never across a page table).
+    /// A backend can free the run under one lock of the device. Must not sleep. The default
+    /// calls [`swap_free`](Self::swap_free) for each.
+    fn swap_free_batch(&mut self, ptes: &[u64]) {
+        for &pte in ptes {
+            self.swap_free(pte);
+        }
+    }
     /// A fork met a device-exclusive entry for page `pfn`: revoke the device's exclusive
     /// access (the MMU notifier of `restore_exclusive_pte`) and return true, after which the
     /// copy maps the page again in the parent and copies it as a present page. The default,
@@ -453,6 +464,9 @@ impl<T: FolioOps + ?Sized> FolioOps for &mut T {
     }
     fn swap_free(&mut self, pte: u64) {
         (**self).swap_free(pte)
+    }
+    fn swap_free_batch(&mut self, ptes: &[u64]) {
+        (**self).swap_free_batch(ptes)
     }
     fn restore_device_exclusive(&mut self, pfn: u64) -> bool {
         (**self).restore_device_exclusive(pfn)

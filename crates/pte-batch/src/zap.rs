@@ -12,6 +12,10 @@ use crate::{Error, check_range};
 /// Folio mappings held back until the TLB is flushed (an `mmu_gather` batch).
 const GATHER: usize = 64;
 
+/// Most swap entries freed in one [`FolioOps::swap_free_batch`] call (a swapped-out 64 KiB
+/// folio's 16 fit twice; a longer run takes several calls).
+pub const SWAP_BATCH: usize = 32;
+
 /// One gathered run: `nr` pages of `folio` from `pfn`, their rmaps and references to drop after
 /// the flush.
 type Gathered = (Folio, u64, usize);
@@ -25,6 +29,8 @@ pub struct ZapStats {
     pub batches: u64,
     /// Non-present entries cleared.
     pub nonpresent: u64,
+    /// Runs of swap entries freed at once ([`FolioOps::swap_free_batch`] calls).
+    pub swap_batches: u64,
     /// TLB range flushes.
     pub tlb_flushes: u64,
 }
@@ -34,8 +40,9 @@ pub struct ZapStats {
 /// `mkclean` of a dirty file folio cannot miss a CPU that may still write through a stale
 /// entry, and no page is freed under one).
 ///
-/// Non-present entries follow Linux's `zap_nonpresent_ptes`: swap entries release their slot
-/// ([`FolioOps::swap_free`]), migration entries leave the RSS, device-private and
+/// Non-present entries follow Linux's `zap_nonpresent_ptes`: swap entries release their slots,
+/// a run of them at once (`swap_pte_batch`: the same device, consecutive slots, the same flags,
+/// as a swapped-out large folio leaves them; [`FolioOps::swap_free_batch`]), migration entries leave the RSS, device-private and
 /// device-exclusive entries drop their page's rmap and reference like a present page, and
 /// PTE markers are dropped ([`Zap::new`], munmap and exit) or kept ([`Zap::keep_markers`],
 /// `MADV_DONTNEED`: uffd-wp and guard markers stay; in a uffd-wp file mapping a zapped uffd-wp
@@ -174,8 +181,7 @@ impl<'m, M: FolioOps> Zap<'m, M> {
                 Stop::GatherFull => {}
                 Stop::Entry(pte) => {
                     // `zap_run` stops at an entry only with room in the gather.
-                    self.zap_other(table, addr, pte, &mut acc);
-                    addr += PAGE_SIZE;
+                    addr += PAGE_SIZE * self.zap_other(table, addr, end, pte, &mut acc) as u64;
                     cleared = true;
                     if self.gathered < GATHER {
                         continue;
@@ -205,10 +211,18 @@ impl<'m, M: FolioOps> Zap<'m, M> {
         Ok(())
     }
 
-    /// Everything [`zap_run`] declines, one entry: a non-present entry (by what it stands
-    /// for), a present one without `struct page`, a uffd-wp entry that leaves a marker.
+    /// Everything [`zap_run`] declines, from `addr` (before `end`): a non-present entry (by
+    /// what it stands for; a run of swap entries at once), a present one without `struct
+    /// page`, a uffd-wp entry that leaves a marker. Returns the entries it took (at least 1).
     #[inline(never)]
-    fn zap_other<T: PageTable>(&mut self, table: &mut T, addr: u64, pte: u64, acc: &mut Acc) {
+    fn zap_other<T: PageTable>(
+        &mut self,
+        table: &mut T,
+        addr: u64,
+        end: u64,
+        pte: u64,
+        acc: &mut Acc,
+    ) -> usize {
         type F<T> = <T as PageTable>::Format;
         if F::<T>::is_present(pte) {
             let pte = table.get_and_clear(addr);
@@ -236,14 +250,17 @@ impl<'m, M: FolioOps> Zap<'m, M> {
                 None => acc.pageless += 1,
             }
             self.leave_marker(table, addr, F::<T>::is_uffd_wp(pte));
-            return;
+            return 1;
+        }
+        let kind = NonPresent::decode::<F<T>>(pte);
+        if let NonPresent::Swap { .. } = kind {
+            return self.zap_swap_run(table, addr, end, pte, acc);
         }
         acc.nonpresent += 1;
-        let kind = NonPresent::decode::<F<T>>(pte);
         if let NonPresent::Marker(m) = kind {
             // `MADV_DONTNEED` keeps uffd-wp and guard markers; munmap drops every marker.
             if self.keep_markers && m.intersects(Markers::UFFD_WP | Markers::GUARD) {
-                return;
+                return 1;
             }
         }
         let pte = table.get_and_clear(addr);
@@ -251,10 +268,6 @@ impl<'m, M: FolioOps> Zap<'m, M> {
             .pfn()
             .and_then(|pfn| self.mem.folio(pfn).filter(|f| f.contains(pfn)));
         match (kind, folio) {
-            (NonPresent::Swap { .. }, _) => {
-                self.mem.swap_free(pte);
-                acc.swap += 1;
-            }
             (NonPresent::Migration { .. }, Some(folio)) => {
                 if folio.anon {
                     acc.anon += 1;
@@ -278,6 +291,41 @@ impl<'m, M: FolioOps> Zap<'m, M> {
             _ => {}
         }
         self.leave_marker(table, addr, F::<T>::swp_is_uffd_wp(pte));
+        1
+    }
+
+    /// The swap entry `pte` at `addr` and the ones after it that continue it slot by slot with
+    /// the same flags (`swap_pte_batch`), up to `end` and [`SWAP_BATCH`]: cleared, their slots
+    /// freed in one [`FolioOps::swap_free_batch`]. Returns how many.
+    fn zap_swap_run<T: PageTable>(
+        &mut self,
+        table: &mut T,
+        addr: u64,
+        end: u64,
+        pte: u64,
+        acc: &mut Acc,
+    ) -> usize {
+        let max = (((end - addr) / PAGE_SIZE) as usize).clamp(1, SWAP_BATCH);
+        let mut run = [0u64; SWAP_BATCH];
+        let mut nr = 0;
+        while nr < max {
+            let at = addr + nr as u64 * PAGE_SIZE;
+            if nr > 0 && Some(table.get(at)) != swp_next::<T::Format>(pte, nr as u64) {
+                break;
+            }
+            run[nr] = table.get_and_clear(at);
+            nr += 1;
+        }
+        self.mem.swap_free_batch(&run[..nr]);
+        self.stats.swap_batches += 1;
+        acc.swap += nr as i64;
+        acc.nonpresent += nr as u64;
+        // The flags are the run's: one uffd-wp bit for all.
+        let uffd_wp = <T::Format as PteFormat>::swp_is_uffd_wp(pte);
+        for i in 0..nr as u64 {
+            self.leave_marker(table, addr + i * PAGE_SIZE, uffd_wp);
+        }
+        nr
     }
 
     /// Leaves a uffd-wp marker at the just cleared `addr` when its entry had uffd-wp
@@ -324,6 +372,17 @@ struct Acc {
     nonpresent: u64,
     /// Sum of `nr - 1` over the batches.
     batched_extra: u64,
+}
+
+/// The swap entry `n` slots after `pte` with the same device and flags (`pte_next_swp_offset`
+/// applied `n` times: the flag bits are whatever `pte` has beyond its type and offset), or
+/// `None` past the format's last slot.
+fn swp_next<F: PteFormat>(pte: u64, n: u64) -> Option<u64> {
+    let (ty, offset) = (F::swp_type(pte), F::swp_offset(pte));
+    let flags = pte ^ F::mk_swp_entry(ty, offset);
+    let slot = offset.checked_add(n)?;
+    let next = F::mk_swp_entry(ty, slot) | flags;
+    (F::swp_offset(next) == slot && F::swp_type(next) == ty).then_some(next)
 }
 
 /// Where [`zap_run`] stopped.

@@ -4,7 +4,10 @@
 mod common;
 
 use common::*;
+use oskit_pte_batch::hal::PTRS_PER_TABLE;
 use oskit_pte_batch::nonpresent::{SWP_DEVICE_EXCLUSIVE, SWP_MIGRATION_WRITE, SWP_PTE_MARKER};
+use oskit_pte_batch::sim::{SimFolios, SimPage, SimSpace};
+use oskit_pte_batch::zap::{SWAP_BATCH, Zap};
 use oskit_pte_batch::{
     Arm64Pte, Error, Markers, Migration, NonPresent, PteFormat, VmFlags, Vma, X86Pte,
 };
@@ -293,4 +296,98 @@ fn markers_are_copied_and_zapped_as_linux_does() {
     );
     assert_eq!(reference.zap_reference(false, 0, 5).0, Ok(()));
     assert_eq!(reference.parent, dontneed.parent);
+}
+
+/// Swap entries of `ty` and `slot` (anon-exclusive), soft-dirty or not, in format `F`.
+fn swp<F: PteFormat>(ty: u32, slot: u64, soft_dirty: bool) -> u64 {
+    let e = NonPresent::Swap {
+        ty,
+        offset: slot,
+        exclusive: true,
+    }
+    .encode::<F>();
+    if soft_dirty {
+        F::swp_mk_soft_dirty(e)
+    } else {
+        e
+    }
+}
+
+/// One table of swap entries whose runs end every way a run can: a flag change, a slot gap,
+/// another device, [`SWAP_BATCH`], and the zapped range's end (105). Returns the entries and
+/// how many runs and entries a zap of `0..105` meets.
+fn swap_runs<F: PteFormat>() -> (Vec<u64>, u64, u64) {
+    let mut e = vec![0u64; PTRS_PER_TABLE];
+    // Entries `from..to` on device `ty`, slots from `slot` up.
+    let mut fill = |from: usize, to: usize, ty: u32, slot: u64, soft_dirty: bool| {
+        for (k, entry) in e[from..to].iter_mut().enumerate() {
+            *entry = swp::<F>(ty, slot + k as u64, soft_dirty);
+        }
+    };
+    // A swapped-out 64 KiB folio: one run.
+    fill(0, 16, 1, 0x100, false);
+    // The slots go on, soft-dirty now: a run of its own.
+    fill(16, 20, 1, 0x110, true);
+    // A gap after the second slot: two runs.
+    fill(20, 22, 1, 0x200, false);
+    fill(22, 24, 1, 0x203, false);
+    // The next slots, on another device: one run.
+    fill(24, 26, 2, 0x205, false);
+    // 40 consecutive slots: SWAP_BATCH, then the rest.
+    fill(32, 72, 1, 0x1000, false);
+    // Ten more, of which the zap takes five.
+    fill(100, 110, 1, 0x3000, false);
+    assert_eq!(SWAP_BATCH, 32, "the run of 40 below is split 32 + 8");
+    (e, 8, 16 + 4 + 4 + 2 + 40 + 5)
+}
+
+fn zap_swap_runs<F: PteFormat>() {
+    let (mut entries, runs, swapped) = swap_runs::<F>();
+    let untouched = entries[105..].to_vec();
+    let mut pages = vec![SimPage::default(); 16];
+    let mut folios = SimFolios::new(BASE_PFN, &mut pages);
+    let mut table = SimSpace::<F>::new(BASE, &mut entries);
+    let mut zap = Zap::new(&mut folios, cow(VmFlags::empty()));
+    assert_eq!(zap.zap_range(&mut table, addr(0), addr(105)), Ok(()));
+    let (stats, rss) = (zap.stats(), zap.rss());
+    assert_eq!(
+        (stats.nonpresent, stats.swap_batches, stats.present),
+        (swapped, runs, 0),
+        "entries zapped, runs freed at once"
+    );
+    assert_eq!(rss.swap, -(swapped as i64));
+    assert_eq!(
+        folios.swap_refs(),
+        -(swapped as i64),
+        "one slot reference each"
+    );
+    assert!(
+        entries[..105].iter().all(|&e| e == 0),
+        "every entry cleared"
+    );
+    assert_eq!(entries[105..], untouched[..], "nothing past the range");
+}
+
+/// A zap frees a run of swap entries at once (the same device, consecutive slots, the same
+/// flags: Linux's `swap_pte_batch` + `free_swap_and_cache_nr`), in both formats (x86 keeps the
+/// offset inverted).
+#[test]
+fn zap_frees_a_run_of_swap_entries_at_once() {
+    zap_swap_runs::<X86Pte>();
+    zap_swap_runs::<Arm64Pte>();
+}
+
+/// The batched zap of those runs leaves the same tables, counts and slot references as the
+/// per-PTE reference, which frees each entry on its own.
+#[test]
+fn swap_runs_zap_like_the_per_pte_reference() {
+    let (entries, _, swapped) = swap_runs::<X86Pte>();
+    let mut w = World::new(1, 16, cow(VmFlags::empty()), cow(VmFlags::empty()));
+    w.parent.copy_from_slice(&entries);
+    let mut reference = w.clone();
+    let (r, rss, bad) = w.zap(false, 0, 105);
+    let (rr, rrss, rbad) = reference.zap_reference(false, 0, 105);
+    assert_eq!((r, rss, bad), (rr, rrss, rbad));
+    assert_eq!(rss.swap, -(swapped as i64));
+    assert_eq!(w.parent, reference.parent);
 }

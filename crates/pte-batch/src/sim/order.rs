@@ -226,6 +226,9 @@ impl<X: FolioOps> FolioOps for Ordered<'_, X> {
     fn swap_free(&mut self, pte: u64) {
         self.inner.swap_free(pte)
     }
+    fn swap_free_batch(&mut self, ptes: &[u64]) {
+        self.inner.swap_free_batch(ptes)
+    }
     fn restore_device_exclusive(&mut self, pfn: u64) -> bool {
         self.inner.restore_device_exclusive(pfn)
     }
