@@ -84,6 +84,36 @@ fn build<F: PteFormat>(
                 i += 1;
             }
             1 => i += 1 + usize::from(b.u8() % 64),
+            3 if mode & 0x80 != 0 => {
+                // A run of swap entries, consecutive slots of one device (what a swapped-out
+                // large folio leaves; a zap frees it in runs), with occasional flag noise.
+                let len = 1 + usize::from(b.u8() % 64);
+                let ty = u32::from(b.u8() % 24);
+                let slot = b.u64() & 0xff_ffff;
+                let exclusive = b.u8() & 1 != 0;
+                let noise = b.u8();
+                for k in 0..len {
+                    if i >= entries.len() {
+                        break;
+                    }
+                    let offset = slot + k as u64;
+                    let mut e = NonPresent::Swap {
+                        ty,
+                        offset,
+                        exclusive,
+                    }
+                    .encode::<F>();
+                    if noise != 0 && k % usize::from(noise) == usize::from(noise) - 1 {
+                        e = if noise & 1 != 0 {
+                            F::swp_mk_soft_dirty(e)
+                        } else {
+                            F::swp_mk_uffd_wp(e)
+                        };
+                    }
+                    entries[i] = e;
+                    i += 1;
+                }
+            }
             _ => {
                 // A run of structured entries with occasional flag noise.
                 let len = 1 + usize::from(b.u8());
