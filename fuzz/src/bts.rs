@@ -368,7 +368,7 @@ pub fn ds_area(data: &[u8]) {
             assert!(view.newest_raw(i).is_some());
         }
         assert!(view.newest(view.len()).is_none());
-        if view.len() > 0 {
+        if !view.is_empty() {
             assert_eq!(view.newest_raw(0), b.last().or(a.last()));
         }
     }
