@@ -50,7 +50,11 @@ impl<R: MapRegion + ?Sized> MapRegion for &R {
     }
 }
 
-/// A mapping at a raw address (what `mmap` returned), read with volatile loads.
+/// A mapping at a raw address (what `mmap` returned), read with volatile loads: each aligned
+/// 8-byte word in one load, so a word the producer updates while it is read (a reader
+/// sub-buffer's commit word, when the writer is still on that sub-buffer; the meta page's
+/// counters) comes out whole, as Linux's `READ_ONCE` would read it; every read ends with an
+/// acquire fence, so data read after a commit word is at least as new as that word.
 #[derive(Debug)]
 pub struct RawRegion {
     base: *const u8,
@@ -78,11 +82,25 @@ impl MapRegion for RawRegion {
             Some(end) if end <= self.len => {}
             _ => return Err(Error::InvalidArgument),
         }
-        for (i, b) in buf.iter_mut().enumerate() {
-            // SAFETY: `offset + i < len`, readable by the contract of `new`. Volatile: the
-            // kernel writes the mapping behind our back.
-            *b = unsafe { self.base.add(offset + i).read_volatile() };
+        let mut i = 0;
+        while i < buf.len() {
+            // In bounds: `offset + i < offset + buf.len() <= len`.
+            let at = self.base.wrapping_add(offset + i);
+            if at as usize % 8 == 0 && buf.len() - i >= 8 {
+                // SAFETY: 8 readable bytes (`offset + i + 8 <= len`, the contract of `new`),
+                // aligned. Volatile: the kernel writes the mapping behind our back; one 8-byte
+                // load, so a word stored whole is read whole.
+                let word = unsafe { at.cast::<u64>().read_volatile() };
+                buf[i..i + 8].copy_from_slice(&word.to_ne_bytes());
+                i += 8;
+            } else {
+                // SAFETY: `offset + i < len`, readable by the contract of `new`.
+                buf[i] = unsafe { at.read_volatile() };
+                i += 1;
+            }
         }
+        // Loads after this one (the events under a commit word) are not satisfied before it.
+        core::sync::atomic::fence(core::sync::atomic::Ordering::Acquire);
         Ok(())
     }
 }

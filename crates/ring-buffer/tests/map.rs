@@ -7,7 +7,7 @@ use std::collections::VecDeque;
 
 use common::{HeapPages, Rng, cpu0, payload, stored};
 use oskit_ring_buffer::{
-    Clock, Config, Error, MapLayout, MapPage, MapRegion, MappedReader, Mode, RingBuffer,
+    Clock, Config, Error, MapLayout, MapPage, MapRegion, MappedReader, Mode, RawRegion, RingBuffer,
     format::{
         COMMIT_MASK, RB_MISSED_EVENTS, RB_MISSED_STORED, SUBBUF_HEADER_SIZE, Subbuf,
         TraceBufferMeta,
@@ -346,4 +346,54 @@ fn mapped_reader_takes_losses_from_the_commit_flags() {
         MappedReader::new(&past[..], || Ok(())).err(),
         Some(Error::Corrupt)
     ));
+}
+
+/// The kernel updates a reader sub-buffer's commit word while user space reads it (the reader
+/// sub-buffer can be the writer's commit page): a `RawRegion` read of an aligned 8-byte word
+/// must see one store or the other, never a mix (a torn commit once made the live-kernel test
+/// decode past the committed data: `Corrupt`).
+#[test]
+#[cfg_attr(
+    miri,
+    ignore = "a store racing the reader is the point; Miri would rule the volatile read a data race"
+)]
+fn raw_region_reads_an_aligned_word_whole() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    const A: u64 = 0x0101_0101_0101_0101;
+    const B: u64 = 0xfefe_fefe_fefe_fefe;
+    let words: &'static [AtomicU64; 4] = Box::leak(Box::new([const { AtomicU64::new(A) }; 4]));
+    let stop: &'static AtomicBool = Box::leak(Box::new(AtomicBool::new(false)));
+    let writer = std::thread::spawn(move || {
+        let mut flip = false;
+        while !stop.load(Ordering::Relaxed) {
+            flip = !flip;
+            words[1].store(if flip { B } else { A }, Ordering::Release);
+        }
+    });
+    // SAFETY: the words are leaked (live for the rest of the test), 32 readable bytes.
+    let region = unsafe { RawRegion::new(words.as_ptr().cast(), 32) };
+    // Two million reads, and until the reads have seen the word change a thousand times
+    // (the writer ran meanwhile), for ten seconds at most.
+    let (mut torn, mut reads, mut changes, mut last) = (0, 0u64, 0u64, A);
+    let start = std::time::Instant::now();
+    while (reads < 2_000_000 || changes < 1000) && start.elapsed().as_secs() < 10 {
+        let mut b = [0u8; 8];
+        region.read(8, &mut b).unwrap();
+        let v = u64::from_le_bytes(b);
+        match v {
+            A | B => {
+                changes += u64::from(v != last);
+                last = v;
+            }
+            _ => torn += 1,
+        }
+        reads += 1;
+    }
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    assert_eq!(torn, 0, "reads that mixed two stores, of {reads}");
+    assert!(
+        changes >= 1000,
+        "the writer hardly ran: {changes} changes seen"
+    );
 }
