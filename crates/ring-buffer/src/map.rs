@@ -407,11 +407,10 @@ impl<A: PageAlloc, C: Clock, W: Waiter> MapRegion for MappedView<'_, A, C, W> {
             match self.rb.map_page(self.cpu, page)? {
                 None => dst.fill(0),
                 Some(p) => {
-                    for (i, b) in dst.iter_mut().enumerate() {
-                        // SAFETY: `in_page + i < PAGE_SIZE`, inside a page of the mapping that
-                        // stays allocated while mapped. Volatile: the writer may be appending.
-                        *b = unsafe { p.as_ptr().add(in_page + i).read_volatile() };
-                    }
+                    // SAFETY: `in_page + n <= PAGE_SIZE`: inside a page of the mapping that
+                    // stays allocated while mapped. The writer may be appending meanwhile:
+                    // commit words are read whole.
+                    unsafe { crate::mapped::read_shared(p.as_ptr().add(in_page), dst) };
                 }
             }
             done += n;

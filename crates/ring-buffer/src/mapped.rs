@@ -82,27 +82,39 @@ impl MapRegion for RawRegion {
             Some(end) if end <= self.len => {}
             _ => return Err(Error::InvalidArgument),
         }
-        let mut i = 0;
-        while i < buf.len() {
-            // In bounds: `offset + i < offset + buf.len() <= len`.
-            let at = self.base.wrapping_add(offset + i);
-            if at as usize % 8 == 0 && buf.len() - i >= 8 {
-                // SAFETY: 8 readable bytes (`offset + i + 8 <= len`, the contract of `new`),
-                // aligned. Volatile: the kernel writes the mapping behind our back; one 8-byte
-                // load, so a word stored whole is read whole.
-                let word = unsafe { at.cast::<u64>().read_volatile() };
-                buf[i..i + 8].copy_from_slice(&word.to_ne_bytes());
-                i += 8;
-            } else {
-                // SAFETY: `offset + i < len`, readable by the contract of `new`.
-                buf[i] = unsafe { at.read_volatile() };
-                i += 1;
-            }
-        }
-        // Loads after this one (the events under a commit word) are not satisfied before it.
-        core::sync::atomic::fence(core::sync::atomic::Ordering::Acquire);
+        // SAFETY: `offset + buf.len() <= len`: readable by the contract of `new`.
+        unsafe { read_shared(self.base.wrapping_add(offset), buf) };
         Ok(())
     }
+}
+
+/// Copies `buf.len()` bytes from `src`, memory another party writes while we read (a mapped
+/// ring buffer: the writer appends and moves commit words). Each aligned 8-byte word is one
+/// volatile load, so a word stored whole is read whole (Linux's `READ_ONCE`; byte by byte a
+/// commit word can tear into a size no writer ever published); the rest goes byte by byte.
+/// Ends with an acquire fence: what is read after this (the events under a commit word) is
+/// at least as new.
+///
+/// # Safety
+///
+/// `src..src + buf.len()` is readable.
+pub(crate) unsafe fn read_shared(src: *const u8, buf: &mut [u8]) {
+    let mut i = 0;
+    while i < buf.len() {
+        let at = src.wrapping_add(i);
+        if at as usize % 8 == 0 && buf.len() - i >= 8 {
+            // SAFETY: 8 readable bytes by the contract, aligned. Volatile: the other party
+            // writes behind our back.
+            let word = unsafe { at.cast::<u64>().read_volatile() };
+            buf[i..i + 8].copy_from_slice(&word.to_ne_bytes());
+            i += 8;
+        } else {
+            // SAFETY: `i < buf.len()`: readable by the contract.
+            buf[i] = unsafe { at.read_volatile() };
+            i += 1;
+        }
+    }
+    core::sync::atomic::fence(core::sync::atomic::Ordering::Acquire);
 }
 
 /// Asks the producer for a new reader sub-buffer (`TRACE_MMAP_IOCTL_GET_READER`).
