@@ -169,7 +169,11 @@ fn machine() -> String {
 }
 
 /// The opening of BENCHMARKS.md, before the machine and the crates' sections.
-const PREAMBLE: &str = "# Benchmarks\n\nWritten by `cargo xtask bench --report`, a section per crate, each from one run (its first\nline says when and on which machine; a run of some crates replaces only their sections). The\nratios are the headline (oskit against the peer crate, reference or physical ceiling measured\nin the same group, in the same run); absolute times hold for that machine only.\n";
+const PREAMBLE: &str = "# Benchmarks\n\n\
+Written by `cargo xtask bench --report`, a section per crate, each from one run (its first\n\
+line says when and on which machine; a run of some crates replaces only their sections). The\n\
+ratios are the headline (oskit against the peer crate, reference or physical ceiling measured\n\
+in the same group, in the same run); absolute times hold for that machine only.\n";
 
 /// BENCHMARKS.md with the sections of `fresh` (`(package, body)`, body without its `## `
 /// heading) put in place of the same packages' sections of `old`; the other sections of `old`

@@ -42,11 +42,11 @@ pub struct ZapStats {
 ///
 /// Non-present entries follow Linux's `zap_nonpresent_ptes`: swap entries release their slots,
 /// a run of them at once (`swap_pte_batch`: the same device, consecutive slots, the same flags,
-/// as a swapped-out large folio leaves them; [`FolioOps::swap_free_batch`]), migration entries leave the RSS, device-private and
-/// device-exclusive entries drop their page's rmap and reference like a present page, and
-/// PTE markers are dropped ([`Zap::new`], munmap and exit) or kept ([`Zap::keep_markers`],
-/// `MADV_DONTNEED`: uffd-wp and guard markers stay; in a uffd-wp file mapping a zapped uffd-wp
-/// entry leaves a uffd-wp marker).
+/// as a swapped-out large folio leaves them; [`FolioOps::swap_free_batch`]), migration entries
+/// leave the RSS, device-private and device-exclusive entries drop their page's rmap and
+/// reference like a present page, and PTE markers are dropped ([`Zap::new`], munmap and exit)
+/// or kept ([`Zap::keep_markers`], `MADV_DONTNEED`: uffd-wp and guard markers stay; in a
+/// uffd-wp file mapping a zapped uffd-wp entry leaves a uffd-wp marker).
 pub struct Zap<'m, M: FolioOps> {
     mem: &'m mut M,
     vma: Vma,

@@ -102,7 +102,7 @@ pub(crate) unsafe fn read_shared(src: *const u8, buf: &mut [u8]) {
     let mut i = 0;
     while i < buf.len() {
         let at = src.wrapping_add(i);
-        if at as usize % 8 == 0 && buf.len() - i >= 8 {
+        if at.addr() % 8 == 0 && buf.len() - i >= 8 {
             // SAFETY: 8 readable bytes by the contract, aligned. Volatile: the other party
             // writes behind our back.
             let word = unsafe { at.cast::<u64>().read_volatile() };

@@ -119,22 +119,17 @@ pub fn map_page(paddr: u64) {
         .fetch_add(1, Ordering::Relaxed);
 }
 
-/// One user PTE less maps the frame at `paddr`. A frame with no map left is a counted
-/// [`violations`] (its counts stay at zero) and returns false.
-pub fn unmap_page(paddr: u64) -> bool {
-    let take = |count: &AtomicU32| {
-        let ok = count
+/// One user PTE less maps the frame at `paddr`. A count (the frame's, or its folio's total)
+/// already at zero stays there and is a counted [`violations`].
+pub fn unmap_page(paddr: u64) {
+    for count in [&get(paddr).mapcount, &get(folio_head(paddr)).folio_maps] {
+        if count
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
-            .is_ok();
-        if !ok {
+            .is_err()
+        {
             VIOLATIONS.fetch_add(1, Ordering::Relaxed);
         }
-        ok
-    };
-    // Both, even when the first fails: each is counted on its own.
-    let page = take(&get(paddr).mapcount);
-    let folio = take(&get(folio_head(paddr)).folio_maps);
-    page && folio
+    }
 }
 
 /// Operations through [`Folios`] after which a folio's reference count was below the sum of
